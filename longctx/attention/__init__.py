@@ -1,0 +1,25 @@
+"""Dilated attention (LongNet) in six variants; see DESIGN §3–§5.
+
+`build_attention(name, **kwargs)` builds a variant from its registry name.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .dilated import DilatedAttention
+from .improved import ImprovedDilatedAttention
+
+REGISTRY: dict[str, type[nn.Module]] = {
+    "dilated": DilatedAttention,
+    "improved_dilated": ImprovedDilatedAttention,
+}
+
+
+def build_attention(name: str, **kwargs) -> nn.Module:
+    """Build a variant by name (see REGISTRY); unknown names raise ValueError listing the valid ones."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown attention name {name!r}: valid names are {sorted(REGISTRY)}")
+    return REGISTRY[name](**kwargs)
+
+
+__all__ = ["DilatedAttention", "ImprovedDilatedAttention", "REGISTRY", "build_attention"]

@@ -1,0 +1,60 @@
+"""The constructor, validation and FLOP count every core dilated-attention op shares.
+
+Shapes: B batch, T sequence length, H heads, D head dim.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .branches import default_scale, dilated_flops, head_groups, validate_branches, validate_common, validate_qkv
+
+
+class DilatedAttentionBase(nn.Module):
+    """Common surface of the core ops: `forward(query, key, value, is_causal=False)` on
+    (B, T, H, D) tensors, returning (B, T, H, D) in the query's dtype.
+
+    Args:
+        segment_lengths: w_1..w_k, one per branch; a w larger than T is clipped to T.
+        dilation_rates: r_1..r_k; r_i must divide w_i.
+        softmax_scale: defaults to 1/sqrt(D).
+        dropout: attention-probability dropout in [0, 1), training mode only.
+        head_split: run each branch on its own contiguous group of heads (k× fewer FLOPs)
+            instead of every head running every branch.
+    """
+
+    def __init__(
+        self,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        *,
+        softmax_scale: float | None = None,
+        dropout: float = 0.0,
+        head_split: bool = False,
+    ) -> None:
+        super().__init__()
+        self.segment_lengths, self.dilation_rates = validate_branches(segment_lengths, dilation_rates)
+        validate_common(softmax_scale, dropout)
+        self.softmax_scale = softmax_scale
+        self.dropout = float(dropout)
+        self.head_split = bool(head_split)
+
+    def _check(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> float:
+        """Validate inputs; return the softmax scale."""
+        validate_qkv(query, key, value)
+        head_groups(query.shape[2], len(self.segment_lengths), self.head_split)
+        return default_scale(query.shape[-1], self.softmax_scale)
+
+    def flops(self, batch: int, seq_len: int, num_heads: int, head_dim: int, is_causal: bool = False) -> int:
+        """Forward FLOPs (DESIGN §3); backward is conventionally 2.5× this."""
+        return dilated_flops(
+            batch, seq_len, num_heads, head_dim, self.segment_lengths, self.dilation_rates, self.head_split, is_causal
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"segment_lengths={list(self.segment_lengths)}, dilation_rates={list(self.dilation_rates)}, "
+            f"head_split={self.head_split}, dropout={self.dropout}"
+        )

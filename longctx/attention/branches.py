@@ -1,0 +1,183 @@
+"""Branch bookkeeping shared by every dilated-attention variant (DESIGN §3).
+
+Shapes: B batch, T sequence length, H heads, D head dim, k number of branches.
+
+A *branch* is one (segment length w, dilation rate r) pair. Inside each segment of w tokens,
+head h keeps the positions whose index within the segment is ≡ h mod r. This file turns a branch
+into *pieces*: sets of (segment, kept row, head) triples that one attention call can serve
+because every segment of the piece keeps the same number of rows for every head in it.
+A branch has at most three pieces: its full segments, and the tail segment split into the
+heads that keep ceil(t/r) rows and those that keep floor(t/r).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Integral
+from typing import Sequence
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, Integral) and not isinstance(x, bool)
+
+
+def validate_branches(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Check the (segment_lengths, dilation_rates) pair and return them as int tuples."""
+    try:
+        ws, rs = list(segment_lengths), list(dilation_rates)
+    except TypeError:
+        raise ValueError(
+            f"segment_lengths={segment_lengths!r} and dilation_rates={dilation_rates!r} must be lists of integers"
+        ) from None
+    if not ws or not rs:
+        raise ValueError(f"segment_lengths={ws} and dilation_rates={rs} must be non-empty lists")
+    if len(ws) != len(rs):
+        raise ValueError(
+            f"segment_lengths has {len(ws)} entries {ws} but dilation_rates has {len(rs)} {rs}: "
+            "they must have the same length (one pair per branch)"
+        )
+    for name, values in (("segment length", ws), ("dilation rate", rs)):
+        for v in values:
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"{name} {v!r} must be an integer >= 1")
+    for w, r in zip(ws, rs):
+        if w % r:
+            raise ValueError(f"segment length {w} is not divisible by dilation rate {r}")
+    return tuple(int(w) for w in ws), tuple(int(r) for r in rs)
+
+
+def validate_common(softmax_scale: float | None, dropout: float) -> None:
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale={softmax_scale!r} must be None or a positive number")
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout={dropout!r} must be in [0, 1)")
+
+
+def validate_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    """q, k, v: (B, T, H, D), same shape, dtype and device."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}: expected 4 dims (batch, seq, heads, head_dim)")
+    if not (query.shape == key.shape == value.shape):
+        raise ValueError(
+            f"query {tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)} "
+            "must have the same shape (self-attention layout (B, T, H, D))"
+        )
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(f"query/key/value dtypes {query.dtype}/{key.dtype}/{value.dtype} must match")
+    if query.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {query.dtype} is not supported: use one of {[str(d) for d in SUPPORTED_DTYPES]}")
+    if not (query.device == key.device == value.device):
+        raise ValueError(f"query/key/value devices {query.device}/{key.device}/{value.device} must match")
+    if min(query.shape) < 1:
+        raise ValueError(f"query has an empty dimension: shape {tuple(query.shape)}")
+
+
+def head_groups(num_heads: int, num_branches: int, head_split: bool) -> list[range]:
+    """Heads each branch runs on: all heads, or (head_split) contiguous groups as even as
+    possible with earlier groups taking the remainder (the original dilated-attention-pytorch)."""
+    if not head_split:
+        return [range(num_heads)] * num_branches
+    if num_heads < num_branches:
+        raise ValueError(
+            f"head_split=True needs num_heads >= number of branches: got {num_heads} heads for {num_branches} branches"
+        )
+    base, extra = divmod(num_heads, num_branches)
+    groups, start = [], 0
+    for i in range(num_branches):
+        size = base + (1 if i < extra else 0)
+        groups.append(range(start, start + size))
+        start += size
+    return groups
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One attention call's worth of a branch: `num_segments` segments starting at `start`,
+    `seg_len` tokens apart, each keeping `rows` rows (row j of head h sits at
+    start + s*seg_len + offset[h] + j*r)."""
+
+    start: int
+    num_segments: int
+    seg_len: int
+    rows: int
+    r: int
+    heads: tuple[int, ...]
+
+    def positions(self, device) -> torch.Tensor:
+        """(S, rows, Hg) long tensor of token positions."""
+        seg = torch.arange(self.num_segments, device=device) * self.seg_len + self.start
+        row = torch.arange(self.rows, device=device) * self.r
+        off = torch.tensor([h % self.r for h in self.heads], device=device, dtype=torch.long)
+        return seg[:, None, None] + row[None, :, None] + off[None, None, :]
+
+    def flat_index(self, num_heads: int, device) -> torch.Tensor | None:
+        """Index into a (B, T*H, ...) view, or None when the piece is a plain prefix slice
+        (dilation 1, all heads: the rows are the first S*w tokens in order)."""
+        if self.r == 1 and self.heads == tuple(range(num_heads)) and self.start == 0:
+            return None
+        heads = torch.tensor(self.heads, device=device, dtype=torch.long)
+        return (self.positions(device) * num_heads + heads).reshape(-1)
+
+    @property
+    def numel_rows(self) -> int:
+        return self.num_segments * self.rows * len(self.heads)
+
+
+def branch_pieces(seq_len: int, w: int, r: int, heads: Sequence[int]) -> list[Piece]:
+    """Split branch (w, r) over `heads` at length `seq_len` into pieces (see module doc)."""
+    w = min(w, seq_len)
+    heads = tuple(heads)
+    pieces = []
+    n_full, tail = divmod(seq_len, w)
+    if n_full and heads:
+        # A clipped segment (w > T) may not be a multiple of r: ceil-count like a tail.
+        if w % r == 0:
+            pieces.append(Piece(0, n_full, w, w // r, r, heads))
+        else:
+            tail, n_full = w, 0
+    start = n_full * w
+    if tail:
+        by_rows: dict[int, list[int]] = {}
+        for h in heads:
+            o = h % r
+            rows = (tail - o + r - 1) // r if o < tail else 0
+            if rows:
+                by_rows.setdefault(rows, []).append(h)
+        for rows, hs in sorted(by_rows.items(), reverse=True):
+            pieces.append(Piece(start, 1, tail, rows, r, tuple(hs)))
+    return pieces
+
+
+def plan(seq_len: int, num_heads: int, segment_lengths, dilation_rates, head_split: bool) -> list[Piece]:
+    groups = head_groups(num_heads, len(segment_lengths), head_split)
+    out = []
+    for w, r, heads in zip(segment_lengths, dilation_rates, groups):
+        out.extend(branch_pieces(seq_len, w, r, heads))
+    return out
+
+
+def dilated_flops(batch, seq_len, num_heads, head_dim, segment_lengths, dilation_rates, head_split, is_causal) -> int:
+    """Forward FLOPs of dilated attention (DESIGN §3): 4·D per (query, key) pair kept, counting
+    clipped and tail segments exactly; causal halves the count (the convention used for dense
+    causal attention, so ratios against SDPA stay like for like)."""
+    total = 0
+    for p in plan(seq_len, num_heads, segment_lengths, dilation_rates, head_split):
+        total += p.num_segments * len(p.heads) * p.rows * p.rows
+    flops = 4 * batch * head_dim * total
+    return flops // 2 if is_causal else flops
+
+
+def dense_flops(batch, seq_len, num_heads, head_dim, is_causal) -> int:
+    flops = 4 * batch * num_heads * head_dim * seq_len * seq_len
+    return flops // 2 if is_causal else flops
+
+
+def default_scale(head_dim: int, softmax_scale: float | None) -> float:
+    return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,101 @@
+"""Attention calls that return the log-sum-exp, and their backward, per device.
+
+Shapes: N batch (segments folded in), H heads, L rows, D head dim. Inputs are (N, H, L, D)
+tensors (any strides with a unit last dim, e.g. a transposed (N, L, H, D) buffer); outputs are
+(N, H, L, D) in the input dtype and lse (N, H, L) float32, natural log of the scaled scores.
+
+The backward takes the *final* output and LSE of the row (after merging branches), not this
+call's own: then P = exp(z − L) and D = rowsum(dO ∘ O) are the merged softmax's, and the
+gradient is exact (DESIGN §3 "Exact gradient").
+
+Kernel choice:
+- CUDA fp16/bf16: `aten._scaled_dot_product_flash_attention` (+ `_backward`). Measured against
+  cuDNN on an H100 with scripts/gpu_check.sh (see docs/performance.md).
+- CPU: `aten._scaled_dot_product_flash_attention_for_cpu` (+ `_backward`).
+- Anything else (fp32/fp64 on CUDA, fp64 on CPU, or a torch without those private ops): an
+  explicit float32/float64 matmul path, O(L²) memory per call.
+"""
+from __future__ import annotations
+
+import torch
+
+_aten = torch.ops.aten
+
+
+def _has(name: str) -> bool:
+    return hasattr(_aten, name)
+
+
+_CPU_FLASH = _has("_scaled_dot_product_flash_attention_for_cpu") and _has(
+    "_scaled_dot_product_flash_attention_for_cpu_backward"
+)
+_CUDA_FLASH = _has("_scaled_dot_product_flash_attention") and _has("_scaled_dot_product_flash_attention_backward")
+
+
+def _backend(q: torch.Tensor) -> str:
+    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and _CUDA_FLASH:
+        return "cuda_flash"
+    if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and _CPU_FLASH:
+        return "cpu_flash"
+    return "math"
+
+
+def _causal_mask(lq: int, lk: int, device) -> torch.Tensor:
+    # Top-left aligned: row i sees keys 0..i (query and key sets start at the same position).
+    return torch.ones(lq, lk, dtype=torch.bool, device=device).tril()
+
+
+def _math_fwd(q, k, v, is_causal, scale):
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    if is_causal:
+        s = s.masked_fill(~_causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None])
+    return torch.matmul(p, v.to(acc)).to(q.dtype), lse
+
+
+def _math_bwd(dout, q, k, v, out, lse, is_causal, scale):
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q_, k_, v_, do_ = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
+    s = torch.matmul(q_, k_.transpose(-1, -2)) * scale
+    if is_causal:
+        s = s.masked_fill(~_causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
+    p = torch.exp(s - lse.to(acc)[..., None])
+    dv = torch.matmul(p.transpose(-1, -2), do_)
+    dp = torch.matmul(do_, v_.transpose(-1, -2))
+    delta = (do_ * out.to(acc)).sum(-1, keepdim=True)
+    ds = p * (dp - delta) * scale
+    dq = torch.matmul(ds, k_)
+    dk = torch.matmul(ds.transpose(-1, -2), q_)
+    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+
+
+def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool, scale: float):
+    """Softmax attention of (N, H, L, D) q/k/v; returns (out (N, H, L, D), lse (N, H, L) fp32)."""
+    backend = _backend(q)
+    if backend == "cuda_flash":
+        out, lse = _aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)[:2]
+        return out, lse
+    if backend == "cpu_flash":
+        return _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, scale=scale)
+    return _math_fwd(q, k, v, is_causal, scale)
+
+
+def attn_bwd(dout, q, k, v, out, lse, is_causal: bool, scale: float):
+    """Gradients (dq, dk, dv) of one call given the merged `out` (N, H, L, D) and `lse` (N, H, L)."""
+    backend = _backend(q)
+    if backend == "cuda_flash":
+        n, h, lq, _ = q.shape
+        lk = k.shape[2]
+        # The flash backward needs the forward's philox state only for dropout, which is 0 here.
+        zero = torch.zeros((), dtype=torch.int64, device=q.device)
+        empty = torch.empty(0, dtype=torch.int32, device=q.device)
+        return _aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse, empty, empty, lq, lk, 0.0, is_causal, zero, zero, scale=scale
+        )
+    if backend == "cpu_flash":
+        return _aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, is_causal, scale=scale
+        )
+    return _math_bwd(dout, q, k, v, out, lse, is_causal, scale)

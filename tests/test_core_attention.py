@@ -1,0 +1,198 @@
+"""DilatedAttention and ImprovedDilatedAttention against the independent mask reference."""
+import pytest
+import torch
+
+from longctx.attention import DilatedAttention, ImprovedDilatedAttention, build_attention
+from longctx.attention import kernels
+from reference import pair_counts, reference_attention
+
+OPS = [DilatedAttention, ImprovedDilatedAttention]
+
+
+def seed_layout(T):
+    return [min(s, T // 2) for s in (1024, 2048, 4096)], [1, 2, 4]
+
+
+# (T, H, D, segment_lengths, dilation_rates)
+CASES = [
+    (37, 4, 16, [8, 16, 32], [1, 2, 4]),  # odd T, not a multiple of any segment
+    (12, 3, 8, [16, 64], [1, 4]),  # T shorter than every segment (clipped; 12 % 4 == 0)
+    (30, 5, 8, [8, 16], [2, 4]),  # no dilation 1: uncovered rows
+    (50, 4, 8, [24], [3]),  # tail of 2 rows with dilation 3, clipped tail per head
+    (1, 2, 8, [4, 8], [1, 2]),  # a single token
+    (64, 8, 64, *seed_layout(64)),  # the seed's layout at small T
+    (96, 8, 64, *seed_layout(96)),
+    (23, 6, 8, [5, 10], [5, 2]),  # clipped tail where w % r != 0 after clipping
+]
+IDS = [f"T{c[0]}-H{c[1]}-w{c[3]}-r{c[4]}" for c in CASES]
+
+
+def make_qkv(B, T, H, D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, T, H, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for _ in range(3)]
+
+
+def run(op, q, k, v, causal, grad_out):
+    out = op(q, k, v, is_causal=causal)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    return out, grads
+
+
+def reference(q, k, v, ws, rs, causal, head_split, dtype=torch.float64):
+    qq, kk, vv = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    out = reference_attention(qq, kk, vv, ws, rs, causal, head_split, dtype=dtype)
+    return out, (qq, kk, vv)
+
+
+@pytest.mark.parametrize("op_cls", OPS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("head_split", [False, True], ids=["all_heads", "head_split"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_matches_reference_fp32(op_cls, head_split, causal, case):
+    T, H, D, ws, rs = case
+    if head_split and H < len(ws):
+        pytest.skip("head_split needs H >= branches (its error is tested separately)")
+    q, k, v = make_qkv(2, T, H, D)
+    grad_out = torch.randn(2, T, H, D, dtype=torch.float64).float()
+    out, grads = run(op_cls(ws, rs, head_split=head_split), q, k, v, causal, grad_out)
+    ref, leaves = reference(q, k, v, ws, rs, causal, head_split)
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out.double())
+    torch.testing.assert_close(out, ref.float())
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg.float())
+
+
+@pytest.mark.parametrize("op_cls", OPS, ids=lambda c: c.__name__)
+def test_uncovered_rows_are_zero_with_finite_gradients(op_cls):
+    T, H, D, ws, rs = 30, 5, 8, [8, 16], [2, 4]
+    counts = pair_counts(T, H, ws, rs, False, False)
+    uncovered = (counts.sum(-1) == 0).T  # (T, H)
+    assert uncovered.any(), "the layout must leave some rows uncovered for this test to mean anything"
+    q, k, v = make_qkv(1, T, H, D)
+    out, grads = run(op_cls(ws, rs), q, k, v, False, torch.ones(1, T, H, D))
+    assert torch.equal(out[0][uncovered], torch.zeros_like(out[0][uncovered]))
+    assert not torch.equal(out[0][~uncovered], torch.zeros_like(out[0][~uncovered]))
+    for g in grads:
+        assert torch.isfinite(g).all()
+    assert torch.equal(grads[0][0][uncovered], torch.zeros_like(grads[0][0][uncovered]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("op_cls", OPS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_low_precision_within_twice_reference_error(dtype, op_cls, causal):
+    T, H, D = 64, 8, 64
+    ws, rs = seed_layout(T)
+    q, k, v = make_qkv(2, T, H, D, dtype=dtype, seed=1)
+    grad_out = torch.randn(2, T, H, D, dtype=torch.float64)
+    out, grads = run(op_cls(ws, rs), q, k, v, causal, grad_out.to(dtype))
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    exact, leaves64 = reference(q, k, v, ws, rs, causal, False)
+    exact_grads = torch.autograd.grad(exact, leaves64, grad_out)
+    low, leaves_low = reference(q, k, v, ws, rs, causal, False, dtype=dtype)
+    low_grads = torch.autograd.grad(low, leaves_low, grad_out.to(dtype))
+
+    def err(a, b):
+        return (a.double() - b).abs().max().item()
+
+    assert err(out, exact) <= 2 * err(low, exact) + 1e-6
+    for g, lg, eg in zip(grads, low_grads, exact_grads):
+        assert err(g, eg) <= 2 * err(lg, eg) + 1e-6
+
+
+def test_math_fallback_matches_fused_kernel(monkeypatch):
+    """The public fallback (explicit matmuls) computes the same as the private fused op."""
+    T, H, D, ws, rs = 37, 4, 16, [8, 16, 32], [1, 2, 4]
+    q, k, v = make_qkv(2, T, H, D)
+    g = torch.randn(2, T, H, D)
+    op = ImprovedDilatedAttention(ws, rs)
+    fused = run(op, q, k, v, True, g)
+    monkeypatch.setattr(kernels, "_backend", lambda q: "math")
+    math_ = run(op, q, k, v, True, g)
+    torch.testing.assert_close(fused[0], math_[0])
+    for a, b in zip(fused[1], math_[1]):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("op_cls", OPS, ids=lambda c: c.__name__)
+def test_float64_inputs_match_reference_tightly(op_cls):
+    T, H, D, ws, rs = 37, 4, 16, [8, 16, 32], [1, 2, 4]
+    q, k, v = make_qkv(1, T, H, D, dtype=torch.float64)
+    out = op_cls(ws, rs)(q, k, v, is_causal=True)
+    ref = reference_attention(q, k, v, ws, rs, True)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("head_split", [False, True])
+@pytest.mark.parametrize("T", [64, 37, 12])
+def test_flops_count_kept_pairs(head_split, T):
+    H, D, ws, rs = 4, 16, [8, 16, 32], [1, 2, 4]
+    op = ImprovedDilatedAttention(ws, rs, head_split=head_split)
+    pairs = int(pair_counts(T, H, ws, rs, False, head_split).sum())
+    assert op.flops(3, T, H, D) == 4 * 3 * D * pairs
+    assert op.flops(3, T, H, D, is_causal=True) == op.flops(3, T, H, D) // 2
+
+
+def test_flops_formula_when_segments_divide():
+    op = DilatedAttention([2048, 4096], [1, 2])
+    T, H, D = 8192, 12, 64
+    expected = 4 * H * D * sum((T // w) * (w // r) ** 2 for w, r in zip([2048, 4096], [1, 2]))
+    assert op.flops(1, T, H, D) == expected
+
+
+def test_dropout_reference_only_in_training():
+    q, k, v = make_qkv(1, 16, 2, 8)
+    op = DilatedAttention([8], [1], dropout=0.5)
+    op.eval()
+    torch.testing.assert_close(op(q, k, v), reference_attention(q, k, v, [8], [1]).float())
+    op.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(op(q, k, v), op.eval()(q, k, v))
+    with pytest.raises(NotImplementedError, match="dropout"):
+        ImprovedDilatedAttention([8], [1], dropout=0.1)
+
+
+def test_registry():
+    assert isinstance(build_attention("improved_dilated", segment_lengths=[4], dilation_rates=[1]), ImprovedDilatedAttention)
+    with pytest.raises(ValueError, match=r"unknown attention name 'nope'.*'dilated'"):
+        build_attention("nope", segment_lengths=[4], dilation_rates=[1])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(segment_lengths=[], dilation_rates=[]), "must be non-empty"),
+        (dict(segment_lengths=[8, 16], dilation_rates=[1]), "has 2 entries .* but dilation_rates has 1"),
+        (dict(segment_lengths=[0], dilation_rates=[1]), "segment length 0 must be an integer >= 1"),
+        (dict(segment_lengths=[8], dilation_rates=[-2]), "dilation rate -2 must be an integer >= 1"),
+        (dict(segment_lengths=[8.5], dilation_rates=[1]), "segment length 8.5 must be an integer"),
+        (dict(segment_lengths=[3000], dilation_rates=[7]), "segment length 3000 is not divisible by dilation rate 7"),
+        (dict(segment_lengths=[8], dilation_rates=[1], dropout=1.0), r"dropout=1.0 must be in \[0, 1\)"),
+        (dict(segment_lengths=[8], dilation_rates=[1], dropout=-0.1), r"dropout=-0.1 must be in \[0, 1\)"),
+        (dict(segment_lengths=[8], dilation_rates=[1], softmax_scale=0.0), "softmax_scale=0.0 must be None or a positive"),
+        (dict(segment_lengths=8, dilation_rates=[1]), "must be lists of integers"),
+    ],
+)
+@pytest.mark.parametrize("op_cls", OPS, ids=lambda c: c.__name__)
+def test_constructor_errors(op_cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        op_cls(**kwargs)
+
+
+@pytest.mark.parametrize("op_cls", OPS, ids=lambda c: c.__name__)
+def test_input_errors(op_cls):
+    op = op_cls([8], [1])
+    x = torch.randn(1, 8, 2, 4)
+    with pytest.raises(ValueError, match=r"query has shape \(8, 2, 4\): expected 4 dims"):
+        op(x[0], x[0], x[0])
+    with pytest.raises(ValueError, match="must have the same shape"):
+        op(x, x[:, :4], x[:, :4])
+    with pytest.raises(ValueError, match="dtypes torch.float32/torch.float16/torch.float32 must match"):
+        op(x, x.half(), x)
+    with pytest.raises(ValueError, match="dtype torch.int64 is not supported"):
+        op(x.long(), x.long(), x.long())
+    with pytest.raises(ValueError, match="must be a torch.Tensor"):
+        op(x, None, x)
+    with pytest.raises(ValueError, match="head_split=True needs num_heads >= number of branches: got 2 heads for 3"):
+        op_cls([8, 8, 8], [1, 1, 1], head_split=True)(x, x, x)
