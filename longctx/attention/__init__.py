@@ -8,10 +8,13 @@ from torch import nn
 
 from .dilated import DilatedAttention
 from .improved import ImprovedDilatedAttention
+from .multihead import ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention
 
 REGISTRY: dict[str, type[nn.Module]] = {
     "dilated": DilatedAttention,
     "improved_dilated": ImprovedDilatedAttention,
+    "multihead_dilated": MultiheadDilatedAttention,
+    "improved_multihead_dilated": ImprovedMultiheadDilatedAttention,
 }
 
 
@@ -22,4 +25,11 @@ def build_attention(name: str, **kwargs) -> nn.Module:
     return REGISTRY[name](**kwargs)
 
 
-__all__ = ["DilatedAttention", "ImprovedDilatedAttention", "REGISTRY", "build_attention"]
+__all__ = [
+    "DilatedAttention",
+    "ImprovedDilatedAttention",
+    "MultiheadDilatedAttention",
+    "ImprovedMultiheadDilatedAttention",
+    "REGISTRY",
+    "build_attention",
+]

@@ -42,10 +42,17 @@ class DilatedAttentionBase(nn.Module):
         self.head_split = bool(head_split)
 
     def _check(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> float:
-        """Validate inputs; return the softmax scale."""
+        """Validate inputs; return the softmax scale. The ops compute in the inputs' dtype with
+        float32 merges, so callers run them with autocast disabled (see no_autocast)."""
         validate_qkv(query, key, value)
         head_groups(query.shape[2], len(self.segment_lengths), self.head_split)
         return default_scale(query.shape[-1], self.softmax_scale)
+
+    @staticmethod
+    def no_autocast(tensor: torch.Tensor):
+        """A context that turns autocast off on the tensor's device: under autocast the inputs
+        already have the compute dtype, and the float32 merge must stay float32."""
+        return torch.autocast(tensor.device.type, enabled=False)
 
     def flops(self, batch: int, seq_len: int, num_heads: int, head_dim: int, is_causal: bool = False) -> int:
         """Forward FLOPs (DESIGN §3); backward is conventionally 2.5× this."""

@@ -35,6 +35,10 @@ class DilatedAttention(DilatedAttentionBase):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         scale = self._check(query, key, value)
+        with self.no_autocast(query):
+            return self._forward(query, key, value, is_causal, scale)
+
+    def _forward(self, query, key, value, is_causal, scale):
         B, T, H, D = query.shape
         acc = torch.float64 if query.dtype == torch.float64 else torch.float32
         groups = head_groups(H, len(self.segment_lengths), self.head_split)

@@ -144,4 +144,5 @@ class ImprovedDilatedAttention(DilatedAttentionBase):
         scale = self._check(query, key, value)
         B, T, H, D = query.shape
         pieces = plan(T, H, self.segment_lengths, self.dilation_rates, self.head_split)
-        return _DilatedFunction.apply(query, key, value, pieces, bool(is_causal), scale)
+        with self.no_autocast(query):
+            return _DilatedFunction.apply(query, key, value, pieces, bool(is_causal), scale)
