@@ -8,13 +8,16 @@ from torch import nn
 
 from .dilated import DilatedAttention
 from .improved import ImprovedDilatedAttention
-from .multihead import ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention
+from .multihead import ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention, RingMultiheadDilatedAttention
+from .ring import RingDilatedAttention
 
 REGISTRY: dict[str, type[nn.Module]] = {
     "dilated": DilatedAttention,
     "improved_dilated": ImprovedDilatedAttention,
     "multihead_dilated": MultiheadDilatedAttention,
     "improved_multihead_dilated": ImprovedMultiheadDilatedAttention,
+    "ring_dilated": RingDilatedAttention,
+    "ring_multihead_dilated": RingMultiheadDilatedAttention,
 }
 
 
@@ -30,6 +33,8 @@ __all__ = [
     "ImprovedDilatedAttention",
     "MultiheadDilatedAttention",
     "ImprovedMultiheadDilatedAttention",
+    "RingDilatedAttention",
+    "RingMultiheadDilatedAttention",
     "REGISTRY",
     "build_attention",
 ]

@@ -78,39 +78,47 @@ def fresh_flags(pieces: list[Piece]) -> list[bool]:
     return flags
 
 
-def dilated_forward(q, k, v, pieces, is_causal, scale):
-    """Forward over all pieces. q/k/v: (B, T, H, D). Returns out (B, T, H, D) in q's dtype and
-    lse (B, T·H) float32 (−inf on rows no branch keeps)."""
-    B, T, H, D = q.shape
-    flat = [x.reshape(B, T * H, D) for x in (q, k, v)]
-    out32 = q.new_zeros(B, T * H, D, dtype=acc_dtype(q.dtype))
-    lse32 = q.new_full((B, T * H), float("-inf"), dtype=acc_dtype(q.dtype))
-    for piece, fresh in zip(pieces, fresh_flags(pieces)):
-        index = piece.flat_index(H, q.device)
-        qg, kg, vg = (take(x, piece, index).transpose(1, 2) for x in flat)  # (N, g, m, D)
+def forward_pieces(out32, lse32, qkv_flat, num_heads, pieces, fresh, is_causal, scale) -> None:
+    """Attend every piece and merge it into out32 (B, T·H, D) / lse32 (B, T·H).
+    qkv_flat: q, k, v as (B, T·H, D); fresh: fresh_flags over the same pieces."""
+    B = out32.shape[0]
+    for piece, is_fresh in zip(pieces, fresh):
+        index = piece.flat_index(num_heads, out32.device)
+        qg, kg, vg = (take(x, piece, index).transpose(1, 2) for x in qkv_flat)  # (N, g, m, D)
         o, lse = attn_fwd(qg, kg, vg, is_causal, scale)
-        merge_into(out32, lse32, index, to_rows(o, B), to_rows(lse, B), fresh)
-    return out32.to(q.dtype).view(B, T, H, D), lse32
+        merge_into(out32, lse32, index, to_rows(o, B), to_rows(lse, B), is_fresh)
 
 
-def dilated_backward(dout, q, k, v, out, lse32, pieces, is_causal, scale):
-    """Exact gradients given the merged out (B, T, H, D) and lse32 (B, T·H)."""
-    B, T, H, D = q.shape
-    flat = [x.reshape(B, T * H, D) for x in (dout, q, k, v, out)]
-    grads = [torch.zeros(B, T * H, D, dtype=acc_dtype(q.dtype), device=q.device) for _ in range(3)]
+def backward_pieces(grads32, flat, lse32, num_heads, pieces, is_causal, scale) -> None:
+    """Add every piece's exact dq/dk/dv into grads32 (3 × (B, T·H, D)).
+    flat: dout, q, k, v, merged out as (B, T·H, D); lse32: merged (B, T·H)."""
+    B = lse32.shape[0]
     for piece in pieces:
-        index = piece.flat_index(H, q.device)
+        index = piece.flat_index(num_heads, lse32.device)
         dog, qg, kg, vg, og = (take(x, piece, index).transpose(1, 2) for x in flat)
         lg = take(lse32, piece, index).transpose(1, 2)
-        for acc, g in zip(grads, attn_bwd(dog, qg, kg, vg, og, lg, is_causal, scale)):
+        for acc, g in zip(grads32, attn_bwd(dog, qg, kg, vg, og, lg, is_causal, scale)):
             put(acc, index, to_rows(g, B).to(acc.dtype), add=True)
-    return [g.to(q.dtype).view(B, T, H, D) for g in grads]
+
+
+def flatten_heads(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """(B, T, H, D) -> (B, T·H, D) (a view when contiguous)."""
+    return [x.reshape(x.shape[0], -1, x.shape[-1]) for x in xs]
+
+
+def new_accumulators(q: torch.Tensor):
+    """Running output (B, T·H, D) zeros and LSE (B, T·H) −inf in the merge precision."""
+    B, T, H, D = q.shape
+    dtype = acc_dtype(q.dtype)
+    return q.new_zeros(B, T * H, D, dtype=dtype), q.new_full((B, T * H), float("-inf"), dtype=dtype)
 
 
 class _DilatedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pieces, is_causal, scale):
-        out, lse32 = dilated_forward(q, k, v, pieces, is_causal, scale)
+        out32, lse32 = new_accumulators(q)
+        forward_pieces(out32, lse32, flatten_heads(q, k, v), q.shape[2], pieces, fresh_flags(pieces), is_causal, scale)
+        out = out32.to(q.dtype).view(q.shape)
         ctx.save_for_backward(q, k, v, out, lse32)
         ctx.pieces, ctx.is_causal, ctx.scale = pieces, is_causal, scale
         return out
@@ -118,7 +126,10 @@ class _DilatedFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse32 = ctx.saved_tensors
-        dq, dk, dv = dilated_backward(dout, q, k, v, out, lse32, ctx.pieces, ctx.is_causal, ctx.scale)
+        grads32 = [torch.zeros_like(x) for x in new_accumulators(q)[:1] * 3]
+        flat = flatten_heads(dout, q, k, v, out)
+        backward_pieces(grads32, flat, lse32, q.shape[2], ctx.pieces, ctx.is_causal, ctx.scale)
+        dq, dk, dv = (g.to(q.dtype).view(q.shape) for g in grads32)
         return dq, dk, dv, None, None, None
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from .dilated import DilatedAttention
 from .improved import ImprovedDilatedAttention
+from .ring import RingDilatedAttention
 
 
 def check_positive_int(name: str, value) -> int:
@@ -162,3 +163,26 @@ class ImprovedMultiheadDilatedAttention(MultiheadDilatedAttention):
             bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
         qkv = F.linear(query, weight, bias).unflatten(-1, (3, self.num_heads, self.head_dim))
         return qkv.unbind(-3)
+
+
+class RingMultiheadDilatedAttention(ImprovedMultiheadDilatedAttention):
+    """ImprovedMultiheadDilatedAttention around RingDilatedAttention: takes and returns this
+    rank's contiguous (B, T/P, E) shard. `rope` must rotate by global positions (rank p's
+    tokens are p·T/P …). Same parameters and state_dict as the other multihead classes.
+
+    Args (beyond MultiheadDilatedAttention's):
+        process_group: the context-parallel group (None: default group, or a single rank).
+    """
+
+    attention_cls = RingDilatedAttention
+
+    def __init__(self, embed_dim: int, num_heads: int, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
+                 *, dropout: float = 0.0, bias: bool = True, layer_norm: bool = True, layer_norm_eps: float = 1e-5,
+                 gamma_init: float = 1.0, head_split: bool = False, process_group=None, device=None, dtype=None) -> None:
+        super().__init__(
+            embed_dim, num_heads, segment_lengths, dilation_rates, dropout=dropout, bias=bias, layer_norm=layer_norm,
+            layer_norm_eps=layer_norm_eps, gamma_init=gamma_init, head_split=head_split, device=device, dtype=dtype,
+        )
+        self.attention = RingDilatedAttention(
+            segment_lengths, dilation_rates, dropout=dropout, head_split=head_split, process_group=process_group
+        )
