@@ -9,17 +9,23 @@ call's own: then P = exp(z − L) and D = rowsum(dO ∘ O) are the merged softma
 gradient is exact (DESIGN §3 "Exact gradient").
 
 Kernel choice:
-- CUDA fp16/bf16: `aten._scaled_dot_product_flash_attention` (+ `_backward`). Measured against
-  cuDNN on an H100 with scripts/gpu_check.sh (see docs/performance.md).
+- CUDA fp16/bf16: `aten._scaled_dot_product_flash_attention` (+ `_backward`), or cuDNN's
+  `_scaled_dot_product_cudnn_attention` with LONGCTX_CUDA_ATTENTION=cudnn. The two were timed
+  on an H100 by scripts/kernel_probe.py; docs/performance.md has the figures and the choice.
 - CPU: `aten._scaled_dot_product_flash_attention_for_cpu` (+ `_backward`).
 - Anything else (fp32/fp64 on CUDA, fp64 on CPU, or a torch without those private ops): an
   explicit float32/float64 matmul path, O(L²) memory per call.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 _aten = torch.ops.aten
+CUDA_BACKEND = os.environ.get("LONGCTX_CUDA_ATTENTION", "flash")
+if CUDA_BACKEND not in ("flash", "cudnn"):
+    raise ValueError(f"LONGCTX_CUDA_ATTENTION={CUDA_BACKEND!r} must be 'flash' or 'cudnn'")
 
 
 def _has(name: str) -> bool:
@@ -34,7 +40,7 @@ _CUDA_FLASH = _has("_scaled_dot_product_flash_attention") and _has("_scaled_dot_
 
 def _backend(q: torch.Tensor) -> str:
     if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and _CUDA_FLASH:
-        return "cuda_flash"
+        return "cuda_" + CUDA_BACKEND
     if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and _CPU_FLASH:
         return "cpu_flash"
     return "math"
@@ -77,6 +83,9 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
     if backend == "cuda_flash":
         out, lse = _aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)[:2]
         return out, lse
+    if backend == "cuda_cudnn":
+        out, lse = _aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, is_causal, False, scale=scale)[:2]
+        return out, lse.view(q.shape[:3])  # cuDNN gives (N, H, L, 1)
     if backend == "cpu_flash":
         return _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, scale=scale)
     return _math_fwd(q, k, v, is_causal, scale)
@@ -93,6 +102,14 @@ def attn_bwd(dout, q, k, v, out, lse, is_causal: bool, scale: float):
         empty = torch.empty(0, dtype=torch.int32, device=q.device)
         return _aten._scaled_dot_product_flash_attention_backward(
             dout, q, k, v, out, lse, empty, empty, lq, lk, 0.0, is_causal, zero, zero, scale=scale
+        )
+    if backend == "cuda_cudnn":
+        n, h, lq, _ = q.shape
+        zero = torch.zeros((), dtype=torch.int64, device=q.device)
+        none = torch.empty(0, device=q.device)
+        return _aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse.unsqueeze(-1), zero, zero, none, none, none, lq, k.shape[2], 0.0, is_causal,
+            scale=scale,
         )
     if backend == "cpu_flash":
         return _aten._scaled_dot_product_flash_attention_for_cpu_backward(

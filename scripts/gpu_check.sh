@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One call on a lent GPU: install what the image lacks, run the GPU tests, probe the kernels,
+# benchmark, and (with "train") run the training presets. Usage:
+#   bash scripts/gpu_check.sh [tests] [probe] [seed] [long] [train] [e2e]   (default: tests probe seed long)
+# Results go to $OUT (the device tool's folder) or ./gpu_out.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if [ -d .whl ]; then  # jsonargparse & co. for train.py (the image has no registry access)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+stages=${*:-tests probe seed long}
+python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(), flush=True)"
+for s in $stages; do
+  echo "=== $s $(date -u +%FT%TZ)"
+  case $s in
+    tests) python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -15 ;;
+    cputests) python3 -m pytest -q -x tests -k "not ring and not train and not cli" 2>&1 | tail -5 ;;
+    probe) python3 scripts/kernel_probe.py 2>&1 | tee "$OUT/probe.txt" ;;
+    seed) python3 -m longctx.benchmark --preset seed --out "$OUT/seed" > "$OUT/seed.log" 2>&1; tail -n 130 "$OUT/seed.log" | grep -A12 "Sequence Length: 8192  \[bfloat16, fwd+bwd, head_split=True\]"; cp "$OUT/seed/results.json" "$OUT/seed.json" ;;
+    long) python3 -m longctx.benchmark --preset long --variants sdpa improved_dilated ring_dilated improved_multihead_dilated --warmup 1 --repeats 5 --max-seconds 20 --out "$OUT/long" > "$OUT/long.log" 2>&1; grep -E "^\s+(sdpa|improved|ring)" "$OUT/long.log"; cp "$OUT/long/results.json" "$OUT/long.json"; cp "$OUT/long/results.png" "$OUT/long.png" ;;
+    *) echo "unknown stage $s" ;;
+  esac
+done
