@@ -19,8 +19,8 @@ for s in $stages; do
     tests) python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -15 ;;
     cputests) python3 -m pytest -q -x tests -k "not ring and not train and not cli" 2>&1 | tail -5 ;;
     probe) python3 scripts/kernel_probe.py 2>&1 | tee "$OUT/probe.txt" ;;
-    seed) python3 -m longctx.benchmark --preset seed --out "$OUT/seed" > "$OUT/seed.log" 2>&1; tail -n 130 "$OUT/seed.log" | grep -A12 "Sequence Length: 8192  \[bfloat16, fwd+bwd, head_split=True\]"; cp "$OUT/seed/results.json" "$OUT/seed.json" ;;
-    long) python3 -m longctx.benchmark --preset long --variants sdpa improved_dilated ring_dilated improved_multihead_dilated --warmup 1 --repeats 5 --max-seconds 20 --out "$OUT/long" > "$OUT/long.log" 2>&1; grep -E "^\s+(sdpa|improved|ring)" "$OUT/long.log"; cp "$OUT/long/results.json" "$OUT/long.json"; cp "$OUT/long/results.png" "$OUT/long.png" ;;
+    seed) python3 -m longctx.benchmark --preset seed --out "$OUT/seed" > "$OUT/seed.log" 2>&1; tail -n 130 "$OUT/seed.log" | grep -A12 "Sequence Length: 8192  \[bfloat16, fwd+bwd, head_split=True\]" ;;
+    long) python3 -m longctx.benchmark --preset long --variants sdpa improved_dilated ring_dilated improved_multihead_dilated --warmup 1 --repeats 5 --max-seconds 20 --out "$OUT/long" > "$OUT/long.log" 2>&1; grep -E "^\s+(sdpa|improved|ring)" "$OUT/long.log" ;;
     *) echo "unknown stage $s" ;;
   esac
 done
