@@ -31,7 +31,7 @@ def main():
     print(f"matmul 8192^3 bf16: {2 * 8192**3 / ms / 1e9:.0f} TFLOP/s")
     big = torch.randn(2**30, device=dev, dtype=torch.bfloat16)
     ms = bench(lambda: big.clone())
-    print(f"device copy: {2 * big.numel() * 2 / ms / 1e9:.0f} GB/s")
+    print(f"device copy: {2 * big.numel() * 2 / ms / 1e6:.0f} GB/s")
     del x, big
     # Branch shapes at T = 64K, 12 heads of 64: N = T / w segments, L = w / r = 2048 rows each.
     for n, h, L, causal in [(32, 12, 2048, True), (2, 12, 2048, True), (64, 8, 1024, False), (1, 12, 65536, True)]:

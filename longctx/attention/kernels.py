@@ -91,26 +91,27 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
     return _math_fwd(q, k, v, is_causal, scale)
 
 
+def _no_dropout_rng(device):
+    """Placeholder philox (seed, offset) for a backward without dropout."""
+    return torch.zeros(2, dtype=torch.uint64, device=device), torch.zeros((), dtype=torch.uint64, device=device)
+
+
 def attn_bwd(dout, q, k, v, out, lse, is_causal: bool, scale: float):
     """Gradients (dq, dk, dv) of one call given the merged `out` (N, H, L, D) and `lse` (N, H, L)."""
     backend = _backend(q)
+    lq, lk = q.shape[2], k.shape[2]
     if backend == "cuda_flash":
-        n, h, lq, _ = q.shape
-        lk = k.shape[2]
-        # The flash backward needs the forward's philox state only for dropout, which is 0 here.
-        zero = torch.zeros((), dtype=torch.int64, device=q.device)
-        empty = torch.empty(0, dtype=torch.int32, device=q.device)
+        # None for cum_seq_q/k: the dense (not varlen) kernel.
+        seed, offset = _no_dropout_rng(q.device)
         return _aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse, empty, empty, lq, lk, 0.0, is_causal, zero, zero, scale=scale
+            dout, q, k, v, out, lse.contiguous(), None, None, lq, lk, 0.0, is_causal, seed, offset, scale=scale
         )
     if backend == "cuda_cudnn":
-        n, h, lq, _ = q.shape
-        zero = torch.zeros((), dtype=torch.int64, device=q.device)
-        none = torch.empty(0, device=q.device)
+        seed, offset = _no_dropout_rng(q.device)
         return _aten._scaled_dot_product_cudnn_attention_backward(
-            dout, q, k, v, out, lse.unsqueeze(-1), zero, zero, none, none, none, lq, k.shape[2], 0.0, is_causal,
-            scale=scale,
-        )
+            dout, q, k, v, out, lse.contiguous().unsqueeze(-1), seed, offset, None, None, None, lq, lk, 0.0,
+            is_causal, scale=scale,
+        )[:3]
     if backend == "cpu_flash":
         return _aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, is_causal, scale=scale
