@@ -167,8 +167,9 @@ def run_cell(name, cfg, B, T, head_split, mode, device, dtype, args, world):
     return cell
 
 
-def print_table(cells, out=sys.stdout):
+def print_table(cells, out=None):
     """The seed's layout: one table per (batch, length), fastest first, with a real memory column."""
+    out = out or sys.stdout
     keys = sorted({(c["dtype"], c["mode"], c["head_split"], c["batch"], c["seq_len"]) for c in cells})
     for dtype, mode, hs, B, T in keys:
         rows = [c for c in cells if (c["dtype"], c["mode"], c["head_split"], c["batch"], c["seq_len"]) == (dtype, mode, hs, B, T)]

@@ -21,6 +21,15 @@ for s in $stages; do
     probe) python3 scripts/kernel_probe.py 2>&1 | tee "$OUT/probe.txt" ;;
     seed) python3 -m longctx.benchmark --preset seed --out "$OUT/seed" > "$OUT/seed.log" 2>&1; tail -n 130 "$OUT/seed.log" | grep -A12 "Sequence Length: 8192  \[bfloat16, fwd+bwd, head_split=True\]" ;;
     long) python3 -m longctx.benchmark --preset long --variants sdpa improved_dilated ring_dilated improved_multihead_dilated --warmup 1 --repeats 5 --max-seconds 20 --out "$OUT/long" > "$OUT/long.log" 2>&1; grep -E "^\s+(sdpa|improved|ring)" "$OUT/long.log" ;;
+    train)  # the LongNet-size preset at 32K, a few dozen steps per variant
+      for v in improved_dilated ring_dilated improved_multihead_dilated ring_multihead_dilated dilated multihead_dilated; do
+        ckpt=false; case $v in dilated|multihead_dilated) ckpt=true ;; esac
+        timeout 240 python3 train.py fit --config configs/longnet.yaml --config configs/attention/$v.yaml \
+          --trainer.max_steps=${TRAIN_STEPS:-30} --trainer.limit_val_batches=0 \
+          --trainer.enable_progress_bar=false --model.activation_checkpointing=$ckpt \
+          --trainer.default_root_dir="$OUT/train" > "$OUT/train-$v.log" 2>&1
+        echo "$v (activation_checkpointing=$ckpt) rc=$?: $(grep -h 'fit summary' "$OUT/train-$v.log" || tail -n 3 "$OUT/train-$v.log")"
+      done ;;
     *) echo "unknown stage $s" ;;
   esac
 done

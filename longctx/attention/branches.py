@@ -11,6 +11,7 @@ heads that keep ceil(t/r) rows and those that keep floor(t/r).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from numbers import Integral
@@ -112,22 +113,29 @@ class Piece:
 
     def positions(self, device) -> torch.Tensor:
         """(S, rows, Hg) long tensor of token positions."""
-        seg = torch.arange(self.num_segments, device=device) * self.seg_len + self.start
-        row = torch.arange(self.rows, device=device) * self.r
-        off = torch.tensor([h % self.r for h in self.heads], device=device, dtype=torch.long)
-        return seg[:, None, None] + row[None, :, None] + off[None, None, :]
+        seg = torch.arange(self.num_segments) * self.seg_len + self.start
+        row = torch.arange(self.rows) * self.r
+        off = torch.tensor([h % self.r for h in self.heads], dtype=torch.long)
+        return (seg[:, None, None] + row[None, :, None] + off[None, None, :]).to(device)
 
     def flat_index(self, num_heads: int, device) -> torch.Tensor | None:
         """Index into a (B, T*H, ...) view, or None when the piece is a plain prefix slice
         (dilation 1, all heads: the rows are the first S*w tokens in order)."""
         if self.r == 1 and self.heads == tuple(range(num_heads)) and self.start == 0:
             return None
-        heads = torch.tensor(self.heads, device=device, dtype=torch.long)
-        return (self.positions(device) * num_heads + heads).reshape(-1)
+        return _flat_index(self, num_heads, torch.device(device))
 
     @property
     def numel_rows(self) -> int:
         return self.num_segments * self.rows * len(self.heads)
+
+
+# Cached: building an index on CUDA copies host lists to the device and synchronises; doing it
+# per call cost most of a seed-preset forward+backward on an H100 (docs/performance.md).
+@functools.lru_cache(maxsize=512)
+def _flat_index(piece: Piece, num_heads: int, device: torch.device) -> torch.Tensor:
+    heads = torch.tensor(piece.heads, dtype=torch.long).to(device)
+    return (piece.positions(device) * num_heads + heads).reshape(-1)
 
 
 def branch_pieces(seq_len: int, w: int, r: int, heads: Sequence[int]) -> list[Piece]:
@@ -155,12 +163,14 @@ def branch_pieces(seq_len: int, w: int, r: int, heads: Sequence[int]) -> list[Pi
     return pieces
 
 
-def plan(seq_len: int, num_heads: int, segment_lengths, dilation_rates, head_split: bool) -> list[Piece]:
+@functools.lru_cache(maxsize=256)
+def plan(seq_len: int, num_heads: int, segment_lengths: tuple, dilation_rates: tuple, head_split: bool) -> tuple[Piece, ...]:
+    """All pieces of all branches, in branch order."""
     groups = head_groups(num_heads, len(segment_lengths), head_split)
     out = []
     for w, r, heads in zip(segment_lengths, dilation_rates, groups):
         out.extend(branch_pieces(seq_len, w, r, heads))
-    return out
+    return tuple(out)
 
 
 def dilated_flops(batch, seq_len, num_heads, head_dim, segment_lengths, dilation_rates, head_split, is_causal) -> int:

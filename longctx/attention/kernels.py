@@ -9,9 +9,10 @@ call's own: then P = exp(z − L) and D = rowsum(dO ∘ O) are the merged softma
 gradient is exact (DESIGN §3 "Exact gradient").
 
 Kernel choice:
-- CUDA fp16/bf16: `aten._scaled_dot_product_flash_attention` (+ `_backward`), or cuDNN's
-  `_scaled_dot_product_cudnn_attention` with LONGCTX_CUDA_ATTENTION=cudnn. The two were timed
-  on an H100 by scripts/kernel_probe.py; docs/performance.md has the figures and the choice.
+- CUDA fp16/bf16: cuDNN's `aten._scaled_dot_product_cudnn_attention` (+ `_backward`), or
+  flash (`_scaled_dot_product_flash_attention`) with LONGCTX_CUDA_ATTENTION=flash. On an H100
+  (scripts/kernel_probe.py, 2026-11-25) cuDNN ran the long preset's branch shapes at 332 TF/s
+  forward and 307 backward against flash's 237 and 216; docs/performance.md has the table.
 - CPU: `aten._scaled_dot_product_flash_attention_for_cpu` (+ `_backward`).
 - Anything else (fp32/fp64 on CUDA, fp64 on CPU, or a torch without those private ops): an
   explicit float32/float64 matmul path, O(L²) memory per call.
@@ -23,7 +24,8 @@ import os
 import torch
 
 _aten = torch.ops.aten
-CUDA_BACKEND = os.environ.get("LONGCTX_CUDA_ATTENTION", "flash")
+# cuDNN measured ~40% faster than flash on the long preset's branch shapes (H100, 2026-11-25).
+CUDA_BACKEND = os.environ.get("LONGCTX_CUDA_ATTENTION", "cudnn")
 if CUDA_BACKEND not in ("flash", "cudnn"):
     raise ValueError(f"LONGCTX_CUDA_ATTENTION={CUDA_BACKEND!r} must be 'flash' or 'cudnn'")
 
@@ -40,7 +42,8 @@ _CUDA_FLASH = _has("_scaled_dot_product_flash_attention") and _has("_scaled_dot_
 
 def _backend(q: torch.Tensor) -> str:
     if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and _CUDA_FLASH:
-        return "cuda_" + CUDA_BACKEND
+        # cuDNN rejects single-row calls (s_q = s_kv = 1): flash serves those.
+        return "cuda_flash" if q.shape[2] == 1 or CUDA_BACKEND == "flash" else "cuda_cudnn"
     if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and _CPU_FLASH:
         return "cpu_flash"
     return "math"

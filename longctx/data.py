@@ -1,0 +1,217 @@
+"""Data: a byte-level corpus as a memmap, random windows of seq_len + 1 tokens, and a
+synthetic passkey-retrieval task whose accuracy by distance shows whether long context is used.
+
+Batches are dicts: "tokens" (B, T + 1) long, and for the passkey task "answer" (B, T + 1) bool
+(the positions whose prediction is scored) and "bucket" (B,) long (the distance bucket).
+Context parallel: every rank of one CP group reads the same windows (samplers use the
+data-parallel rank and size); the LightningModule cuts each rank's shard after the shift.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+
+VAL_PERCENT = 5  # files whose path hashes below this go to validation
+
+
+def _files(root: Path, suffixes: tuple[str, ...] | None) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and (suffixes is None or p.suffix in suffixes))
+
+
+def _is_val(rel: str) -> bool:
+    return int(hashlib.md5(rel.encode()).hexdigest(), 16) % 100 < VAL_PERCENT
+
+
+def build_corpus(source: Path, out: Path, suffixes: tuple[str, ...] | None) -> dict:
+    """Concatenate the bytes of every file under `source` into out/{train,val}.bin (split by
+    file, deterministic) with a progress bar; write meta.json last, so a half-built corpus is
+    never taken for a finished one."""
+    from tqdm.auto import tqdm
+
+    files = _files(source, suffixes)
+    if not files:
+        raise ValueError(f"data.data_dir={str(source)!r} contains no {'/'.join(suffixes or ('',)) or ''} files to train on")
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for split in ("train", "val"):
+        tmp = out / f"{split}.bin.tmp"
+        digest, n = hashlib.sha256(), 0
+        with open(tmp, "wb") as f:
+            for path in tqdm(files, desc=f"building {out.name}/{split}.bin", unit="file", leave=False):
+                rel = str(path.relative_to(source))
+                if _is_val(rel) != (split == "val"):
+                    continue
+                data = path.read_bytes() + b"\n"
+                f.write(data)
+                digest.update(data)
+                n += len(data)
+        os.replace(tmp, out / f"{split}.bin")
+        sizes[split] = dict(bytes=n, sha256=digest.hexdigest())
+    meta = dict(source=str(source), files=len(files), splits=sizes)
+    tmp = out / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out / "meta.json")
+    return meta
+
+
+def load_split(folder: Path, split: str, verify: bool = True) -> np.memmap:
+    """The split's tokens as a read-only uint8 memmap, checked against meta.json."""
+    meta = json.loads((folder / "meta.json").read_text())
+    expected = meta["splits"][split]
+    path = folder / f"{split}.bin"
+    size = path.stat().st_size if path.exists() else -1
+    if size != expected["bytes"]:
+        raise ValueError(
+            f"corpus file {path} has {size} bytes but meta.json says {expected['bytes']}: it is truncated or "
+            f"corrupt; delete {folder} to rebuild it"
+        )
+    if verify:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != expected["sha256"]:
+            raise ValueError(f"corpus file {path} does not match its checksum in meta.json: delete {folder} to rebuild it")
+    return np.memmap(path, dtype=np.uint8, mode="r")
+
+
+class WindowDataset(Dataset):
+    """`n` windows of seq_len + 1 tokens at offsets drawn once from `seed` (random) or evenly
+    spaced (validation)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, n: int, seed: int, random: bool, name: str):
+        span = len(tokens) - (seq_len + 1)
+        if span < 0:
+            raise ValueError(
+                f"the {name} split has {len(tokens)} tokens, fewer than one window of data.seq_len + 1 = {seq_len + 1}: "
+                "use a shorter seq_len or more text"
+            )
+        if random:
+            self.offsets = np.random.default_rng(seed).integers(0, span + 1, size=n)
+        else:
+            self.offsets = np.linspace(0, span, num=n).astype(np.int64)
+        self.tokens, self.seq_len = tokens, seq_len
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int) -> dict:
+        o = int(self.offsets[i])
+        return {"tokens": torch.from_numpy(self.tokens[o : o + self.seq_len + 1].astype(np.int64))}
+
+
+class PasskeyDataset(Dataset):
+    """Passkey retrieval: random-letter filler with `<key=DDDDD>` planted at a chosen distance
+    before the end, which reads `<key?DDDDD>`; the five answer digits are scored. Distance
+    bucket b of `buckets` covers [T·2^(b−buckets), T·2^(b+1−buckets)) tokens before the end."""
+
+    KEY, ASK, DIGITS = b"<key=", b"<key?", 5
+
+    def __init__(self, seq_len: int, n: int, seed: int, buckets: int):
+        self.need = len(self.KEY) + len(self.ASK) + 2 * (self.DIGITS + 1)
+        if seq_len < 4 * self.need:
+            raise ValueError(f"data.seq_len={seq_len} is too short for the passkey task: need >= {4 * self.need}")
+        self.seq_len, self.n, self.seed, self.buckets = seq_len, n, seed, buckets
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        rng = np.random.default_rng((self.seed, i))
+        T = self.seq_len + 1
+        bucket = i % self.buckets
+        tail = len(self.ASK) + self.DIGITS + 1
+        lo = max(self.need, int(T * 2.0 ** (bucket - self.buckets)))
+        hi = max(lo + 1, min(T - len(self.KEY) - self.DIGITS - 1, int(T * 2.0 ** (bucket + 1 - self.buckets))))
+        distance = int(rng.integers(lo, hi))  # from the key's start to the end
+        seq = rng.integers(ord("a"), ord("z") + 1, size=T, dtype=np.int64)
+        digits = np.frombuffer(bytes(rng.integers(ord("0"), ord("9") + 1, size=self.DIGITS, dtype=np.uint8)), np.uint8)
+        key = np.frombuffer(self.KEY, np.uint8).tolist() + digits.tolist() + [ord(">")]
+        ask = np.frombuffer(self.ASK, np.uint8).tolist() + digits.tolist() + [ord(">")]
+        start = T - distance
+        seq[start : start + len(key)] = key
+        seq[T - tail :] = ask
+        answer = np.zeros(T, dtype=bool)
+        answer[T - 1 - self.DIGITS : T - 1] = True
+        return {"tokens": torch.from_numpy(seq), "answer": torch.from_numpy(answer), "bucket": torch.tensor(bucket)}
+
+
+class TextDataModule(L.LightningDataModule):
+    """Args:
+        seq_len: tokens per training window (linked to model.seq_len).
+        batch_size: windows per step per data-parallel rank.
+        task: "text" (next-byte prediction on a corpus) or "passkey" (synthetic long-range recall).
+        data_dir: a folder of your own text files (every file under it is read as bytes);
+            None builds the default corpus from this Python's standard-library sources.
+        cache_dir: where prepared corpora live (one folder per corpus).
+        train_windows / val_windows: windows per training epoch / in validation.
+        passkey_buckets: distance buckets of the passkey task.
+        num_workers: DataLoader workers.
+        seed: window offsets and shuffling.
+    """
+
+    def __init__(self, seq_len: int = 1024, batch_size: int = 8, task: str = "text", data_dir: str | None = None,
+                 cache_dir: str = "data", train_windows: int = 20000, val_windows: int = 64, passkey_buckets: int = 4,
+                 num_workers: int = 0, seed: int = 1234):
+        super().__init__()
+        for key, value in (("seq_len", seq_len), ("batch_size", batch_size), ("train_windows", train_windows),
+                           ("val_windows", val_windows), ("passkey_buckets", passkey_buckets)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{key}={value!r} must be a positive integer")
+        if task not in ("text", "passkey"):
+            raise ValueError(f"data.task={task!r} must be 'text' or 'passkey'")
+        if data_dir is not None and not Path(data_dir).is_dir():
+            raise ValueError(f"data.data_dir={data_dir!r} does not exist or is not a folder")
+        self.save_hyperparameters()
+        self.seq_len, self.batch_size, self.task = seq_len, batch_size, task
+
+    def corpus_folder(self) -> tuple[Path, Path, tuple[str, ...] | None]:
+        if self.hparams.data_dir is None:
+            source = Path(sysconfig.get_paths()["stdlib"])
+            name = f"stdlib-py{sysconfig.get_python_version().replace('.', '')}"
+            return source, Path(self.hparams.cache_dir) / name, (".py",)
+        source = Path(self.hparams.data_dir).resolve()
+        tag = hashlib.md5(str(source).encode()).hexdigest()[:8]
+        return source, Path(self.hparams.cache_dir) / f"{source.name}-{tag}", None
+
+    def prepare_data(self) -> None:
+        if self.task == "text":
+            source, folder, suffixes = self.corpus_folder()
+            if not (folder / "meta.json").exists():
+                build_corpus(source, folder, suffixes)
+
+    def setup(self, stage: str | None = None) -> None:
+        h = self.hparams
+        if self.task == "passkey":
+            self.train_set = PasskeyDataset(h.seq_len, h.train_windows, h.seed, h.passkey_buckets)
+            self.val_set = PasskeyDataset(h.seq_len, h.val_windows, h.seed + 1, h.passkey_buckets)
+            return
+        _, folder, _ = self.corpus_folder()
+        self.train_set = WindowDataset(load_split(folder, "train"), h.seq_len, h.train_windows, h.seed, True, "train")
+        self.val_set = WindowDataset(load_split(folder, "val"), h.seq_len, h.val_windows, h.seed, False, "validation")
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        layout = getattr(self.trainer.lightning_module, "layout", None) if self.trainer else None
+        if layout is not None and layout.world_size > 1:
+            sampler = DistributedSampler(dataset, num_replicas=layout.dp_size, rank=layout.dp_rank, shuffle=train,
+                                         seed=self.hparams.seed, drop_last=train)
+        elif train:
+            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.hparams.seed))
+        else:
+            sampler = SequentialSampler(dataset)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=train,
+                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)

@@ -1,0 +1,151 @@
+"""LightningModule: next-token loss, metrics, AdamW with warm-up + cosine, FLOPs, and the
+context-parallel wiring of the ring variants (DESIGN §6).
+
+Shapes: B batch, T sequence length, l = T/C tokens per rank of a C-rank context-parallel group.
+"""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric, Metric
+
+from .attention import RingDilatedAttention, RingMultiheadDilatedAttention
+from .distributed import Layout, check_layout, context_parallel_group
+from .model import LongNetLM, resolve_attention, variant_name
+
+
+class BucketAccuracy(Metric):
+    """Exact-match accuracy of the scored positions, per distance bucket (summed over ranks)."""
+
+    def __init__(self, buckets: int):
+        super().__init__()
+        self.add_state("correct", torch.zeros(buckets), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros(buckets), dist_reduce_fx="sum")
+
+    def update(self, correct: torch.Tensor, bucket: torch.Tensor) -> None:
+        self.correct.index_add_(0, bucket, correct.float())
+        self.total.index_add_(0, bucket, torch.ones_like(correct, dtype=torch.float))
+
+    def compute(self) -> torch.Tensor:
+        return self.correct / self.total.clamp(min=1)
+
+
+class LongContextLM(L.LightningModule):
+    """Args:
+        attention: {"class_path": a variant's class path or registry name, "init_args": extra
+            constructor arguments (e.g. softmax_scale, gamma_init)}.
+        segment_lengths, dilation_rates, head_split: the dilated-attention layout (DESIGN §3).
+        seq_len: training length T (linked from data.seq_len).
+        context_parallel_size: ranks sharing one sequence (ring variants only); None means all
+            ranks for a ring variant and 1 otherwise.
+        vocab_size, d_model, n_layers, n_heads, mlp_hidden, rope_base: the LM (model.py).
+        activation_checkpointing: recompute each block in backward (long sequences).
+        compile: torch.compile each block.
+        lr, min_lr_ratio, warmup_steps, decay_steps, weight_decay, betas: AdamW with linear
+            warm-up then cosine decay to lr·min_lr_ratio over decay_steps (default max_steps).
+        passkey_buckets: distance buckets scored when the data carries a passkey answer.
+    """
+
+    def __init__(self, attention: dict | None = None, segment_lengths: list[int] = [512, 1024, 2048],
+                 dilation_rates: list[int] = [1, 2, 4], head_split: bool = False, seq_len: int = 1024,
+                 context_parallel_size: int | None = None, vocab_size: int = 256, d_model: int = 256,
+                 n_layers: int = 4, n_heads: int = 4, mlp_hidden: int | None = None, rope_base: float = 10000.0,
+                 activation_checkpointing: bool = False, compile: bool = False, lr: float = 1e-3,
+                 min_lr_ratio: float = 0.1, warmup_steps: int = 100, decay_steps: int | None = None,
+                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), passkey_buckets: int = 4):
+        super().__init__()
+        self.save_hyperparameters()
+        attention = dict(attention or {"class_path": "improved_dilated"})
+        self.attention_cls = resolve_attention(attention.get("class_path", ""))
+        self.variant = variant_name(self.attention_cls)
+        self.is_ring = self.attention_cls in (RingDilatedAttention, RingMultiheadDilatedAttention)
+        kwargs = dict(attention.get("init_args") or {}, segment_lengths=segment_lengths,
+                      dilation_rates=dilation_rates, head_split=head_split)
+        self.model = LongNetLM(vocab_size, d_model, n_layers, n_heads, self.attention_cls, kwargs, mlp_hidden,
+                               rope_base, activation_checkpointing=activation_checkpointing)
+        self.layout = Layout(1, 0, 1)
+        self.val_loss = MeanMetric()
+        self.passkey_acc = BucketAccuracy(passkey_buckets)
+        self.flops_per_batch = 0
+
+    # -- context parallel ---------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        cp = self.hparams.context_parallel_size or (world if self.is_ring else 1)
+        check_layout(world, cp, self.is_ring, self.variant)
+        if self.hparams.seq_len % cp:
+            raise ValueError(
+                f"data.seq_len={self.hparams.seq_len} is not divisible by model.context_parallel_size={cp}"
+            )
+        self.layout = Layout(world, rank, cp)
+        if self.is_ring:
+            group = context_parallel_group(self.layout)
+            for m in self.model.modules():
+                if isinstance(m, RingDilatedAttention):
+                    m.process_group = group
+        dm = self.trainer.datamodule
+        batch = getattr(dm, "batch_size", 1)
+        # Per device: forward + backward (2x) of this rank's share of the sequence.
+        self.flops_per_batch = 3 * self.model.flops(batch, self.hparams.seq_len) // cp
+        if self.hparams.compile:
+            for block in self.model.blocks:
+                block.compile()
+
+    def shard(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T + 1) window -> this rank's inputs and targets (B, l), cut after the shift."""
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        l = x.shape[1] // self.layout.cp_size
+        s = slice(self.layout.cp_rank * l, (self.layout.cp_rank + 1) * l)
+        return x[:, s], y[:, s]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, pos_offset=self.layout.cp_rank * x.shape[1])
+
+    # -- steps --------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x, y = self.shard(batch["tokens"])
+        loss = F.cross_entropy(self(x).flatten(0, 1), y.reshape(-1))  # mean over this rank's tokens
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x, y = self.shard(batch["tokens"])
+        logits = self(x)
+        self.val_loss.update(F.cross_entropy(logits.flatten(0, 1), y.reshape(-1)))
+        if "answer" in batch:
+            _, scored = self.shard(batch["answer"])
+            hit = (logits.argmax(-1) == y) | ~scored
+            has_answer = scored.any(-1)  # under CP only the last rank holds the answer
+            if has_answer.any():
+                self.passkey_acc.update(hit.all(-1)[has_answer], batch["bucket"][has_answer])
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss), "val/bpb": loss / math.log(2)}, prog_bar=True)
+        if getattr(self.trainer.datamodule, "task", None) == "passkey":  # every rank syncs, or none
+            for b, acc in enumerate(self.passkey_acc.compute()):
+                self.log(f"val/passkey_acc_bucket{b}", acc)
+            self.passkey_acc.reset()
+
+    # -- optimisation -------------------------------------------------------------------------
+    def configure_optimizers(self):
+        h = self.hparams
+        decay = [p for p in self.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": h.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=h.lr, betas=tuple(h.betas))
+        total = h.decay_steps or max(1, self.trainer.max_steps if self.trainer.max_steps > 0
+                                     else int(self.trainer.estimated_stepping_batches))
+
+        def factor(step: int) -> float:
+            if step < h.warmup_steps:
+                return (step + 1) / h.warmup_steps
+            progress = min(1.0, (step - h.warmup_steps) / max(1, total - h.warmup_steps))
+            return h.min_lr_ratio + (1 - h.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,183 @@
+"""A decoder-only LM whose attention layer is any of the six dilated-attention variants.
+
+Shapes: B batch, l tokens held here (T, or T/P under context parallelism), E model width,
+H heads, D = E / H, V vocab. Plain nn.Module: no Lightning, no torch.distributed (the ring
+variants receive their process group from outside, see lit_module.py).
+
+Embedding -> n_layers × [RMSNorm -> attention -> residual, RMSNorm -> SwiGLU -> residual] ->
+RMSNorm -> tied head. RoPE rotates q and k by *global* positions: a context-parallel rank
+passes `pos_offset` = its first token's index (DESIGN §5).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import REGISTRY
+from .attention.base import DilatedAttentionBase
+from .attention.multihead import MultiheadDilatedAttention
+
+VARIANT_NAMES = {cls: name for name, cls in REGISTRY.items()}
+
+
+def resolve_attention(class_path: str) -> type[nn.Module]:
+    """A registry name ("improved_dilated") or a class path ("longctx.attention.RingDilatedAttention")."""
+    if class_path in REGISTRY:
+        return REGISTRY[class_path]
+    valid = sorted(REGISTRY) + sorted(f"longctx.attention.{c.__name__}" for c in REGISTRY.values())
+    module_name, _, name = str(class_path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name) if module_name else None
+    except (ImportError, AttributeError):
+        cls = None
+    if cls not in VARIANT_NAMES:
+        raise ValueError(f"model.attention.class_path={class_path!r} is not an attention variant: use one of {valid}")
+    return cls
+
+
+def variant_name(cls: type[nn.Module]) -> str:
+    return VARIANT_NAMES[cls]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Rotary(nn.Module):
+    """RoPE (Su et al. 2021), half-split convention, angles computed per call in float32 for
+    the positions in use (no table to hold at 1M tokens)."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        self.register_buffer("inv_freq", base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim), persistent=False)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """x: (B, l, H, D) at global positions offset … offset + l − 1."""
+        pos = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=torch.float32)
+        angles = torch.outer(pos, self.inv_freq)[None, :, None, :]  # (1, l, 1, D/2)
+        cos, sin = angles.cos(), angles.sin()
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class CoreAttention(nn.Module):
+    """The block's own projections around a core op (DilatedAttention & co.)."""
+
+    def __init__(self, dim: int, n_heads: int, op: DilatedAttentionBase):
+        super().__init__()
+        self.n_heads, self.op = n_heads, op
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, -1)).unbind(2)
+        out = self.op(rope(q), rope(k), v, is_causal=True)
+        return self.proj(out.flatten(-2))
+
+    def flops(self, batch: int, seq_len: int) -> int:
+        E = self.proj.in_features
+        return 8 * batch * seq_len * E * E + self.op.flops(batch, seq_len, self.n_heads, E // self.n_heads, True)
+
+
+class MultiheadAdapter(nn.Module):
+    """A multihead variant *as* the block's attention."""
+
+    def __init__(self, module: MultiheadDilatedAttention):
+        super().__init__()
+        self.attn = module
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        return self.attn(x, is_causal=True, rope=rope)[0]
+
+    def flops(self, batch: int, seq_len: int) -> int:
+        return self.attn.flops(batch, seq_len, is_causal=True)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, attention: nn.Module, mlp_hidden: int, eps: float):
+        super().__init__()
+        self.norm1, self.attn = RMSNorm(dim, eps), attention
+        self.norm2, self.mlp = RMSNorm(dim, eps), SwiGLU(dim, mlp_hidden)
+
+    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope)
+        return x + self.mlp(self.norm2(x))
+
+
+class LongNetLM(nn.Module):
+    """Decoder LM. `attention_cls` is one of the six variants; `attention_kwargs` are its
+    constructor arguments other than embed_dim/num_heads (given here for the multihead ones).
+
+    forward(idx (B, l) long, pos_offset=0) -> logits (B, l, V) float32.
+    """
+
+    def __init__(self, vocab_size: int, dim: int, n_layers: int, n_heads: int, attention_cls: type[nn.Module],
+                 attention_kwargs: dict, mlp_hidden: int | None = None, rope_base: float = 10000.0,
+                 norm_eps: float = 1e-5, activation_checkpointing: bool = False):
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"model.d_model={dim} is not divisible by model.n_heads={n_heads}")
+        self.dim, self.n_heads, self.vocab_size = dim, n_heads, vocab_size
+        self.activation_checkpointing = activation_checkpointing
+        mlp_hidden = mlp_hidden or 64 * ((8 * dim // 3 + 63) // 64)
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.rotary = Rotary(dim // n_heads, rope_base)
+        self.blocks = nn.ModuleList(
+            Block(dim, self._attention(attention_cls, attention_kwargs), mlp_hidden, norm_eps) for _ in range(n_layers)
+        )
+        self.norm = RMSNorm(dim, norm_eps)
+        self.apply(self._init)
+
+    def _attention(self, cls, kwargs) -> nn.Module:
+        if issubclass(cls, MultiheadDilatedAttention):
+            return MultiheadAdapter(cls(self.dim, self.n_heads, **kwargs))
+        return CoreAttention(self.dim, self.n_heads, cls(**kwargs))
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        # GPT-2 style for the LM's own layers. apply() visits children first, so a multihead
+        # variant's reset_parameters() runs last and it keeps its MAGNETO init.
+        if isinstance(module, MultiheadDilatedAttention):
+            module.reset_parameters()
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def forward(self, idx: torch.Tensor, pos_offset: int = 0) -> torch.Tensor:
+        x = self.embed(idx)
+        rope = functools.partial(self.rotary, offset=pos_offset)
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope)
+        return F.linear(self.norm(x), self.embed.weight).float()  # tied head
+
+    def flops(self, batch: int, seq_len: int) -> int:
+        """Forward FLOPs of one (batch, seq_len) sequence: matmuls 2·params·tokens, the
+        attention variants' own count, and the tied head."""
+        tokens = batch * seq_len
+        mlp = sum(2 * tokens * p.numel() for b in self.blocks for p in b.mlp.parameters())
+        attn = sum(b.attn.flops(batch, seq_len) for b in self.blocks)
+        return mlp + attn + 2 * tokens * self.dim * self.vocab_size

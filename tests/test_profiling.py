@@ -1,0 +1,70 @@
+"""Profiling: the StepStatsMonitor's TensorBoard scalars and summary, and the benchmark's table."""
+import glob
+import json
+import os
+
+import pytest
+
+from longctx import benchmark
+from longctx.cli import cli_main, run_name
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_step_stats_reach_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cli_main(["fit", "--config", f"{ROOT}/tests/configs/tiny.yaml", f"--data.cache_dir={tmp_path}/data",
+              "--trainer.logger=true", f"--trainer.default_root_dir={tmp_path}", "--trainer.log_every_n_steps=1",
+              "--trainer.callbacks+=longctx.callbacks.StepStatsMonitor",
+              "--trainer.callbacks.skip_steps=1", "--trainer.max_steps=6"], )
+    # the CLI names the run after variant and length
+    events = glob.glob(f"{tmp_path}/runs/improved_dilated-64/version_*/events*")
+    assert len(events) == 1, "no TensorBoard event file written"
+    ea = EventAccumulator(max(events, key=os.path.getmtime))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    for tag in ("perf/step_ms", "perf/tokens_per_s", "perf/tokens_per_s_global", "perf/tflops", "train/loss"):
+        assert tag in tags, tag
+    step_ms = [e.value for e in ea.Scalars("perf/step_ms")]
+    tokens = [e.value for e in ea.Scalars("perf/tokens_per_s")]
+    assert len(step_ms) == 6
+    assert all(0 < ms < 60_000 for ms in step_ms)
+    # 4 windows of 64 tokens per step: tokens/s and step time must agree
+    for ms, tps in zip(step_ms, tokens):
+        assert tps == pytest.approx(4 * 64 / (ms / 1e3), rel=1e-3)
+    summary = json.loads(open(os.path.join(os.path.dirname(max(events, key=os.path.getmtime)), "summary.json")).read())
+    assert summary["variant"] == "improved_dilated" and summary["steps_measured"] == 5
+    assert summary["median_step_ms"] > 0 and summary["median_tflops"] > 0
+
+
+def test_run_names():
+    assert run_name({"class_path": "longctx.attention.ImprovedDilatedAttention"}, 32768) == "improved_dilated-32k"
+    assert run_name({"class_path": "ring_dilated"}, 2**20) == "ring_dilated-1m"
+    assert run_name(None, 1000) == "improved_dilated-1000"
+
+
+def test_benchmark_tiny_preset_fills_every_cell(tmp_path, capsys):
+    cells = benchmark.main(["--preset", "tiny", "--out", str(tmp_path), "--repeats", "2", "--warmup", "1"])
+    data = json.loads((tmp_path / "results.json").read_text())
+    cfg = benchmark.PRESETS["tiny"]
+    expected = len(benchmark.VARIANTS) * len(cfg["lengths"]) * len(cfg["batch"]) * len(cfg["head_split"]) * 2
+    assert len(data["cells"]) == len(cells) == expected
+    keys = {(c["variant"], c["seq_len"], c["head_split"], c["mode"]) for c in data["cells"]}
+    assert len(keys) == expected
+    for c in data["cells"]:
+        assert c["status"] == "ok", c
+        assert c["min_ms"] <= c["median_ms"] <= c["max_ms"] and c["tflops"] > 0
+    assert data["meta"]["device"] == "cpu" and "--preset tiny" in data["meta"]["command"]
+    assert (tmp_path / "results.png").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "| Implementation" in out and "improved_dilated" in out
+
+
+def test_benchmark_records_errors_in_cells(tmp_path):
+    # dilation 3 does not divide segment 32: every dilated cell errors, the run goes on and sdpa succeeds
+    cells = benchmark.main(["--preset", "tiny", "--dilations", "1", "3", "--lengths", "64", "--head-split", "off",
+                            "--modes", "fwd", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    by_name = {c["variant"]: c for c in cells}
+    assert by_name["sdpa"]["status"] == "ok"
+    assert by_name["improved_dilated"]["status"].startswith("error: ValueError: segment length 32 is not divisible by dilation rate 3")

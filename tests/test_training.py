@@ -1,0 +1,139 @@
+"""The Lightning template end to end on CPU: every variant fits, DDP and context parallel match
+the single-process run, checkpoints restore the variant, every config parses."""
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longctx.attention import REGISTRY
+from longctx.cli import cli_main
+from longctx.lit_module import LongContextLM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "tests", "configs", "tiny.yaml")
+VARIANTS = sorted(REGISTRY)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+    """The default stdlib corpus, built once per session into a temporary cache."""
+    return str(tmp_path_factory.mktemp("corpus"))
+
+
+def tiny_args(corpus_dir, *extra):
+    return ["--config", TINY, f"--data.cache_dir={corpus_dir}", f"--trainer.default_root_dir={corpus_dir}", *extra]
+
+
+def loss_on(module, tokens):
+    x, y = module.shard(tokens)
+    return F.cross_entropy(module(x).flatten(0, 1), y.reshape(-1)).item()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_variant_learns_a_repeated_batch(variant, corpus_dir):
+    cli = cli_main(["fit", *tiny_args(corpus_dir, "--config", f"{ROOT}/configs/attention/{variant}.yaml",
+                                      "--trainer.overfit_batches=1", "--trainer.max_steps=8")])
+    assert cli.model.variant == variant
+    assert all(type(b.attn).__name__ in ("CoreAttention", "MultiheadAdapter") for b in cli.model.model.blocks)
+    dm = cli.datamodule
+    batch = torch.stack([dm.train_set[i]["tokens"] for i in range(dm.batch_size)])
+    first = cli.trainer.callback_metrics  # last logged train/loss
+    assert torch.isfinite(first["train/loss"])
+    fresh = cli_main([*tiny_args(corpus_dir, "--config", f"{ROOT}/configs/attention/{variant}.yaml")], run=False)
+    before, after = loss_on(fresh.model.eval(), batch), loss_on(cli.model.eval(), batch)
+    assert after < before - 0.1, (before, after)
+
+
+def test_checkpoint_restores_variant_and_logits(corpus_dir, tmp_path):
+    cli = cli_main(["fit", *tiny_args(corpus_dir, "--config", f"{ROOT}/configs/attention/ring_multihead_dilated.yaml",
+                                      "--trainer.enable_checkpointing=true", f"--trainer.default_root_dir={tmp_path}")])
+    path = glob.glob(f"{tmp_path}/**/*.ckpt", recursive=True)[0]
+    restored = LongContextLM.load_from_checkpoint(path)
+    assert restored.variant == "ring_multihead_dilated"
+    assert type(restored.model.blocks[0].attn.attn).__name__ == "RingMultiheadDilatedAttention"
+    x = torch.randint(0, 256, (2, 64))
+    torch.testing.assert_close(restored.eval()(x), cli.model.eval()(x), rtol=0, atol=0)
+
+
+def test_passkey_task_logs_accuracy_per_bucket(corpus_dir):
+    cli = cli_main(["fit", *tiny_args(corpus_dir, "--config", f"{ROOT}/configs/passkey.yaml", "--data.seq_len=128",
+                                      "--model.segment_lengths=[32,64,128]", "--trainer.limit_val_batches=1",
+                                      "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+                                      "--data.val_windows=8")])
+    metrics = cli.trainer.callback_metrics
+    for b in range(4):
+        acc = metrics[f"val/passkey_acc_bucket{b}"]
+        assert 0.0 <= acc <= 1.0
+    assert "val/bpb" in metrics
+
+
+def run_ddp(tmp_path, corpus_dir, *extra):
+    env = dict(os.environ, RECORD_DIR=str(tmp_path), PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]))
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "fit", *tiny_args(corpus_dir, *extra),
+           "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.max_steps=1",
+           "--trainer.callbacks+=helpers.RecordFirstStep"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)  # no orphaned rank
+        raise
+    assert proc.returncode == 0, out[-3000:]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def reference_grads(record, windows):
+    """Single process, full sequence, the given windows as one batch."""
+    module = LongContextLM(**{k: v for k, v in record["hparams"].items() if not k.startswith("_")})
+    module.model.load_state_dict(record["state_dict"])
+    x, y = windows[:, :-1], windows[:, 1:]
+    loss = F.cross_entropy(module.model(x).flatten(0, 1), y.reshape(-1))
+    loss.backward()
+    return loss.item(), {n: p.grad for n, p in module.model.named_parameters()}
+
+
+def assert_grads_match(recorded, reference):
+    scale = max(g.abs().max().item() for g in reference.values())
+    for name, g in reference.items():
+        torch.testing.assert_close(recorded[name], g, atol=1e-5 * scale, rtol=1e-4, msg=name)
+
+
+def test_ddp_data_parallel_matches_single_process(tmp_path, corpus_dir):
+    r0, r1 = run_ddp(tmp_path, corpus_dir, f"--config={ROOT}/configs/attention/improved_dilated.yaml")
+    assert r0["layout"] == {"world_size": 2, "rank": 0, "cp_size": 1} and r1["layout"]["rank"] == 1
+    assert not torch.equal(r0["window"], r1["window"]), "data-parallel ranks must read different windows"
+    assert torch.equal(r0["x"], r0["window"][:, :-1]) and r0["pos_offset"] == 0
+    loss, grads = reference_grads(r0, torch.cat([r0["window"], r1["window"]]))
+    assert abs((r0["loss"] + r1["loss"]) / 2 - loss) < 1e-5
+    assert_grads_match(r0["grads"], grads)
+    assert_grads_match(r1["grads"], grads)
+
+
+def test_ddp_context_parallel_ring_matches_single_process(tmp_path, corpus_dir):
+    r0, r1 = run_ddp(tmp_path, corpus_dir, f"--config={ROOT}/configs/attention/ring_dilated.yaml")
+    assert r0["layout"] == {"world_size": 2, "rank": 0, "cp_size": 2}
+    assert torch.equal(r0["window"], r1["window"]), "a context-parallel group must read the same window"
+    T = r0["window"].shape[1] - 1
+    assert torch.equal(r0["x"], r0["window"][:, : T // 2]) and torch.equal(r1["x"], r1["window"][:, T // 2 : T])
+    assert torch.equal(r1["y"], r1["window"][:, T // 2 + 1 :]) and r1["pos_offset"] == T // 2
+    loss, grads = reference_grads(r0, r0["window"])
+    assert abs((r0["loss"] + r1["loss"]) / 2 - loss) < 1e-5
+    assert_grads_match(r0["grads"], grads)
+    assert_grads_match(r1["grads"], grads)
+
+
+CONFIGS = sorted(glob.glob(f"{ROOT}/configs/**/*.yaml", recursive=True))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["fit", "--config", f"{ROOT}/configs/quickstart.yaml", "--config", config, "--print_config"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert "class_path" in printed and "seq_len" in printed
