@@ -30,6 +30,18 @@ for s in $stages; do
           --trainer.default_root_dir="$OUT/train" > "$OUT/train-$v.log" 2>&1
         echo "$v (activation_checkpointing=$ckpt) rc=$?: $(grep -h 'fit summary' "$OUT/train-$v.log" || tail -n 3 "$OUT/train-$v.log")"
       done ;;
+    e2e)  # issue 7: dilated vs dense (one branch w = T, r = 1 is exact dense causal attention) at 32K/128K; 1M
+      run() {  # name, steps, extra args...
+        local name=$1 steps=$2; shift 2
+        timeout 300 python3 train.py fit --config configs/longnet.yaml --trainer.max_steps=$steps --trainer.limit_val_batches=0 \
+          --trainer.enable_progress_bar=false --trainer.default_root_dir="$OUT/e2e" "$@" > "$OUT/e2e-$name.log" 2>&1
+        echo "$name rc=$?: $(grep -h 'fit summary' "$OUT/e2e-$name.log" || grep -h -m3 -E 'Error|error' "$OUT/e2e-$name.log")"
+      }
+      run improved-32k 20 --config configs/seq/32k.yaml
+      run dense-32k 20 --config configs/seq/32k.yaml --model.segment_lengths=[32768] --model.dilation_rates=[1]
+      run improved-128k 10 --config configs/seq/128k.yaml
+      run dense-128k 8 --config configs/seq/128k.yaml --model.segment_lengths=[131072] --model.dilation_rates=[1]
+      run improved-1m 6 --config configs/seq/1m.yaml --trainer.callbacks.skip_steps=2 ;;
     *) echo "unknown stage $s" ;;
   esac
 done
