@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from .data import TextDataModule
@@ -33,11 +35,44 @@ class LongCtxCLI(LightningCLI):
         if trainer.get("precision") is None:  # bf16-mixed on a GPU, fp32 elsewhere
             on_gpu = torch.cuda.is_available() and trainer.get("accelerator") in (None, "auto", "gpu", "cuda")
             trainer["precision"] = "bf16-mixed" if on_gpu else "32-true"
+        max_steps = trainer.get("max_steps")
+        if max_steps is not None and (max_steps == 0 or max_steps < -1):
+            raise ValueError(f"trainer.max_steps={max_steps} must be positive (or -1 for no limit)")
+        if not trainer.get("plugins"):  # a kill while saving leaves the previous checkpoint intact
+            trainer["plugins"] = [{"class_path": "longctx.checkpoint.AtomicCheckpointIO"}]
         if trainer.get("logger") in (None, True):
             name = run_name(cfg["model"].get("attention"), cfg["data"]["seq_len"])
             save_dir = os.path.join(trainer.get("default_root_dir") or ".", "runs")
             trainer["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                  "init_args": {"save_dir": save_dir, "name": name}}
+
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except torch.OutOfMemoryError as e:
+            raise torch.OutOfMemoryError(oom_message(self.model, self.datamodule, e)) from e
+
+
+def oom_message(model, datamodule, error: Exception) -> str:
+    h = model.hparams
+    cp = model.layout.cp_size
+    return (f"out of GPU memory training {model.variant} at seq_len {h.seq_len} ({h.seq_len // cp} tokens per rank), "
+            f"batch_size {getattr(datamodule, 'batch_size', '?')}, {h.n_layers} layers x d_model {h.d_model}, "
+            f"activation_checkpointing={h.activation_checkpointing}. Try model.activation_checkpointing=true, a "
+            "smaller data.batch_size, or a ring variant over more GPUs (configs/attention/ring_dilated.yaml). "
+            f"CUDA said: {str(error).splitlines()[0][:300]}")
+
+
+def main() -> None:
+    """`python train.py ...`: a configuration mistake or a stop is one paragraph on stderr and
+    a non-zero exit, not a stack trace."""
+    try:
+        cli_main()
+    except (ValueError, NotImplementedError, FloatingPointError, MisconfigurationException,
+            torch.OutOfMemoryError) as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, (ValueError, NotImplementedError, MisconfigurationException)) else 1)
 
 
 def cli_main(args=None, **kwargs) -> LongCtxCLI:

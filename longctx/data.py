@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 
 VAL_PERCENT = 5  # files whose path hashes below this go to validation
 
@@ -38,7 +38,8 @@ def build_corpus(source: Path, out: Path, suffixes: tuple[str, ...] | None) -> d
 
     files = _files(source, suffixes)
     if not files:
-        raise ValueError(f"data.data_dir={str(source)!r} contains no {'/'.join(suffixes or ('',)) or ''} files to train on")
+        kind = " or ".join(suffixes) + " " if suffixes else ""
+        raise ValueError(f"data.data_dir={str(source)!r} contains no {kind}files to train on")
     out.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for split in ("train", "val"):
@@ -144,6 +145,46 @@ class PasskeyDataset(Dataset):
         return {"tokens": torch.from_numpy(seq), "answer": torch.from_numpy(answer), "bucket": torch.tensor(bucket)}
 
 
+class ResumableSampler(DistributedSampler):
+    """Training order for one data-parallel rank: a permutation of the windows drawn from
+    (seed, epoch), dealt round-robin over ranks, full batches only. Iteration starts after the
+    batches `position()` says this epoch already consumed, so `fit --ckpt_path` resumes a run
+    killed mid-epoch on exactly the batch it would have seen next. (A DistributedSampler
+    subclass, so Lightning keeps it instead of wrapping it with the world's rank.)"""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0,
+                 position=None):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.n, self.batch_size, self.position = len(dataset), batch_size, position
+        if self.n < batch_size * num_replicas:
+            raise ValueError(f"data.train_windows={n} is less than one batch per rank "
+                             f"(data.batch_size={batch_size} x {num_replicas} data-parallel ranks)")
+
+    def batches_per_epoch(self) -> int:
+        return self.n // (self.batch_size * self.num_replicas)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch() * self.batch_size
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        mine = perm[: len(self) * self.num_replicas][self.rank :: self.num_replicas]
+        skip = self.position() if self.position else 0
+        return iter(mine[skip * self.batch_size :].tolist())
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over a ResumableSampler. Its position comes from the trainer's restored
+    step, so its checkpoint state is only a record; having the interface tells Lightning that
+    resuming mid-epoch is exact (and silences its warning that it might not be)."""
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "resumes_from": "trainer.global_step"}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass  # ResumableSampler.position() reads the restored global_step
+
+
 class TextDataModule(L.LightningDataModule):
     """Args:
         seq_len: tokens per training window (linked to model.seq_len).
@@ -198,20 +239,35 @@ class TextDataModule(L.LightningDataModule):
         self.train_set = WindowDataset(load_split(folder, "train"), h.seq_len, h.train_windows, h.seed, True, "train")
         self.val_set = WindowDataset(load_split(folder, "val"), h.seq_len, h.val_windows, h.seed, False, "validation")
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+    def max_token(self) -> int:
+        """The largest token id the model will see."""
+        if self.task == "passkey":
+            return ord("z")  # lowercase filler, digits and "<key=?>"; "z" is the largest
+        return int(max(self.train_set.tokens.max(), self.val_set.tokens.max()))
+
+    def _layout(self):
         layout = getattr(self.trainer.lightning_module, "layout", None) if self.trainer else None
-        if layout is not None and layout.world_size > 1:
-            sampler = DistributedSampler(dataset, num_replicas=layout.dp_size, rank=layout.dp_rank, shuffle=train,
-                                         seed=self.hparams.seed, drop_last=train)
-        elif train:
-            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.hparams.seed))
-        else:
-            sampler = SequentialSampler(dataset)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=train,
-                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+        return (layout.dp_size, layout.dp_rank) if layout is not None else (1, 0)
+
+    def _batches_done(self) -> int:
+        """Batches of the current epoch already trained (non-zero only when resuming mid-epoch)."""
+        t = self.trainer
+        if t is None:
+            return 0
+        per_epoch = self._train_sampler.batches_per_epoch()
+        done = t.global_step * t.accumulate_grad_batches - t.current_epoch * per_epoch
+        return done if 0 < done < per_epoch else 0
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+        dp_size, dp_rank = self._layout()
+        self._train_sampler = ResumableSampler(self.train_set, self.batch_size, self.hparams.seed, dp_size,
+                                               dp_rank, position=self._batches_done)
+        return ResumableDataLoader(self.train_set, batch_size=self.batch_size, sampler=self._train_sampler, drop_last=True,
+                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+        dp_size, dp_rank = self._layout()
+        sampler = (DistributedSampler(self.val_set, num_replicas=dp_size, rank=dp_rank, shuffle=False)
+                   if dp_size > 1 else SequentialSampler(self.val_set))
+        return DataLoader(self.val_set, batch_size=self.batch_size, sampler=sampler,
+                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)

@@ -32,15 +32,15 @@ class Layout:
 
 def check_layout(world_size: int, cp_size: int, is_ring: bool, variant: str) -> None:
     if cp_size < 1:
-        raise ValueError(f"data.context_parallel_size={cp_size} must be >= 1")
+        raise ValueError(f"model.context_parallel_size={cp_size} must be >= 1")
     if cp_size > 1 and not is_ring:
         raise ValueError(
-            f"data.context_parallel_size={cp_size} needs a ring variant (ring_dilated or ring_multihead_dilated); "
+            f"model.context_parallel_size={cp_size} needs a ring variant (ring_dilated or ring_multihead_dilated); "
             f"{variant} holds the whole sequence on each rank: use context_parallel_size 1"
         )
     if world_size % cp_size:
         raise ValueError(
-            f"world size {world_size} is not divisible by data.context_parallel_size={cp_size}"
+            f"world size {world_size} is not divisible by model.context_parallel_size={cp_size}"
         )
 
 

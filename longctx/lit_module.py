@@ -6,15 +6,50 @@ Shapes: B batch, T sequence length, l = T/C tokens per rank of a C-rank context-
 from __future__ import annotations
 
 import math
+import random
 
 import lightning as L
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torchmetrics import MeanMetric, Metric
 
 from .attention import RingDilatedAttention, RingMultiheadDilatedAttention
+from .attention.branches import validate_branches
+from .attention.ring import ring_layout
 from .distributed import Layout, check_layout, context_parallel_group
 from .model import LongNetLM, resolve_attention, variant_name
+
+
+def check_hparams(h) -> None:
+    """Every problem of the model/optimiser settings in one ValueError naming the keys."""
+    problems = []
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len"):
+        v = h[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            problems.append(f"model.{key}={v!r} must be a positive integer")
+    if not problems and h["d_model"] % h["n_heads"]:
+        problems.append(f"model.d_model={h['d_model']} is not divisible by model.n_heads={h['n_heads']}")
+    try:
+        ws, _ = validate_branches(h["segment_lengths"], h["dilation_rates"])
+        if h["head_split"] and isinstance(h["n_heads"], int) and h["n_heads"] < len(ws):
+            problems.append(f"model.head_split=true needs model.n_heads >= {len(ws)} branches, got {h['n_heads']}")
+    except ValueError as e:
+        problems.append(f"model.segment_lengths/model.dilation_rates: {e}")
+    if not (isinstance(h["lr"], (int, float)) and h["lr"] > 0 and math.isfinite(h["lr"])):
+        problems.append(f"model.lr={h['lr']!r} must be a positive number")
+    if h["warmup_steps"] < 0:
+        problems.append(f"model.warmup_steps={h['warmup_steps']} must be >= 0")
+    if h["decay_steps"] is not None and h["decay_steps"] < 1:
+        problems.append(f"model.decay_steps={h['decay_steps']} must be >= 1 (or null for trainer.max_steps)")
+    if h["weight_decay"] < 0 or not 0 <= h["min_lr_ratio"] <= 1:
+        problems.append(f"model.weight_decay={h['weight_decay']} must be >= 0 and model.min_lr_ratio="
+                        f"{h['min_lr_ratio']} in [0, 1]")
+    if h["context_parallel_size"] is not None and h["context_parallel_size"] < 1:
+        problems.append(f"model.context_parallel_size={h['context_parallel_size']} must be >= 1 (or null)")
+    if problems:
+        raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
 class BucketAccuracy(Metric):
@@ -47,6 +82,8 @@ class LongContextLM(L.LightningModule):
         lr, min_lr_ratio, warmup_steps, decay_steps, weight_decay, betas: AdamW with linear
             warm-up then cosine decay to lr·min_lr_ratio over decay_steps (default max_steps).
         passkey_buckets: distance buckets scored when the data carries a passkey answer.
+        skip_nonfinite: on a NaN/inf loss skip the step and count it (`train/nonfinite_skips`)
+            instead of stopping.
     """
 
     def __init__(self, attention: dict | None = None, segment_lengths: list[int] = [512, 1024, 2048],
@@ -55,9 +92,11 @@ class LongContextLM(L.LightningModule):
                  n_layers: int = 4, n_heads: int = 4, mlp_hidden: int | None = None, rope_base: float = 10000.0,
                  activation_checkpointing: bool = False, compile: bool = False, lr: float = 1e-3,
                  min_lr_ratio: float = 0.1, warmup_steps: int = 100, decay_steps: int | None = None,
-                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), passkey_buckets: int = 4):
+                 weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), passkey_buckets: int = 4,
+                 skip_nonfinite: bool = False):
         super().__init__()
         self.save_hyperparameters()
+        check_hparams(self.hparams)
         attention = dict(attention or {"class_path": "improved_dilated"})
         self.attention_cls = resolve_attention(attention.get("class_path", ""))
         self.variant = variant_name(self.attention_cls)
@@ -70,6 +109,7 @@ class LongContextLM(L.LightningModule):
         self.val_loss = MeanMetric()
         self.passkey_acc = BucketAccuracy(passkey_buckets)
         self.flops_per_batch = 0
+        self.nonfinite_skips = 0
 
     # -- context parallel ---------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -80,6 +120,17 @@ class LongContextLM(L.LightningModule):
             raise ValueError(
                 f"data.seq_len={self.hparams.seq_len} is not divisible by model.context_parallel_size={cp}"
             )
+        if self.is_ring:  # the ring's layout rules, checked on every rank before any communication
+            l = self.hparams.seq_len // cp
+            try:
+                ring_layout(l, cp, 0, self.hparams.n_heads, tuple(self.hparams.segment_lengths),
+                            tuple(self.hparams.dilation_rates), self.hparams.head_split, lambda r: r)
+            except ValueError as e:
+                raise ValueError(f"data.seq_len={self.hparams.seq_len} over context_parallel_size={cp}: {e}") from None
+        max_token = getattr(self.trainer.datamodule, "max_token", lambda: None)()
+        if max_token is not None and max_token >= self.hparams.vocab_size:
+            raise ValueError(f"model.vocab_size={self.hparams.vocab_size} is smaller than the data's largest token "
+                             f"{max_token}: use vocab_size >= {max_token + 1}")
         self.layout = Layout(world, rank, cp)
         if self.is_ring:
             group = context_parallel_group(self.layout)
@@ -105,11 +156,59 @@ class LongContextLM(L.LightningModule):
         return self.model(x, pos_offset=self.layout.cp_rank * x.shape[1])
 
     # -- steps --------------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         x, y = self.shard(batch["tokens"])
         loss = F.cross_entropy(self(x).flatten(0, 1), y.reshape(-1))  # mean over this rank's tokens
+        finite = self._all_finite(loss)
+        if self.hparams.skip_nonfinite:  # a cumulative count, every step
+            self.nonfinite_skips += not finite
+            self.log("train/nonfinite_skips", float(self.nonfinite_skips))
+        if not finite:
+            return self._nonfinite(loss)
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank: the decision to stop or skip must be
+        collective, or the ranks that carry on hang in DDP's all-reduce."""
+        finite = torch.isfinite(loss.detach()).float()
+        if self.layout.world_size > 1 and dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def _nonfinite(self, loss: torch.Tensor) -> None:
+        if not self.hparams.skip_nonfinite:
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()} on rank {self.global_rank}, or on another rank) at step "
+                f"{self.global_step} ({self.variant}, seq_len {self.hparams.seq_len}): stopped before the optimizer "
+                "step, so the weights and the last checkpoint stay finite. Lower model.lr, keep "
+                "trainer.gradient_clip_val, or set model.skip_nonfinite=true to skip such steps"
+            )
+        return None  # Lightning skips backward and the optimizer step
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        bad = [n for n, p in self.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise FloatingPointError(f"refusing to save a checkpoint at step {self.global_step}: non-finite "
+                                     f"weights in {bad[:5]}")
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                                    # tensors and plain numbers: loadable with torch.load(weights_only=True)
+                                    "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        checkpoint["nonfinite_skips"] = self.nonfinite_skips
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states:  # dropout and anything else random continue as if never interrupted
+            torch.set_rng_state(states["torch"])
+            kind, keys, pos, has_gauss, gauss = states["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(states["python"])
+            if states["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
+        self.nonfinite_skips = checkpoint.get("nonfinite_skips", 0)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x, y = self.shard(batch["tokens"])

@@ -28,3 +28,79 @@ class RecordFirstStep(L.Callback):
         if batch_idx == 0:
             self.record["loss"] = outputs["loss"].item()
             torch.save(self.record, os.path.join(os.environ["RECORD_DIR"], f"rank{trainer.global_rank}.pt"))
+
+
+class LogLosses(L.Callback):
+    """Appends "global_step loss" per training step to $LOSS_LOG (rank 0), flushed at once."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_rank == 0 and outputs is not None:
+            with open(os.environ["LOSS_LOG"], "a") as f:
+                f.write(f"{trainer.global_step} {outputs['loss'].item():.8f}\n")
+
+
+class KillAtStep(L.Callback):
+    """SIGKILLs this process (no clean-up, like a crash or a pre-empted node) once global_step
+    reaches `step`."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), 9)
+
+
+class PoisonEmbedding(L.Callback):
+    """Sets the embedding to NaN before step `step`; with `once`, restores it after that step."""
+
+    def __init__(self, step: int, once: bool = False):
+        self.step, self.once, self.saved = step, once, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and self.saved is None:
+            w = pl_module.model.embed.weight
+            self.saved = w.detach().clone()
+            with torch.no_grad():
+                w.fill_(float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.once and self.saved is not None and trainer.global_step <= self.step + 1:
+            with torch.no_grad():
+                pl_module.model.embed.weight.copy_(self.saved)
+
+
+class RaiseOnRank(L.Callback):
+    """Raises on one rank at one step: a bad batch or an OOM on a single GPU."""
+
+    def __init__(self, rank: int, step: int, oom: bool = False):
+        self.rank, self.step, self.oom = rank, step, oom
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            if self.oom:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+            raise RuntimeError(f"injected failure on rank {self.rank}")
+
+
+from longctx.checkpoint import AtomicCheckpointIO  # noqa: E402
+
+
+class KillWhileSaving(AtomicCheckpointIO):
+    """Writes half of the `nth` checkpoint's temporary file, then SIGKILLs the process."""
+
+    def __init__(self, nth: int = 2):
+        super().__init__()
+        self.nth, self.count = nth, 0
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        self.count += 1
+        if self.count < self.nth:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        import io
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)
+        with open(f"{path}.tmp", "wb") as f:
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            f.flush()
+        os.kill(os.getpid(), 9)

@@ -1,0 +1,248 @@
+"""Reliability (issue 8): bad input fails fast and clearly, resume is exact, checkpoints are
+atomic, non-finite losses stop cleanly, faults on one rank end every rank."""
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "tests", "configs", "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A built default corpus (cache folder), shared by the cases of this module."""
+    from longctx.data import TextDataModule
+
+    cache = tmp_path_factory.mktemp("cache")
+    TextDataModule(cache_dir=str(cache)).prepare_data()
+    return cache
+
+
+def train(args, cwd, env=None, timeout=180):
+    """Run train.py in its own process group; kill the whole group on timeout (no orphans)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]), **(env or {}))
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "fit", "--config", TINY, *args],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        raise
+    return proc.returncode, out
+
+
+def leftover(marker: str) -> list[str]:
+    """Processes whose command line contains `marker` (other than ourselves)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if marker in cmd and "pytest" not in cmd:
+                found.append(cmd)
+    return found
+
+
+def corrupt(kind):
+    def make(cache, tmp):
+        dst = tmp / "cache"
+        shutil.copytree(cache, dst)
+        (folder,) = [p for p in dst.iterdir() if p.is_dir()]
+        data = bytearray((folder / "train.bin").read_bytes())
+        if kind == "truncate":
+            data = data[: len(data) // 2]
+        else:
+            data[len(data) // 3] ^= 0xFF
+        (folder / "train.bin").write_bytes(bytes(data))
+        return [f"--data.cache_dir={dst}"]
+    return make
+
+
+def text_folder(content):
+    def make(cache, tmp):
+        folder = tmp / "texts"
+        folder.mkdir()
+        if content is not None:
+            (folder / "a.txt").write_text(content)
+        return [f"--data.data_dir={folder}", f"--data.cache_dir={tmp}/c"]
+    return make
+
+
+DDP = ["--trainer.strategy=ddp", "--trainer.devices=2", "--config", f"{ROOT}/configs/attention/ring_dilated.yaml"]
+
+# (id, args or a function (corpus, tmp) -> args, expected exit code, message regex). Under DDP
+# both ranks raise the same error; whichever exits first, Lightning's child-process observer
+# SIGKILLs the rest, so the code is only known to be non-zero (None below).
+BAD = [
+    ("unknown-class-path", ['--model.attention={"class_path": "nope"}'], 2, "model.attention.class_path='nope' is not an attention variant: use one of"),
+    ("non-variant-class", ['--model.attention={"class_path": "torch.nn.Linear"}'], 2, "'torch.nn.Linear' is not an attention variant"),
+    ("unknown-key", ["--model.nope=1"], 2, "unrecognized arguments: --model.nope=1"),
+    ("lists-differ", ["--model.dilation_rates=[1,2]"], 2, "segment_lengths has 3 entries .* but dilation_rates has 2"),
+    ("lists-empty", ["--model.segment_lengths=[]", "--model.dilation_rates=[]"], 2, "must be non-empty lists"),
+    ("segment-zero", ["--model.segment_lengths=[0,32,64]"], 2, "segment length 0 must be an integer >= 1"),
+    ("dilation-negative", ["--model.dilation_rates=[1,-2,4]"], 2, "dilation rate -2 must be an integer >= 1"),
+    ("not-dividing", ["--model.segment_lengths=[16,32,66]"], 2, "segment length 66 is not divisible by dilation rate 4"),
+    ("cp-without-ring", ["--model.context_parallel_size=2"], 2, "model.context_parallel_size=2 needs a ring variant"),
+    ("cp-not-dividing-world", ["--config", f"{ROOT}/configs/attention/ring_dilated.yaml", "--model.context_parallel_size=2"], 2,
+     "world size 1 is not divisible by model.context_parallel_size=2"),
+    ("seq-len-vs-cp (2 ranks)", [*DDP, "--data.seq_len=65"], None, "data.seq_len=65 is not divisible by model.context_parallel_size=2"),
+    ("seq-len-vs-segments (2 ranks)", [*DDP, "--data.seq_len=96"], None, "segment length 32 does not divide the per-rank shard of 48 tokens"),
+    ("heads-not-dividing", ["--model.d_model=30"], 2, "model.d_model=30 is not divisible by model.n_heads=4"),
+    ("head-split-few-heads", ["--model.head_split=true", "--model.n_heads=2"], 2, "needs model.n_heads >= 3 branches, got 2"),
+    ("zero-layers", ["--model.n_layers=0"], 2, "model.n_layers=0 must be a positive integer"),
+    ("gpu-without-gpu", ["--trainer.accelerator=gpu"], 2, "No supported gpu backend found"),
+    ("bad-precision", ["--trainer.precision=bogus"], 2, "trainer.precision"),
+    ("unsupported-dropout", ['--model.attention={"class_path": "improved_dilated", "init_args": {"dropout": 0.1}}'], 2,
+     "does not support attention dropout"),
+    ("data-dir-missing", ["--data.data_dir=/nonexistent/texts"], 2, "data.data_dir='/nonexistent/texts' does not exist"),
+    ("data-dir-empty", text_folder(None), 2, "contains no files to train on"),
+    ("data-too-short", text_folder("tiny text\n"), 2, "fewer than one window of data.seq_len \\+ 1 = 65"),
+    ("memmap-truncated", corrupt("truncate"), 2, "is truncated or corrupt; delete .* to rebuild it"),
+    ("memmap-corrupt", corrupt("flip"), 2, "does not match its checksum"),
+    ("vocab-too-small", ["--model.vocab_size=100"], 2, "model.vocab_size=100 is smaller than the data's largest token"),
+    ("batch-size-zero", ["--data.batch_size=0"], 2, "data.batch_size=0 must be a positive integer"),
+    ("lr-negative", ["--model.lr=-0.001"], 2, "model.lr=-0.001 must be a positive number"),
+    ("max-steps-zero", ["--trainer.max_steps=0"], 2, "trainer.max_steps=0 must be positive"),
+    ("warmup-negative", ["--model.warmup_steps=-5"], 2, "model.warmup_steps=-5 must be >= 0"),
+    ("unknown-task", ["--data.task=summarise"], 2, "data.task='summarise' must be 'text' or 'passkey'"),
+    ("passkey-too-short", ["--data.task=passkey", "--data.seq_len=64"], 2, "data.seq_len=64 is too short for the passkey task"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_configuration_fails_fast_and_clearly(case, corpus, tmp_path):
+    import re
+
+    name, args, code, pattern = case
+    args = args(corpus, tmp_path) if callable(args) else [f"--data.cache_dir={corpus}", *args]
+    start = time.monotonic()
+    rc, out = train([*args, f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks+=helpers.LogLosses"],
+                    cwd=tmp_path, env={"LOSS_LOG": str(tmp_path / "losses")}, timeout=150)
+    assert rc != 0 if code is None else rc == code, out[-2000:]
+    assert re.search(pattern, out), out[-2000:]
+    assert not (tmp_path / "losses").exists(), "a training step ran before the error"
+    if "unrecognized" not in pattern and "precision" not in pattern:
+        assert "Traceback" not in out, out[-2000:]  # one paragraph, not a stack trace
+    assert time.monotonic() - start < 150
+    assert not leftover(str(tmp_path))
+
+
+def ckpt_args(tmp, name, corpus):
+    return [f"--data.cache_dir={corpus}", f"--trainer.default_root_dir={tmp / name}", "--trainer.max_steps=12",
+            "--data.train_windows=32", "--trainer.enable_checkpointing=true", "--trainer.callbacks+=helpers.LogLosses",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            "--trainer.callbacks.every_n_train_steps=4", "--trainer.callbacks.save_last=true",
+            "--trainer.callbacks.save_top_k=-1"]
+
+
+def losses(path):
+    return {int(s): l for s, l in (line.split() for line in open(path))}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("full")
+    rc, out = train(ckpt_args(tmp, "run", corpus), cwd=tmp, env={"LOSS_LOG": str(tmp / "losses")})
+    assert rc == 0, out[-2000:]
+    return losses(tmp / "losses")
+
+
+@pytest.mark.parametrize("kill", ["mid-epoch", "while-saving"])
+def test_resume_after_sigkill_is_exact(kill, corpus, uninterrupted, tmp_path):
+    """8 batches an epoch, checkpoints every 4 steps: killed at step 6 (mid-epoch, after the
+    step-4 checkpoint), or while writing last.ckpt at step 8; resumed with --ckpt_path last,
+    every later step's loss equals the uninterrupted run's."""
+    env = {"LOSS_LOG": str(tmp_path / "losses")}
+    args = ckpt_args(tmp_path, "run", corpus)
+    if kill == "mid-epoch":
+        crash = ["--trainer.callbacks+=helpers.KillAtStep", "--trainer.callbacks.step=6"]
+    else:  # saves: step-4 file, last (4), step-8 file, last (8) <- killed half-way through
+        crash = ['--trainer.plugins=[{"class_path": "helpers.KillWhileSaving", "init_args": {"nth": 4}}]']
+    rc, out = train([*args, *crash], cwd=tmp_path, env=env)
+    assert rc == -9, out[-2000:]
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 4  # the previous checkpoint survived intact
+    if kill == "while-saving":
+        assert (tmp_path / "run" / "checkpoints" / "last.ckpt.tmp").exists()
+    rc, out = train([*args, "--ckpt_path=last"], cwd=tmp_path, env=env)
+    assert rc == 0, out[-2000:]
+    assert "not resumable" not in out
+    resumed = {}
+    for line in open(tmp_path / "losses").read().splitlines()[-8:]:
+        step, loss = line.split()
+        resumed[int(step)] = loss
+    assert sorted(resumed) == list(range(5, 13))
+    assert resumed == {s: uninterrupted[s] for s in range(5, 13)}
+
+
+def test_nonfinite_loss_stops_and_names_the_step(corpus, tmp_path):
+    rc, out = train([*ckpt_args(tmp_path, "run", corpus)[:-4], "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                     "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_last=true",
+                     "--trainer.callbacks+=helpers.PoisonEmbedding", "--trainer.callbacks.step=3"],
+                    cwd=tmp_path, env={"LOSS_LOG": str(tmp_path / "losses")})
+    assert rc == 1, out[-2000:]
+    assert "error: FloatingPointError: non-finite training loss (nan" in out and "at step 3" in out
+    assert "Traceback" not in out
+    for ckpt in (tmp_path / "run" / "checkpoints").glob("*.ckpt"):
+        state = torch.load(ckpt, weights_only=True)
+        assert state["global_step"] <= 3
+        assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point()), ckpt
+
+
+def test_nonfinite_loss_can_be_skipped_and_counted(corpus, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rc, out = train([f"--data.cache_dir={corpus}", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=true",
+                     "--trainer.log_every_n_steps=1", "--model.skip_nonfinite=true",
+                     "--trainer.callbacks+=helpers.PoisonEmbedding", "--trainer.callbacks.step=2",
+                     "--trainer.callbacks.once=true"], cwd=tmp_path)
+    assert rc == 0, out[-2000:]
+    (events,) = (tmp_path / "runs").rglob("events*")
+    ea = EventAccumulator(str(events))
+    ea.Reload()
+    skips = [e.value for e in ea.Scalars("train/nonfinite_skips")]
+    assert skips[0] == 0.0 and skips[-1] == 1.0 and skips == sorted(skips)
+    assert all(torch.isfinite(torch.tensor(e.value)) for e in ea.Scalars("train/loss"))
+
+
+def test_checkpoint_with_nonfinite_weights_is_refused():
+    from longctx.lit_module import LongContextLM
+
+    module = LongContextLM(d_model=32, n_heads=4, n_layers=1, segment_lengths=[16], dilation_rates=[1])
+    module.on_save_checkpoint({})  # finite: fine
+    with torch.no_grad():
+        module.model.blocks[0].mlp.down.weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"refusing to save a checkpoint .* non-finite weights in \['model.blocks.0.mlp.down.weight'\]"):
+        module.on_save_checkpoint({})
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_failing_rank_ends_every_rank(rank, corpus, tmp_path):
+    start = time.monotonic()
+    rc, out = train([f"--data.cache_dir={corpus}", f"--trainer.default_root_dir={tmp_path}", "--trainer.strategy=ddp",
+                     "--trainer.devices=2", "--trainer.callbacks+=helpers.RaiseOnRank", f"--trainer.callbacks.rank={rank}",
+                     "--trainer.callbacks.step=2"], cwd=tmp_path, timeout=120)
+    assert rc != 0
+    assert f"RuntimeError: injected failure on rank {rank}" in out
+    assert time.monotonic() - start < 120
+    time.sleep(1)
+    assert not leftover(str(tmp_path)), "orphaned rank"
+
+
+def test_out_of_memory_names_the_run_and_hints(corpus, tmp_path):
+    rc, out = train([f"--data.cache_dir={corpus}", f"--trainer.default_root_dir={tmp_path}",
+                     "--trainer.callbacks+=helpers.RaiseOnRank", "--trainer.callbacks.rank=0",
+                     "--trainer.callbacks.step=1", "--trainer.callbacks.oom=true"], cwd=tmp_path)
+    assert rc == 1
+    assert ("error: OutOfMemoryError: out of GPU memory training improved_dilated at seq_len 64 (64 tokens per rank), "
+            "batch_size 4") in out
+    assert "activation_checkpointing=true" in out and "ring variant" in out and "Tried to allocate 20.00 GiB" in out
