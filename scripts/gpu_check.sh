@@ -41,7 +41,33 @@ for s in $stages; do
       run dense-32k 20 --config configs/seq/32k.yaml --model.segment_lengths=[32768] --model.dilation_rates=[1]
       run improved-128k 10 --config configs/seq/128k.yaml
       run dense-128k 8 --config configs/seq/128k.yaml --model.segment_lengths=[131072] --model.dilation_rates=[1]
-      run improved-1m 6 --config configs/seq/1m.yaml --trainer.callbacks.skip_steps=2 ;;
+      ;;
+    profile) python3 scripts/profile_op.py 8192 1 2>&1 | tee "$OUT/profile.txt" | tail -n 40 ;;
+    seed32k)  # issue 7 target 3: batch 1, head_split, 8K and 32K
+      python3 -m longctx.benchmark --preset seed --batch 1 --lengths 8192 32768 --head-split on --modes fwd+bwd \
+        --variants sdpa improved_dilated ring_dilated dilated --out "$OUT/seed32k" > "$OUT/seed32k.log" 2>&1
+      grep -E "^\s+(sdpa|improved|ring|dilated)" "$OUT/seed32k.log" ;;
+    compile)
+      timeout 400 python3 train.py fit --config configs/longnet.yaml --config configs/seq/32k.yaml --model.compile=true \
+        --trainer.max_steps=25 --trainer.limit_val_batches=0 --trainer.enable_progress_bar=false \
+        --trainer.callbacks.skip_steps=8 --trainer.default_root_dir="$OUT/e2e" > "$OUT/e2e-compile-32k.log" 2>&1
+      echo "compile-32k rc=$?: $(grep -h 'fit summary' "$OUT/e2e-compile-32k.log" || grep -h -m3 -E 'Error|error' "$OUT/e2e-compile-32k.log")" ;;
+    1m)
+      timeout 400 python3 train.py fit --config configs/longnet.yaml --config configs/seq/1m.yaml --config configs/passkey.yaml \
+        --trainer.max_steps=5 --trainer.limit_val_batches=0 --trainer.enable_progress_bar=false \
+        --trainer.callbacks.skip_steps=1 --trainer.default_root_dir="$OUT/e2e" > "$OUT/e2e-1m.log" 2>&1
+      echo "1m rc=$?: $(grep -h 'fit summary' "$OUT/e2e-1m.log" || grep -h -m3 -E 'Error|error' "$OUT/e2e-1m.log")" ;;
+    compare)  # issue 7 target 4 with torch.compile: dilated vs dense in one run, 32K and 128K
+      for c in "improved-32k 25 --config configs/seq/32k.yaml" \
+               "dense-32k 25 --config configs/seq/32k.yaml --model.segment_lengths=[32768] --model.dilation_rates=[1]" \
+               "improved-128k 14 --config configs/seq/128k.yaml" \
+               "dense-128k 12 --config configs/seq/128k.yaml --model.segment_lengths=[131072] --model.dilation_rates=[1]"; do
+        set -- $c; name=$1 steps=$2; shift 2
+        timeout 300 python3 train.py fit --config configs/longnet.yaml "$@" --model.compile=true --trainer.max_steps=$steps \
+          --trainer.limit_val_batches=0 --trainer.enable_progress_bar=false --trainer.callbacks.skip_steps=8 \
+          --trainer.callbacks.peak_tflops=989.4 --trainer.default_root_dir="$OUT/cmp" > "$OUT/cmp-$name.log" 2>&1
+        echo "compiled $name rc=$?: $(grep -h 'fit summary' "$OUT/cmp-$name.log" || grep -h -m3 -E 'Error|error' "$OUT/cmp-$name.log")"
+      done ;;
     *) echo "unknown stage $s" ;;
   esac
 done
