@@ -157,7 +157,7 @@ class ResumableSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.n, self.batch_size, self.position = len(dataset), batch_size, position
         if self.n < batch_size * num_replicas:
-            raise ValueError(f"data.train_windows={n} is less than one batch per rank "
+            raise ValueError(f"data.train_windows={self.n} is less than one batch per rank "
                              f"(data.batch_size={batch_size} x {num_replicas} data-parallel ranks)")
 
     def batches_per_epoch(self) -> int:

@@ -32,7 +32,7 @@ def main():
     big = torch.randn(2**30, device=dev, dtype=torch.bfloat16)
     ms = bench(lambda: big.clone())
     print(f"device copy: {2 * big.numel() * 2 / ms / 1e6:.0f} GB/s")
-    del x, big
+    x = big = None  # free the memory before the attention shapes
     # Branch shapes at T = 64K, 12 heads of 64: N = T / w segments, L = w / r = 2048 rows each.
     for n, h, L, causal in [(32, 12, 2048, True), (2, 12, 2048, True), (64, 8, 1024, False), (1, 12, 65536, True)]:
         q, k, v, do = (torch.randn(n, L, h, 64, device=dev, dtype=torch.bfloat16).transpose(1, 2) for _ in range(4))

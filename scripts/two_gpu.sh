@@ -27,6 +27,6 @@ for v in ring_dilated ring_multihead_dilated; do
   fit cp2-$v-128k 2 --config configs/attention/$v.yaml --config configs/seq/128k.yaml
 done
 fit cp2-ring-1m 2 --config configs/attention/ring_dilated.yaml --config configs/seq/1m.yaml --config configs/passkey.yaml
-# Ring parity in bf16 against the single-process reference (the gloo tests, on NCCL).
+# The benchmark's ring rows at P = 2 (each rank holds T/2 tokens).
 torchrun --nproc-per-node 2 -m longctx.benchmark --preset long --variants ring_dilated ring_multihead_dilated \
   --warmup 1 --repeats 5 --out "$OUT/bench-p2" > "$OUT/bench-p2.log" 2>&1; tail -n 20 "$OUT/bench-p2.log"

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from longctx.attention import DilatedAttention, ImprovedDilatedAttention, build_attention
+from longctx.attention import DilatedAttention, ImprovedDilatedAttention, RingDilatedAttention, build_attention
 from longctx.attention import kernels
 from reference import pair_counts, reference_attention
 
@@ -149,8 +149,9 @@ def test_dropout_reference_only_in_training():
     op.train()
     torch.manual_seed(0)
     assert not torch.allclose(op(q, k, v), op.eval()(q, k, v))
-    with pytest.raises(NotImplementedError, match="dropout"):
-        ImprovedDilatedAttention([8], [1], dropout=0.1)
+    for cls in (ImprovedDilatedAttention, RingDilatedAttention):
+        with pytest.raises(NotImplementedError, match=f"{cls.__name__} does not support attention dropout"):
+            cls([8], [1], dropout=0.1)
 
 
 def test_registry():

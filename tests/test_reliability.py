@@ -110,6 +110,8 @@ BAD = [
     ("memmap-corrupt", corrupt("flip"), 2, "does not match its checksum"),
     ("vocab-too-small", ["--model.vocab_size=100"], 2, "model.vocab_size=100 is smaller than the data's largest token"),
     ("batch-size-zero", ["--data.batch_size=0"], 2, "data.batch_size=0 must be a positive integer"),
+    ("fewer-windows-than-a-batch", ["--data.train_windows=2"], 2,
+     r"data.train_windows=2 is less than one batch per rank \(data.batch_size=4 x 1 data-parallel ranks\)"),
     ("lr-negative", ["--model.lr=-0.001"], 2, "model.lr=-0.001 must be a positive number"),
     ("max-steps-zero", ["--trainer.max_steps=0"], 2, "trainer.max_steps=0 must be positive"),
     ("warmup-negative", ["--model.warmup_steps=-5"], 2, "model.warmup_steps=-5 must be >= 0"),

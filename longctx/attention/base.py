@@ -25,6 +25,9 @@ class DilatedAttentionBase(nn.Module):
             instead of every head running every branch.
     """
 
+    # The fused paths cannot replay the kernels' dropout RNG per piece in backward.
+    supports_dropout = True
+
     def __init__(
         self,
         segment_lengths: Sequence[int],
@@ -40,6 +43,11 @@ class DilatedAttentionBase(nn.Module):
         self.softmax_scale = softmax_scale
         self.dropout = float(dropout)
         self.head_split = bool(head_split)
+        if self.dropout > 0 and not self.supports_dropout:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support attention dropout (dropout={dropout}); "
+                "use DilatedAttention, or dropout on the residual path"
+            )
 
     def _check(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> float:
         """Validate inputs; return the softmax scale. The ops compute in the inputs' dtype with

@@ -113,6 +113,12 @@ def new_accumulators(q: torch.Tensor):
     return q.new_zeros(B, T * H, D, dtype=dtype), q.new_full((B, T * H), float("-inf"), dtype=dtype)
 
 
+def new_grad_accumulators(q: torch.Tensor) -> list[torch.Tensor]:
+    """dq, dk, dv as zeros (B, T·H, D) in the accumulation precision."""
+    B, T, H, D = q.shape
+    return [q.new_zeros(B, T * H, D, dtype=acc_dtype(q.dtype)) for _ in range(3)]
+
+
 class _DilatedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pieces, is_causal, scale):
@@ -126,7 +132,7 @@ class _DilatedFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse32 = ctx.saved_tensors
-        grads32 = [torch.zeros_like(x) for x in new_accumulators(q)[:1] * 3]
+        grads32 = new_grad_accumulators(q)
         flat = flatten_heads(dout, q, k, v, out)
         backward_pieces(grads32, flat, lse32, q.shape[2], ctx.pieces, ctx.is_causal, ctx.scale)
         dq, dk, dv = (g.to(q.dtype).view(q.shape) for g in grads32)
@@ -141,15 +147,7 @@ class ImprovedDilatedAttention(DilatedAttentionBase):
     have to be replayed per piece in backward): dropout > 0 raises NotImplementedError.
     """
 
-    def __init__(self, segment_lengths, dilation_rates, *, softmax_scale=None, dropout=0.0, head_split=False):
-        super().__init__(
-            segment_lengths, dilation_rates, softmax_scale=softmax_scale, dropout=dropout, head_split=head_split
-        )
-        if self.dropout > 0:
-            raise NotImplementedError(
-                f"{type(self).__name__} does not support attention dropout (dropout={dropout}); "
-                "use DilatedAttention, or dropout on the residual path"
-            )
+    supports_dropout = False
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         scale = self._check(query, key, value)

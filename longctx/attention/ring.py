@@ -31,6 +31,7 @@ from .improved import (
     fresh_flags,
     merge_into,
     new_accumulators,
+    new_grad_accumulators,
     put,
     take,
 )
@@ -177,7 +178,7 @@ class _RingFunction(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse32 = ctx.saved_tensors
         H = q.shape[2]
-        grads32 = [torch.zeros(q.shape[0], q.shape[1] * H, q.shape[3], dtype=lse32.dtype, device=q.device) for _ in range(3)]
+        grads32 = new_grad_accumulators(q)
         flat = flatten_heads(dout.contiguous(), q, k, v, out)
         local, rings = _split(ctx.layout)
         backward_pieces(grads32, flat, lse32, H, local, ctx.is_causal, ctx.scale)
@@ -197,19 +198,16 @@ class RingDilatedAttention(DilatedAttentionBase):
 
     forward(query, key, value, is_causal=False): this rank's contiguous shard (B, T/P, H, D)
     of each; returns this rank's shard of the output. Every rank of the group must call it
-    with the same shapes.
+    with the same shapes. flops() counts the whole sequence (all ranks together).
     """
+
+    supports_dropout = False
 
     def __init__(self, segment_lengths, dilation_rates, *, softmax_scale=None, dropout=0.0, head_split=False,
                  process_group=None):
         super().__init__(
             segment_lengths, dilation_rates, softmax_scale=softmax_scale, dropout=dropout, head_split=head_split
         )
-        if self.dropout > 0:
-            raise NotImplementedError(
-                f"RingDilatedAttention does not support attention dropout (dropout={dropout}); "
-                "use dropout on the residual path"
-            )
         self.process_group = process_group
 
     def group_info(self):
@@ -228,7 +226,3 @@ class RingDilatedAttention(DilatedAttentionBase):
         )
         with self.no_autocast(query):
             return _RingFunction.apply(query, key, value, layout, bool(is_causal), scale, group)
-
-    def flops(self, batch, seq_len, num_heads, head_dim, is_causal=False):
-        """Forward FLOPs of the whole sequence (all ranks together), as the other variants."""
-        return super().flops(batch, seq_len, num_heads, head_dim, is_causal)
