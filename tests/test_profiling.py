@@ -68,3 +68,29 @@ def test_benchmark_records_errors_in_cells(tmp_path):
     by_name = {c["variant"]: c for c in cells}
     assert by_name["sdpa"]["status"] == "ok"
     assert by_name["improved_dilated"]["status"].startswith("error: ValueError: segment length 32 is not divisible by dilation rate 3")
+
+
+def test_profile_overlay_writes_a_trace_next_to_the_logs(tmp_path):
+    cli_main(["fit", "--config", f"{ROOT}/tests/configs/tiny.yaml", "--config", f"{ROOT}/configs/profile.yaml",
+              f"--data.cache_dir={tmp_path}/data", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=true",
+              "--trainer.max_steps=8", "--trainer.profiler.init_args.wait=1", "--trainer.profiler.init_args.warmup=1",
+              "--trainer.profiler.init_args.active=2"])
+    (trace,) = glob.glob(f"{tmp_path}/runs/improved_dilated-64/version_0/*.pt.trace.json")
+    events = json.load(open(trace))["traceEvents"]
+    assert any("DilatedFunction" in e.get("name", "") for e in events)
+    assert any(e.get("name") == "[memory]" for e in events), "memory profiling is on"
+
+
+def test_benchmark_under_torchrun_runs_the_ring_on_two_ranks(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "longctx.benchmark",
+           "--preset", "tiny", "--segments", "16", "64", "--out", str(tmp_path), "--repeats", "2", "--warmup", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, start_new_session=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["meta"]["world_size"] == 2
+    assert {c["variant"] for c in data["cells"]} == {"ring_dilated", "ring_multihead_dilated"}
+    assert len(data["cells"]) == 16 and all(c["status"] == "ok" for c in data["cells"])
+    assert proc.stdout.count("| Implementation") == 8  # one rank writes
