@@ -27,6 +27,12 @@ def servable(shard_len, T, ws, rs):
     return True
 
 
+def report(out_dir, rank, checks):
+    """What this rank verified, for the test process to assert on."""
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(str(checks))
+
+
 def init(rank, world, port):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(
@@ -41,7 +47,7 @@ def shard(x, rank, world):
     return x[:, rank * l : (rank + 1) * l]
 
 
-def core_cases(rank, world, port):
+def core_cases(rank, world, port, out_dir):
     init(rank, world, port)
     ran = 0
     try:
@@ -62,12 +68,12 @@ def core_cases(rank, world, port):
                 for name, g_, rg in zip("qkv", grads, ref_grads):
                     torch.testing.assert_close(g_, shard(rg, rank, world), msg=lambda m: f"{where} d{name}: {m}")
                 ran += 1
-        assert ran >= 6, f"only {ran} ring cases ran at world size {world}"
+        report(out_dir, rank, ran)
     finally:
         dist.destroy_process_group()
 
 
-def multihead_case(rank, world, port):
+def multihead_case(rank, world, port, out_dir):
     init(rank, world, port)
     try:
         E, H, T, ws, rs = 32, 4, 32, [8, 32], [1, 2]
@@ -86,11 +92,12 @@ def multihead_case(rank, world, port):
         for name, p in ring.named_parameters():
             dist.all_reduce(p.grad)
             torch.testing.assert_close(p.grad, ref_grads[name], atol=1e-5 * scale, rtol=1.3e-6, msg=name)
+        report(out_dir, rank, len(ref_grads))
     finally:
         dist.destroy_process_group()
 
 
-def layout_error(rank, world, port):
+def layout_error(rank, world, port, out_dir):
     """Every rank must raise the same ValueError, before any communication."""
     init(rank, world, port)
     try:
@@ -108,6 +115,7 @@ def layout_error(rank, world, port):
         else:
             raise AssertionError("no ValueError")
         dist.barrier()  # everyone got here: nobody hung
+        report(out_dir, rank, 2)
     finally:
         dist.destroy_process_group()
 

@@ -19,21 +19,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(fn, world):
-    mp.start_processes(fn, args=(world, free_port()), nprocs=world, join=True, start_method="spawn")
+def spawn(fn, world, out_dir) -> list[int]:
+    """Run fn on `world` gloo ranks (a rank's failed assertion raises here); return what each
+    rank reports it checked."""
+    mp.start_processes(fn, args=(world, free_port(), str(out_dir)), nprocs=world, join=True, start_method="spawn")
+    return [int((out_dir / f"rank{r}.txt").read_text()) for r in range(world)]
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_ring_matches_reference(world):
-    spawn(ring_workers.core_cases, world)
+def test_ring_matches_reference(world, tmp_path):
+    checked = spawn(ring_workers.core_cases, world, tmp_path)
+    # (case, causal) pairs whose layout this world size serves, each checked on every rank
+    assert checked == [{2: 8, 4: 10}[world]] * world  # P=2 cannot serve the last case (72 % 48)
 
 
-def test_ring_multihead_parameter_gradients():
-    spawn(ring_workers.multihead_case, 2)
+def test_ring_multihead_parameter_gradients(tmp_path):
+    assert spawn(ring_workers.multihead_case, 2, tmp_path) == [10, 10]  # all 10 parameters compared
 
 
-def test_layout_errors_are_raised_on_every_rank():
-    spawn(ring_workers.layout_error, 2)
+def test_layout_errors_are_raised_on_every_rank(tmp_path):
+    assert spawn(ring_workers.layout_error, 2, tmp_path) == [2, 2]
 
 
 def test_a_failing_rank_does_not_hang_the_others():
