@@ -131,6 +131,8 @@ class LongContextLM(L.LightningModule):
         if max_token is not None and max_token >= self.hparams.vocab_size:
             raise ValueError(f"model.vocab_size={self.hparams.vocab_size} is smaller than the data's largest token "
                              f"{max_token}: use vocab_size >= {max_token + 1}")
+        if self.layout == Layout(world, rank, cp) and self.flops_per_batch:
+            return  # set up by an earlier stage: groups are created once, blocks compiled once
         self.layout = Layout(world, rank, cp)
         if self.is_ring:
             group = context_parallel_group(self.layout)

@@ -137,3 +137,15 @@ def test_every_config_parses(config, capsys):
     assert exit_.value.code == 0
     printed = capsys.readouterr().out
     assert "class_path" in printed and "seq_len" in printed
+
+
+def test_setup_runs_once_per_layout(corpus_dir, monkeypatch):
+    """fit then validate: the context-parallel groups are made (and blocks compiled) once."""
+    import longctx.lit_module as lm
+
+    calls = []
+    monkeypatch.setattr(lm, "context_parallel_group", lambda layout: calls.append(layout))
+    cli = cli_main(["fit", *tiny_args(corpus_dir, "--config", f"{ROOT}/configs/attention/ring_dilated.yaml",
+                                      "--trainer.max_steps=2")])
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule)
+    assert len(calls) == 1
