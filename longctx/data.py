@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 
+from .attention.branches import check_positive_int
+
 VAL_PERCENT = 5  # files whose path hashes below this go to validation
 
 
@@ -205,8 +207,7 @@ class TextDataModule(L.LightningDataModule):
         super().__init__()
         for key, value in (("seq_len", seq_len), ("batch_size", batch_size), ("train_windows", train_windows),
                            ("val_windows", val_windows), ("passkey_buckets", passkey_buckets)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"data.{key}={value!r} must be a positive integer")
+            check_positive_int(f"data.{key}", value)
         if task not in ("text", "passkey"):
             raise ValueError(f"data.task={task!r} must be 'text' or 'passkey'")
         if data_dir is not None and not Path(data_dir).is_dir():

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric, Metric
 
 from .attention import RingDilatedAttention, RingMultiheadDilatedAttention
-from .attention.branches import validate_branches
+from .attention.branches import is_positive_int, validate_branches
 from .attention.ring import ring_layout
 from .distributed import Layout, check_layout, context_parallel_group
 from .model import LongNetLM, resolve_attention, variant_name
@@ -27,7 +27,7 @@ def check_hparams(h) -> None:
     problems = []
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len"):
         v = h[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if not is_positive_int(v):
             problems.append(f"model.{key}={v!r} must be a positive integer")
     if not problems and h["d_model"] % h["n_heads"]:
         problems.append(f"model.d_model={h['d_model']} is not divisible by model.n_heads={h['n_heads']}")

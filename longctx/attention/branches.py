@@ -26,6 +26,17 @@ def _is_int(x) -> bool:
     return isinstance(x, Integral) and not isinstance(x, bool)
 
 
+def is_positive_int(x) -> bool:
+    """An integer >= 1 (bools excluded): the rule for every size and count in the project."""
+    return _is_int(x) and x >= 1
+
+
+def check_positive_int(name: str, value) -> int:
+    if not is_positive_int(value):
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+    return value
+
+
 def validate_branches(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Check the (segment_lengths, dilation_rates) pair and return them as int tuples."""
     try:
@@ -43,7 +54,7 @@ def validate_branches(segment_lengths: Sequence[int], dilation_rates: Sequence[i
         )
     for name, values in (("segment length", ws), ("dilation rate", rs)):
         for v in values:
-            if not _is_int(v) or v < 1:
+            if not is_positive_int(v):
                 raise ValueError(f"{name} {v!r} must be an integer >= 1")
     for w, r in zip(ws, rs):
         if w % r:

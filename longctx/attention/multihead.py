@@ -15,15 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .branches import check_positive_int
 from .dilated import DilatedAttention
 from .improved import ImprovedDilatedAttention
 from .ring import RingDilatedAttention
-
-
-def check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive integer")
-    return value
 
 
 class MultiheadDilatedAttention(nn.Module):
