@@ -42,7 +42,9 @@ for s in $stages; do
       run improved-128k 10 --config configs/seq/128k.yaml
       run dense-128k 8 --config configs/seq/128k.yaml --model.segment_lengths=[131072] --model.dilation_rates=[1]
       ;;
-    profile) python3 scripts/profile_op.py 8192 1 2>&1 | tee "$OUT/profile.txt" | tail -n 40 ;;
+    profile) python3 scripts/profile_op.py 8192 1 2>&1 | tee "$OUT/profile.txt" | tail -n 22
+      python3 scripts/profile_op.py 65536 0 long 2>&1 | tee "$OUT/profile_long.txt" | tail -n 22 ;;
+    stride) python3 scripts/stride_probe.py 65536 2 2>&1 | tee "$OUT/stride.txt" ;;
     seed32k)  # issue 7 target 3: batch 1, head_split, 8K and 32K
       python3 -m longctx.benchmark --preset seed --batch 1 --lengths 8192 32768 --head-split on --modes fwd+bwd \
         --variants sdpa improved_dilated ring_dilated dilated --out "$OUT/seed32k" > "$OUT/seed32k.log" 2>&1

@@ -1,6 +1,7 @@
 """Where the time of one ImprovedDilatedAttention forward+backward goes (torch.profiler).
 
-python scripts/profile_op.py [T] [head_split] — defaults: the seed preset at 8K with head_split.
+python scripts/profile_op.py [T] [head_split] [seed|long] — defaults: the seed preset at 8K with
+head_split. `long`: the benchmark's long preset (12 heads, segments 2048·2^i, dilations 2^i, causal).
 Prints the top ops by self CPU time and by CUDA time, and the launch count.
 """
 import sys
@@ -14,13 +15,17 @@ from longctx.attention import ImprovedDilatedAttention
 def main():
     T = int(sys.argv[1]) if len(sys.argv) > 1 else 8192
     head_split = (sys.argv[2] != "0") if len(sys.argv) > 2 else True
-    segs = [min(s, T // 2) for s in (1024, 2048, 4096)]
-    op = ImprovedDilatedAttention(segs, [1, 2, 4], head_split=head_split)
-    q, k, v = (torch.randn(1, T, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    g = torch.randn(1, T, 8, 64, device="cuda", dtype=torch.bfloat16)
+    if len(sys.argv) > 3 and sys.argv[3] == "long":
+        H, causal = 12, True
+        op = ImprovedDilatedAttention([2048 << i for i in range(5)], [1 << i for i in range(5)], head_split=head_split)
+    else:
+        H, causal = 8, False
+        op = ImprovedDilatedAttention([min(s, T // 2) for s in (1024, 2048, 4096)], [1, 2, 4], head_split=head_split)
+    q, k, v = (torch.randn(1, T, H, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    g = torch.randn(1, T, H, 64, device="cuda", dtype=torch.bfloat16)
 
     def step():
-        torch.autograd.grad(op(q, k, v), (q, k, v), g)
+        torch.autograd.grad(op(q, k, v, is_causal=causal), (q, k, v), g)
 
     for _ in range(5):
         step()

@@ -80,16 +80,19 @@ def test_uncovered_rows_are_zero_with_finite_gradients(op_cls):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("op_cls", OPS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_low_precision_within_twice_reference_error(dtype, op_cls, causal):
+@pytest.mark.parametrize("head_split", [False, True], ids=["merged", "disjoint"])
+def test_low_precision_within_twice_reference_error(dtype, op_cls, causal, head_split):
+    # head_split: no two branches share a (row, head), so Improved writes results in the input
+    # dtype with no float32 merge; without it every row merges several branches in float32.
     T, H, D = 64, 8, 64
     ws, rs = seed_layout(T)
     q, k, v = make_qkv(2, T, H, D, dtype=dtype, seed=1)
     grad_out = torch.randn(2, T, H, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    out, grads = run(op_cls(ws, rs), q, k, v, causal, grad_out.to(dtype))
+    out, grads = run(op_cls(ws, rs, head_split=head_split), q, k, v, causal, grad_out.to(dtype))
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
-    exact, leaves64 = reference(q, k, v, ws, rs, causal, False)
+    exact, leaves64 = reference(q, k, v, ws, rs, causal, head_split)
     exact_grads = torch.autograd.grad(exact, leaves64, grad_out)
-    low, leaves_low = reference(q, k, v, ws, rs, causal, False, dtype=dtype)
+    low, leaves_low = reference(q, k, v, ws, rs, causal, head_split, dtype=dtype)
     low_grads = torch.autograd.grad(low, leaves_low, grad_out.to(dtype))
 
     def err(a, b):
@@ -98,6 +101,28 @@ def test_low_precision_within_twice_reference_error(dtype, op_cls, causal):
     assert err(out, exact) <= 2 * err(low, exact) + 1e-6
     for g, lg, eg in zip(grads, low_grads, exact_grads):
         assert err(g, eg) <= 2 * err(lg, eg) + 1e-6
+
+
+@pytest.mark.parametrize("head_split", [False, True])
+def test_strided_inputs_and_expanded_gradient(head_split):
+    """q/k/v split from one fused (B, T, 3, H, D) projection are read in place, and an expanded
+    output gradient (from .sum()) is accepted: same results as contiguous inputs."""
+    T, H, D, ws, rs = 37, 4, 16, [8, 16, 32], [1, 2, 4]
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(2, T, 3, H, D, generator=g, requires_grad=True)
+    op = ImprovedDilatedAttention(ws, rs, head_split=head_split)
+    q, k, v = qkv.unbind(2)
+    assert not q.is_contiguous()
+    out = op(q, k, v, is_causal=True)
+    out.sum().backward()
+    leaves = [x.detach().contiguous().requires_grad_() for x in (q, k, v)]
+    out_c = op(*leaves, is_causal=True)
+    grads_c = torch.autograd.grad(out_c, leaves, torch.ones_like(out_c))
+    torch.testing.assert_close(out, out_c, rtol=0, atol=0)
+    torch.testing.assert_close(qkv.grad, torch.stack(grads_c, 2), rtol=0, atol=0)
+    ref, ref_leaves = reference(*leaves, ws, rs, True, head_split)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, torch.ones_like(ref))
+    torch.testing.assert_close(qkv.grad, torch.stack(ref_grads, 2).float())
 
 
 def test_math_fallback_matches_fused_kernel(monkeypatch):

@@ -44,3 +44,25 @@ def test_gpu_parity(case, causal, op_cls, dtype, backend, monkeypatch):
     assert err(out, exact) <= 2 * err(ref, exact) + 1e-6
     for name, gr, rg, eg in zip("qkv", grads, ref_grads, exact_grads):
         assert err(gr, eg) <= 2 * err(rg, eg) + 1e-6, name
+
+
+@pytest.mark.parametrize("backend", ["flash", "cudnn"])
+@pytest.mark.parametrize("head_split", [False, True], ids=["merged", "disjoint"])
+def test_gpu_fused_qkv_views_batch_two(head_split, backend, monkeypatch):
+    """q/k/v as views of one (B, T, 3, H, D) projection, batch 2 with a tail segment (the
+    batch and segment axes do not fold into one view there): the kernels read the views."""
+    monkeypatch.setattr(kernels, "CUDA_BACKEND", backend)
+    T, H, D, ws, rs = 1000, 8, 64, [256, 512], [1, 2]
+    g = torch.Generator(device="cuda").manual_seed(7)
+    qkv, dout = (torch.randn(2, T, *s, D, device="cuda", dtype=torch.float64, generator=g) for s in ((3, H), (H,)))
+    low = qkv.to(torch.bfloat16).requires_grad_()
+    out = ImprovedDilatedAttention(ws, rs, head_split=head_split)(*low.unbind(2), is_causal=True)
+    (grad,) = torch.autograd.grad(out, low, dout.to(torch.bfloat16))
+    exact_in = qkv.clone().requires_grad_()
+    exact = reference_attention(*exact_in.unbind(2), ws, rs, True, head_split)
+    (exact_grad,) = torch.autograd.grad(exact, exact_in, dout)
+    ref_in = qkv.to(torch.bfloat16).requires_grad_()
+    ref = reference_attention(*ref_in.unbind(2), ws, rs, True, head_split, dtype=torch.bfloat16)
+    (ref_grad,) = torch.autograd.grad(ref, ref_in, dout.to(torch.bfloat16))
+    assert err(out, exact) <= 2 * err(ref, exact) + 1e-6
+    assert err(grad, exact_grad) <= 2 * err(ref_grad, exact_grad) + 1e-6

@@ -5,9 +5,8 @@ Shapes: B batch, T sequence length, H heads, D head dim, k number of branches.
 A *branch* is one (segment length w, dilation rate r) pair. Inside each segment of w tokens,
 head h keeps the positions whose index within the segment is ≡ h mod r. This file turns a branch
 into *pieces*: sets of (segment, kept row, head) triples that one attention call can serve
-because every segment of the piece keeps the same number of rows for every head in it.
-A branch has at most three pieces: its full segments, and the tail segment split into the
-heads that keep ceil(t/r) rows and those that keep floor(t/r).
+in place (improved.py reads them as strided views): the heads of one offset, over the full
+segments or over the tail segment. A branch has at most 2·min(r, heads) pieces.
 """
 from __future__ import annotations
 
@@ -111,9 +110,10 @@ def head_groups(num_heads: int, num_branches: int, head_split: bool) -> list[ran
 
 @dataclass(frozen=True)
 class Piece:
-    """One attention call's worth of a branch: `num_segments` segments starting at `start`,
-    `seg_len` tokens apart, each keeping `rows` rows (row j of head h sits at
-    start + s*seg_len + offset[h] + j*r)."""
+    """One attention call: heads `heads` of branch `branch`, which all keep the same offset
+    (heads[0] mod r) and so the same rows: row j of segment s sits at position
+    start + s·seg_len + offset + j·r, for `num_segments` segments of `rows` kept rows each.
+    The heads step by r (or 1), so in a (B, T, H, D) tensor a piece is one strided view."""
 
     start: int
     num_segments: int
@@ -121,56 +121,45 @@ class Piece:
     rows: int
     r: int
     heads: tuple[int, ...]
+    branch: int = 0
 
-    def positions(self, device) -> torch.Tensor:
-        """(S, rows, Hg) long tensor of token positions."""
-        seg = torch.arange(self.num_segments) * self.seg_len + self.start
-        row = torch.arange(self.rows) * self.r
-        off = torch.tensor([h % self.r for h in self.heads], dtype=torch.long)
-        return (seg[:, None, None] + row[None, :, None] + off[None, None, :]).to(device)
+    def __post_init__(self):
+        steps = {b - a for a, b in zip(self.heads, self.heads[1:])}
+        assert self.heads and len(steps) <= 1 and len({h % self.r for h in self.heads}) == 1, self
 
-    def flat_index(self, num_heads: int, device) -> torch.Tensor | None:
-        """Index into a (B, T*H, ...) view, or None when the piece is a plain prefix slice
-        (dilation 1, all heads: the rows are the first S*w tokens in order)."""
-        if self.r == 1 and self.heads == tuple(range(num_heads)) and self.start == 0:
-            return None
-        return _flat_index(self, num_heads, torch.device(device))
+    @property
+    def offset(self) -> int:
+        return self.heads[0] % self.r
+
+    @property
+    def head_step(self) -> int:
+        return self.heads[1] - self.heads[0] if len(self.heads) > 1 else 1
 
     @property
     def numel_rows(self) -> int:
         return self.num_segments * self.rows * len(self.heads)
 
-
-# Cached: building an index on CUDA copies host lists to the device and synchronises; doing it
-# per call cost most of a seed-preset forward+backward on an H100 (docs/performance.md).
-@functools.lru_cache(maxsize=512)
-def _flat_index(piece: Piece, num_heads: int, device: torch.device) -> torch.Tensor:
-    heads = torch.tensor(piece.heads, dtype=torch.long).to(device)
-    return (piece.positions(device) * num_heads + heads).reshape(-1)
+    def covers(self, seq_len: int, num_heads: int) -> bool:
+        """Whether the piece alone keeps every (position, head) of the sequence."""
+        return self.numel_rows == seq_len * num_heads
 
 
-def branch_pieces(seq_len: int, w: int, r: int, heads: Sequence[int]) -> list[Piece]:
-    """Split branch (w, r) over `heads` at length `seq_len` into pieces (see module doc)."""
+def branch_pieces(seq_len: int, w: int, r: int, heads: Sequence[int], branch: int = 0) -> list[Piece]:
+    """Split branch (w, r) over `heads` at length `seq_len` into pieces: per offset, the full
+    segments, then the tail segment (where it still has rows at that offset)."""
     w = min(w, seq_len)
-    heads = tuple(heads)
-    pieces = []
     n_full, tail = divmod(seq_len, w)
-    if n_full and heads:
-        # A clipped segment (w > T) may not be a multiple of r: ceil-count like a tail.
-        if w % r == 0:
-            pieces.append(Piece(0, n_full, w, w // r, r, heads))
-        else:
-            tail, n_full = w, 0
-    start = n_full * w
-    if tail:
-        by_rows: dict[int, list[int]] = {}
-        for h in heads:
-            o = h % r
-            rows = (tail - o + r - 1) // r if o < tail else 0
-            if rows:
-                by_rows.setdefault(rows, []).append(h)
-        for rows, hs in sorted(by_rows.items(), reverse=True):
-            pieces.append(Piece(start, 1, tail, rows, r, tuple(hs)))
+    if w % r:  # only a clipped segment (w = T) can be; it keeps ceil-counted rows like a tail
+        n_full, tail = 0, w
+    pieces = []
+    for o in range(r):
+        hs = tuple(h for h in heads if h % r == o)
+        if not hs:
+            continue
+        if n_full:
+            pieces.append(Piece(0, n_full, w, w // r, r, hs, branch))
+        if tail > o:
+            pieces.append(Piece(n_full * w, 1, tail, (tail - o + r - 1) // r, r, hs, branch))
     return pieces
 
 
@@ -179,8 +168,8 @@ def plan(seq_len: int, num_heads: int, segment_lengths: tuple, dilation_rates: t
     """All pieces of all branches, in branch order."""
     groups = head_groups(num_heads, len(segment_lengths), head_split)
     out = []
-    for w, r, heads in zip(segment_lengths, dilation_rates, groups):
-        out.extend(branch_pieces(seq_len, w, r, heads))
+    for i, (w, r, heads) in enumerate(zip(segment_lengths, dilation_rates, groups)):
+        out.extend(branch_pieces(seq_len, w, r, heads, i))
     return tuple(out)
 
 

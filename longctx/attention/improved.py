@@ -1,15 +1,21 @@
 """ImprovedDilatedAttention: the same function as DilatedAttention, fast.
 
-Shapes: B batch, T sequence length, H heads, D head dim; N = B·segments, g heads of a piece,
-m kept rows per segment. Flat token-major buffers are (B, T·H, D) views of (B, T, H, D), so a
-(position, head) pair is one row index p·H + h and a whole piece is one index_select.
+Shapes: B batch, T sequence length, H heads, D head dim; a piece has S segments, g heads and m
+kept rows per segment; N = B·S.
 
-Per piece (branches.py: at most three per branch, one for full segments): one gather of q/k/v
-(none for dilation 1 over all heads: a plain view), one attention call that returns the LSE
-(kernels.py), one float32 online merge into the running output and LSE (LongNet Eq. 10). No
-Python loop over segments or heads. The custom autograd.Function saves only q, k, v, the merged
-output and its LSE; backward recomputes each piece with the kernel's backward against the merged
-output/LSE, which is the exact gradient (DESIGN §3).
+No gathers. A piece (branches.py: the heads of one branch that share an offset, over its full
+segments or its tail) keeps rows start + s·w + offset + j·r of heads h0, h0 + step, …: in a
+(B, T, H, D) tensor that is one strided view (B, S, g, m, D), `rows_view`. The attention kernels
+read such views in place (scripts/stride_probe.py, H100: no copy kernel, same speed as
+contiguous input, for cuDNN and flash), and the results go back through the same views:
+- pieces that share no (position, head) (head_split, or a single branch) write their output
+  and LSE straight into the result in the input dtype, and their gradients likewise: a merge of
+  one term is the term itself, so this is exactly the float32 merge, rounded once;
+- otherwise the pieces merge online in float32 (LongNet Eq. 10), and gradients add into float32
+  accumulators, allocated only after the first piece's backward kernel and converted one at a
+  time at the end (peak memory: docs/performance.md).
+The custom autograd.Function saves q, k, v, the merged output and LSE; backward runs the kernel's
+backward per piece against the merged output and LSE, which is the exact gradient (DESIGN §3).
 """
 from __future__ import annotations
 
@@ -20,29 +26,23 @@ from .branches import Piece, plan
 from .kernels import attn_bwd, attn_fwd
 
 
-def take(flat: torch.Tensor, piece: Piece, index: torch.Tensor | None) -> torch.Tensor:
-    """Rows of a piece from a flat (B, T·H, *rest) buffer, as (B·S, m, g, *rest)."""
-    B = flat.shape[0]
-    n = piece.numel_rows
-    rows = flat[:, :n] if index is None else flat.index_select(1, index)
-    return rows.reshape(B * piece.num_segments, piece.rows, len(piece.heads), *flat.shape[2:])
+def rows_view(x: torch.Tensor, piece: Piece) -> torch.Tensor:
+    """The piece's rows of x (B, T, H, *rest), as a strided view (B, S, g, m, *rest)."""
+    sB, sT, sH = x.stride()[:3]
+    size = (x.shape[0], piece.num_segments, len(piece.heads), piece.rows, *x.shape[3:])
+    stride = (sB, piece.seg_len * sT, piece.head_step * sH, piece.r * sT, *x.stride()[3:])
+    offset = x.storage_offset() + (piece.start + piece.offset) * sT + piece.heads[0] * sH
+    return x.as_strided(size, stride, offset)
 
 
-def put(flat: torch.Tensor, index: torch.Tensor | None, rows: torch.Tensor, add: bool = False) -> None:
-    """Write (or add) (B, n, *rest) rows back into a flat (B, T·H, *rest) buffer."""
-    if index is None:
-        dst = flat[:, : rows.shape[1]]
-        dst.add_(rows) if add else dst.copy_(rows)
-    elif add:
-        flat.index_add_(1, index, rows)
-    else:
-        flat.index_copy_(1, index, rows)
+def kernel_rows(x: torch.Tensor, piece: Piece) -> torch.Tensor:
+    """A kernel's (N, g, m, D) input: the view itself, or a copy where B and S do not fold."""
+    return rows_view(x, piece).flatten(0, 1)
 
 
-def to_rows(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """(N, g, m, ...) kernel layout -> (B, S·m·g, ...) flat rows."""
-    x = x.transpose(1, 2)
-    return x.reshape(batch, -1, *x.shape[3:])
+def unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    """The kernels need a unit stride on the head dim (an expanded gradient has none)."""
+    return x if x.stride(-1) == 1 and 0 not in x.stride() else x.contiguous()
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,99 +50,109 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def merge_into(out32: torch.Tensor, lse32: torch.Tensor, index, o: torch.Tensor, lse: torch.Tensor, fresh: bool) -> None:
-    """Online LSE merge (LongNet Eq. 10) of one piece into the running float32 output/LSE.
-    out32: (B, T·H, D); lse32: (B, T·H); o: (B, n, D); lse: (B, n). `fresh`: no earlier piece
-    touched these rows, so the merge is a plain write."""
-    o, lse = o.to(out32.dtype), lse.to(out32.dtype)
-    if fresh:
-        put(out32, index, o)
-        put(lse32, index, lse)
-        return
-    n = o.shape[1]
-    old_o = out32[:, :n] if index is None else out32.index_select(1, index)
-    old_lse = lse32[:, :n] if index is None else lse32.index_select(1, index)
-    new_lse = torch.logaddexp(old_lse, lse)  # lse is finite on every kept row
-    new_o = old_o * torch.exp(old_lse - new_lse)[..., None] + o * torch.exp(lse - new_lse)[..., None]
-    put(out32, index, new_o)
-    put(lse32, index, new_lse)
-
-
-def fresh_flags(pieces: list[Piece]) -> list[bool]:
-    """True for a piece whose heads no earlier piece touched (its rows are still empty)."""
-    seen: set[int] = set()
+def fresh_flags(pieces) -> list[bool]:
+    """True for a piece whose heads no piece of another branch touched before it. Pieces of one
+    branch never share a (position, head), so a fresh piece's rows are still untouched."""
+    seen: dict[int, set[int]] = {}
     flags = []
     for p in pieces:
-        flags.append(seen.isdisjoint(p.heads))
-        seen.update(p.heads)
+        flags.append(all(seen.get(h, {p.branch}) == {p.branch} for h in p.heads))
+        for h in p.heads:
+            seen.setdefault(h, set()).add(p.branch)
     return flags
 
 
-def forward_pieces(out32, lse32, qkv_flat, num_heads, pieces, fresh, is_causal, scale) -> None:
-    """Attend every piece and merge it into out32 (B, T·H, D) / lse32 (B, T·H).
-    qkv_flat: q, k, v as (B, T·H, D); fresh: fresh_flags over the same pieces."""
-    B = out32.shape[0]
+def merge_into(acc: torch.Tensor, lse_acc: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, fresh: bool) -> None:
+    """Online LSE merge (LongNet Eq. 10) of one result into a running output and LSE, in
+    place. acc (…, D), lse_acc (…): views into the running buffers; o, lse: same shapes. `fresh`:
+    nothing was merged into these rows yet, so the merge is a plain write."""
+    if fresh:
+        acc.copy_(o)
+        lse_acc.copy_(lse)
+        return
+    new_lse = torch.logaddexp(lse_acc, lse)  # lse is finite on every kept row
+    acc.mul_(torch.exp(lse_acc - new_lse).unsqueeze(-1))
+    acc.addcmul_(o, torch.exp(lse - new_lse).unsqueeze(-1))
+    lse_acc.copy_(new_lse)
+
+
+def new_output(q: torch.Tensor, first: Piece, disjoint: bool):
+    """Output (B, T, H, D) and LSE (B, T, H) buffers: zeros / −inf unless `first` covers them.
+    The output is in q's dtype when the pieces are disjoint (no merge), else float32."""
+    B, T, H, D = q.shape
+    lse_dtype = acc_dtype(q.dtype)
+    if first.covers(T, H):
+        return q.new_empty(q.shape, dtype=q.dtype if disjoint else lse_dtype), q.new_empty((B, T, H), dtype=lse_dtype)
+    out = q.new_zeros(q.shape, dtype=q.dtype if disjoint else lse_dtype)
+    return out, q.new_full((B, T, H), float("-inf"), dtype=lse_dtype)
+
+
+def forward_pieces(out, lse, q, k, v, pieces, fresh, is_causal, scale) -> None:
+    """Attend every piece of q/k/v (B, T, H, D) and merge it into out (B, T, H, D) and
+    lse (B, T, H); fresh: fresh_flags over the same pieces."""
+    B = q.shape[0]
     for piece, is_fresh in zip(pieces, fresh):
-        index = piece.flat_index(num_heads, out32.device)
-        qg, kg, vg = (take(x, piece, index).transpose(1, 2) for x in qkv_flat)  # (N, g, m, D)
-        o, lse = attn_fwd(qg, kg, vg, is_causal, scale)
-        merge_into(out32, lse32, index, to_rows(o, B), to_rows(lse, B), is_fresh)
+        o, lse_p = attn_fwd(kernel_rows(q, piece), kernel_rows(k, piece), kernel_rows(v, piece), is_causal, scale)
+        merge_into(rows_view(out, piece), rows_view(lse, piece), o.unflatten(0, (B, -1)), lse_p.unflatten(0, (B, -1)), is_fresh)
 
 
-def backward_pieces(grads32, flat, lse32, num_heads, pieces, is_causal, scale) -> None:
-    """Add every piece's exact dq/dk/dv into grads32 (3 × (B, T·H, D)).
-    flat: dout, q, k, v, merged out as (B, T·H, D); lse32: merged (B, T·H)."""
-    B = lse32.shape[0]
-    for piece in pieces:
-        index = piece.flat_index(num_heads, lse32.device)
-        dog, qg, kg, vg, og = (take(x, piece, index).transpose(1, 2) for x in flat)
-        lg = take(lse32, piece, index).transpose(1, 2)
-        for acc, g in zip(grads32, attn_bwd(dog, qg, kg, vg, og, lg, is_causal, scale)):
-            put(acc, index, to_rows(g, B).to(acc.dtype), add=True)
+def write_grad(grads: list, i: int, piece: Piece, g: torch.Tensor, fresh: bool, like: torch.Tensor, dtype) -> None:
+    """Write (fresh) or add one piece's gradient (N, g, m, D) into grads[i] (B, T, H, D),
+    allocating it at the first write: after the piece's backward kernel has freed its workspace."""
+    if grads[i] is None:
+        B, T, H, _ = like.shape
+        grads[i] = (like.new_empty if piece.covers(T, H) else like.new_zeros)(like.shape, dtype=dtype)
+    dst = rows_view(grads[i], piece)
+    g = g.unflatten(0, dst.shape[:2])
+    dst.copy_(g) if fresh else dst.add_(g)
 
 
-def flatten_heads(*xs: torch.Tensor) -> list[torch.Tensor]:
-    """(B, T, H, D) -> (B, T·H, D) (a view when contiguous)."""
-    return [x.reshape(x.shape[0], -1, x.shape[-1]) for x in xs]
+def backward_pieces(grads: list, saved, lse, pieces, fresh, is_causal, scale, dtype) -> None:
+    """Write or add every piece's exact dq/dk/dv into grads (3 buffers or None, see write_grad).
+    saved: dout, q, k, v, merged out as (B, T, H, D); lse: merged (B, T, H)."""
+    q = saved[1]
+    for piece, is_fresh in zip(pieces, fresh):
+        gs = list(attn_bwd(*(kernel_rows(x, piece) for x in saved), kernel_rows(lse, piece), is_causal, scale))
+        for i in range(3):
+            write_grad(grads, i, piece, gs[i], is_fresh, q, dtype)
+            gs[i] = None  # free each piece gradient once written
 
 
-def new_accumulators(q: torch.Tensor):
-    """Running output (B, T·H, D) zeros and LSE (B, T·H) −inf in the merge precision."""
-    B, T, H, D = q.shape
-    dtype = acc_dtype(q.dtype)
-    return q.new_zeros(B, T * H, D, dtype=dtype), q.new_full((B, T * H), float("-inf"), dtype=dtype)
-
-
-def new_grad_accumulators(q: torch.Tensor) -> list[torch.Tensor]:
-    """dq, dk, dv as zeros (B, T·H, D) in the accumulation precision."""
-    B, T, H, D = q.shape
-    return [q.new_zeros(B, T * H, D, dtype=acc_dtype(q.dtype)) for _ in range(3)]
+def finish_grads(grads: list, like: torch.Tensor) -> list[torch.Tensor]:
+    """The three gradients in like's dtype, each float32 buffer freed as soon as converted."""
+    for i in range(3):
+        grads[i] = like.new_zeros(like.shape) if grads[i] is None else grads[i].to(like.dtype)
+    return grads
 
 
 class _DilatedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pieces, is_causal, scale):
-        out32, lse32 = new_accumulators(q)
-        forward_pieces(out32, lse32, flatten_heads(q, k, v), q.shape[2], pieces, fresh_flags(pieces), is_causal, scale)
-        out = out32.to(q.dtype).view(q.shape)
-        ctx.save_for_backward(q, k, v, out, lse32)
+        q, k, v = (unit_last_stride(x) for x in (q, k, v))
+        fresh = fresh_flags(pieces)
+        out, lse = new_output(q, pieces[0], all(fresh))
+        forward_pieces(out, lse, q, k, v, pieces, fresh, is_causal, scale)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.pieces, ctx.is_causal, ctx.scale = pieces, is_causal, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse32 = ctx.saved_tensors
-        grads32 = new_grad_accumulators(q)
-        flat = flatten_heads(dout, q, k, v, out)
-        backward_pieces(grads32, flat, lse32, q.shape[2], ctx.pieces, ctx.is_causal, ctx.scale)
-        dq, dk, dv = (g.to(q.dtype).view(q.shape) for g in grads32)
-        return dq, dk, dv, None, None, None
+        q, k, v, out, lse = ctx.saved_tensors
+        fresh = fresh_flags(ctx.pieces)
+        grads = [None, None, None]
+        dtype = q.dtype if all(fresh) else acc_dtype(q.dtype)
+        saved = (unit_last_stride(dout), q, k, v, out)
+        backward_pieces(grads, saved, lse, ctx.pieces, fresh, ctx.is_causal, ctx.scale, dtype)
+        return (*finish_grads(grads, q), None, None, None)
 
 
 class ImprovedDilatedAttention(DilatedAttentionBase):
     """Fast dilated attention (same function as DilatedAttention). See DilatedAttentionBase.
 
-    forward(query, key, value, is_causal=False): (B, T, H, D) each -> (B, T, H, D).
+    forward(query, key, value, is_causal=False): (B, T, H, D) each -> (B, T, H, D). The inputs
+    may be strided views (e.g. q/k/v split from a fused projection) with a unit last stride.
     Attention-probability dropout is not supported (the fused kernels' dropout RNG state would
     have to be replayed per piece in backward): dropout > 0 raises NotImplementedError.
     """

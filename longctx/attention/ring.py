@@ -1,13 +1,13 @@
 """RingDilatedAttention: dilated attention with the sequence split over a process group (DESIGN §5).
 
 Shapes: B batch, l = T/P tokens on this rank, H heads, D head dim; g heads and m = l/r kept rows
-of a cross-rank branch. Flat buffers are (B, l·H, D) as in improved.py.
+of a cross-rank piece. Pieces and their strided row views are improved.py's.
 
 Rank p holds tokens p·l … p·l + l − 1. For branch (w, r), with w clipped to T:
 - w ≤ l (l % w == 0): every segment lies inside one rank, computed locally like Improved.
 - w > l (w % l == 0, l % r == 0): a segment spans m_i = w/l consecutive ranks (fewer for a tail
   segment). Because l % r == 0, head h keeps the local rows ≡ h mod r on every rank, so each
-  rank's dilated K/V block is (B, l/r, g, D). Blocks travel around the segment's sub-ring with
+  rank's dilated K/V block of one offset's heads is (B, g, l/r, D), one sub-ring pass per offset. Blocks travel around the segment's sub-ring with
   batched isend/irecv, the next one arriving while the current one is attended; results merge
   online in float32 (LongNet Eq. 10). Causal: blocks from later ranks are not computed.
   Backward re-runs the ring: each rank adds its queries' dK/dV to the block's travelling float32
@@ -26,14 +26,15 @@ from .branches import Piece, branch_pieces, head_groups
 from .improved import (
     acc_dtype,
     backward_pieces,
-    flatten_heads,
+    finish_grads,
     forward_pieces,
     fresh_flags,
+    kernel_rows,
     merge_into,
-    new_accumulators,
-    new_grad_accumulators,
-    put,
-    take,
+    new_output,
+    rows_view,
+    unit_last_stride,
+    write_grad,
 )
 from .kernels import attn_bwd, attn_fwd
 
@@ -62,7 +63,7 @@ def ring_layout(shard_len, world, rank, num_heads, segment_lengths, dilation_rat
     T = shard_len * world
     items: list[Piece | Ring] = []
     groups = head_groups(num_heads, len(segment_lengths), head_split)
-    for w_cfg, r, heads in zip(segment_lengths, dilation_rates, groups):
+    for branch, (w_cfg, r, heads) in enumerate(zip(segment_lengths, dilation_rates, groups)):
         w = min(w_cfg, T)
         if w <= shard_len:
             if shard_len % w and world > 1:
@@ -70,7 +71,7 @@ def ring_layout(shard_len, world, rank, num_heads, segment_lengths, dilation_rat
                     f"segment length {w} does not divide the per-rank shard of {shard_len} tokens "
                     f"(T={T} over {world} ranks): a segment would straddle two ranks"
                 )
-            items.extend(branch_pieces(shard_len, w, r, heads))
+            items.extend(branch_pieces(shard_len, w, r, heads, branch))
             continue
         if w % shard_len or shard_len % r:
             raise ValueError(
@@ -80,8 +81,8 @@ def ring_layout(shard_len, world, rank, num_heads, segment_lengths, dilation_rat
         per_seg = w // shard_len
         first = rank // per_seg * per_seg
         peers = tuple(global_rank(p) for p in range(first, min(first + per_seg, world)))
-        piece = Piece(0, 1, shard_len, shard_len // r, r, tuple(heads))
-        items.append(Ring(piece, peers, rank - first) if len(peers) > 1 else piece)
+        for piece in branch_pieces(shard_len, shard_len, r, heads, branch):  # one per offset
+            items.append(Ring(piece, peers, rank - first) if len(peers) > 1 else piece)
     return items
 
 
@@ -96,58 +97,52 @@ def _wait(reqs) -> None:
         req.wait()
 
 
-def _ring_forward(q_flat, kv, ring: Ring, num_heads, is_causal, scale, group):
-    """Attend this rank's kept queries to every block of the sub-ring.
-    kv: (2, B, m·g, D) this rank's dilated K/V rows. Returns o (B, m·g, D), lse (B, m·g) float32."""
-    piece, index = ring.piece, ring.piece.flat_index(num_heads, kv.device)
-    B, n = kv.shape[1], ring.piece.rows
-    qg = take(q_flat, piece, index).transpose(1, 2)
+def _ring_forward(q, kv, ring: Ring, is_causal, scale, group):
+    """Attend this rank's kept queries to every block of the sub-ring. q: (B, l, H, D);
+    kv: (2, B, g, m, D) this rank's dilated K/V rows. Returns o (B, g, m, D), lse (B, g, m) float32."""
+    qg = kernel_rows(q, ring.piece)
     o_acc = kv.new_zeros(kv.shape[1:], dtype=acc_dtype(kv.dtype))
-    lse_acc = kv.new_full(kv.shape[1:3], float("-inf"), dtype=acc_dtype(kv.dtype))
+    lse_acc = kv.new_full(kv.shape[1:4], float("-inf"), dtype=acc_dtype(kv.dtype))
     cur, spare, first = kv, torch.empty_like(kv), True
     for step in range(len(ring.peers)):
         src = (ring.pos - step) % len(ring.peers)
         reqs = _exchange(cur, spare, ring, group) if step < len(ring.peers) - 1 else []
         if not (is_causal and src > ring.pos):
-            kg, vg = (x.view(B, n, len(piece.heads), -1).transpose(1, 2) for x in cur)
-            o, lse = attn_fwd(qg, kg, vg, is_causal and src == ring.pos, scale)
-            merge_into(o_acc, lse_acc, None, o.transpose(1, 2).reshape(o_acc.shape), lse.transpose(1, 2).reshape(B, -1), first)
+            o, lse = attn_fwd(qg, cur[0], cur[1], is_causal and src == ring.pos, scale)
+            merge_into(o_acc, lse_acc, o, lse, first)
             first = False
         _wait(reqs)
         cur, spare = spare, cur
     return o_acc, lse_acc
 
 
-def _ring_backward(flat, lse32, ring: Ring, num_heads, is_causal, scale, group, grads32) -> None:
-    """Add this ring piece's dq (local) and dk/dv (after their trip round the ring) to grads32."""
-    dout, q, k, v, out = flat
-    piece, index = ring.piece, ring.piece.flat_index(num_heads, q.device)
-    B, n, g = q.shape[0], piece.rows, len(piece.heads)
-    dog, qg, og = (take(x, piece, index).transpose(1, 2) for x in (dout, q, out))
-    lg = take(lse32, piece, index).transpose(1, 2)
-    cur = torch.stack([take(k, piece, index), take(v, piece, index)]).view(2, B, n * g, -1)
+def _ring_backward(saved, lse, ring: Ring, is_causal, scale, group, grads, fresh, dtype) -> None:
+    """Write or add this ring piece's dq (local) and dk/dv (after their trip round the ring)
+    into grads (see improved.write_grad)."""
+    dout, q, k, v, out = saved
+    piece = ring.piece
+    dog, qg, og, lg = (kernel_rows(x, piece) for x in (dout, q, out, lse))
+    cur = torch.stack([rows_view(k, piece), rows_view(v, piece)]).flatten(1, 2)  # (2, B, g, m, D)
     spare = torch.empty_like(cur)
     dkv = torch.zeros(cur.shape, dtype=acc_dtype(cur.dtype), device=cur.device)
     dkv_in = torch.empty_like(dkv)
-    dq = torch.zeros(B, n * g, cur.shape[-1], dtype=dkv.dtype, device=cur.device)
+    dq = torch.zeros(cur.shape[1:], dtype=dkv.dtype, device=cur.device)
     steps = len(ring.peers)
     for step in range(steps):
         src = (ring.pos - step) % steps
         reqs = _exchange(cur, spare, ring, group) if step < steps - 1 else []
         if not (is_causal and src > ring.pos):
-            kg, vg = (x.view(B, n, g, -1).transpose(1, 2) for x in cur)
-            gq, gk, gv = attn_bwd(dog, qg, kg, vg, og, lg, is_causal and src == ring.pos, scale)
-            dq += gq.transpose(1, 2).reshape(dq.shape)
-            dkv[0] += gk.transpose(1, 2).reshape(dq.shape)
-            dkv[1] += gv.transpose(1, 2).reshape(dq.shape)
+            gq, gk, gv = attn_bwd(dog, qg, cur[0], cur[1], og, lg, is_causal and src == ring.pos, scale)
+            dq += gq
+            dkv[0] += gk
+            dkv[1] += gv
         # The block's gradient follows the block: after the last step it reaches its owner.
         _wait(_exchange(dkv, dkv_in, ring, group))
         _wait(reqs)
         cur, spare = spare, cur
         dkv, dkv_in = dkv_in, dkv
-    put(grads32[0], index, dq.to(grads32[0].dtype), add=True)
-    put(grads32[1], index, dkv[0].to(grads32[1].dtype), add=True)
-    put(grads32[2], index, dkv[1].to(grads32[2].dtype), add=True)
+    for i, g in enumerate((dq, dkv[0], dkv[1])):
+        write_grad(grads, i, piece, g, fresh, q, dtype)
 
 
 def _split(layout):
@@ -157,35 +152,35 @@ def _split(layout):
 class _RingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout, is_causal, scale, group):
-        H = q.shape[2]
-        out32, lse32 = new_accumulators(q)
-        q_flat, k_flat, v_flat = flatten_heads(q, k, v)
+        q, k, v = (unit_last_stride(x) for x in (q, k, v))
         pieces = [x.piece if isinstance(x, Ring) else x for x in layout]
-        for item, fresh in zip(layout, fresh_flags(pieces)):
+        fresh = fresh_flags(pieces)
+        out, lse = new_output(q, pieces[0], all(fresh))
+        for item, is_fresh in zip(layout, fresh):
             if isinstance(item, Piece):
-                forward_pieces(out32, lse32, (q_flat, k_flat, v_flat), H, [item], [fresh], is_causal, scale)
+                forward_pieces(out, lse, q, k, v, [item], [is_fresh], is_causal, scale)
                 continue
-            index = item.piece.flat_index(H, q.device)
-            kv = torch.stack([take(k_flat, item.piece, index), take(v_flat, item.piece, index)]).flatten(2, 3)
-            o, lse = _ring_forward(q_flat, kv, item, H, is_causal, scale, group)
-            merge_into(out32, lse32, index, o, lse, fresh)
-        out = out32.to(q.dtype).view(q.shape)
-        ctx.save_for_backward(q, k, v, out, lse32)
+            kv = torch.stack([rows_view(k, item.piece), rows_view(v, item.piece)]).flatten(1, 2)
+            o, lse_p = _ring_forward(q, kv, item, is_causal, scale, group)
+            merge_into(rows_view(out, item.piece), rows_view(lse, item.piece), o.unsqueeze(1), lse_p.unsqueeze(1), is_fresh)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.is_causal, ctx.scale, ctx.group = layout, is_causal, scale, group
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse32 = ctx.saved_tensors
-        H = q.shape[2]
-        grads32 = new_grad_accumulators(q)
-        flat = flatten_heads(dout.contiguous(), q, k, v, out)
+        q, k, v, out, lse = ctx.saved_tensors
         local, rings = _split(ctx.layout)
-        backward_pieces(grads32, flat, lse32, H, local, ctx.is_causal, ctx.scale)
-        for ring in rings:
-            _ring_backward(flat, lse32, ring, H, ctx.is_causal, ctx.scale, ctx.group, grads32)
-        dq, dk, dv = (g.to(q.dtype).view(q.shape) for g in grads32)
-        return dq, dk, dv, None, None, None, None
+        # Backward order (local pieces, then rings) decides which writes are fresh.
+        fresh = fresh_flags([*local, *(ring.piece for ring in rings)])
+        dtype = q.dtype if all(fresh) else acc_dtype(q.dtype)
+        grads = [None, None, None]
+        saved = (unit_last_stride(dout), q, k, v, out)
+        backward_pieces(grads, saved, lse, local, fresh[: len(local)], ctx.is_causal, ctx.scale, dtype)
+        for ring, is_fresh in zip(rings, fresh[len(local):]):
+            _ring_backward(saved, lse, ring, ctx.is_causal, ctx.scale, ctx.group, grads, is_fresh, dtype)
+        return (*finish_grads(grads, q), None, None, None, None)
 
 
 class RingDilatedAttention(DilatedAttentionBase):
