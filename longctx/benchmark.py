@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--max-seconds", type=float, default=5.0, help="time budget per cell (repeats shrink to fit)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="CUDA only: capture each cell's call in a CUDA graph and time its replay, i.e. GPU time "
+                        "without Python and launch overhead (what a CUDA-graphed training step sees)")
     p.add_argument("--out", default="bench_out", help="folder for results.json and results.png")
     args = p.parse_args(argv)
     cfg = dict(PRESETS[args.preset])
@@ -118,6 +121,21 @@ def make_call(name, module, B, T_local, cfg, causal, device, dtype, backward):
     return run
 
 
+def graphed(fn):
+    """fn captured in a CUDA graph (after warm-up on a side stream, as capture requires); returns
+    the graph's replay. Every tensor fn makes lives in the graph's memory pool."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def timed(fn, device, warmup, repeats, max_seconds):
     """Median/min/max milliseconds of fn over repeats (fewer if one call is slow)."""
     for _ in range(warmup):
@@ -142,7 +160,8 @@ def timed(fn, device, warmup, repeats, max_seconds):
 
 
 def run_cell(name, cfg, B, T, head_split, mode, device, dtype, args, world):
-    cell = dict(variant=name, batch=B, seq_len=T, head_split=head_split, mode=mode, dtype=str(dtype).split(".")[-1])
+    cell = dict(variant=name, batch=B, seq_len=T, head_split=head_split, mode=mode, dtype=str(dtype).split(".")[-1],
+                cuda_graph=bool(args.cuda_graph))
     causal = cfg["causal"]
     T_local = T // world if name.startswith("ring") else T
     try:
@@ -151,6 +170,8 @@ def run_cell(name, cfg, B, T, head_split, mode, device, dtype, args, world):
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            if args.cuda_graph:
+                fn = graphed(fn)
         med, lo, hi, n = timed(fn, device, args.warmup, args.repeats, args.max_seconds)
         flops = flops_of(name, module, cfg, B, T, causal) * (3.5 if mode == "fwd+bwd" else 1.0)
         peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
@@ -174,7 +195,8 @@ def print_table(cells, out=None):
     for dtype, mode, hs, B, T in keys:
         rows = [c for c in cells if (c["dtype"], c["mode"], c["head_split"], c["batch"], c["seq_len"]) == (dtype, mode, hs, B, T)]
         rows.sort(key=lambda c: c.get("median_ms", float("inf")))
-        print(f"\nBatch Size: {B}, Sequence Length: {T}  [{dtype}, {mode}, head_split={hs}]", file=out)
+        graph = ", CUDA graph" if rows[0].get("cuda_graph") else ""
+        print(f"\nBatch Size: {B}, Sequence Length: {T}  [{dtype}, {mode}, head_split={hs}{graph}]", file=out)
         print(f"| {'Implementation':<34}| {'Time (ms) median [min-max]':<28}| {'Throughput (seq/s)':>18} | {'TFLOP/s':>8} | {'Memory (MB)':>11} |", file=out)
         print("|" + "-" * 35 + "|" + "-" * 29 + "|" + "-" * 20 + "|" + "-" * 10 + "|" + "-" * 13 + "|", file=out)
         for c in rows:
@@ -216,6 +238,8 @@ def plot(cells, path):
 def main(argv=None):
     args, cfg = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.cuda_graph and (world > 1 or not torch.cuda.is_available()):
+        raise NotImplementedError("--cuda-graph needs one process on a CUDA device (the ring's P2P is not captured)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if world > 1:
         import torch.distributed as dist

@@ -37,6 +37,8 @@ def check_hparams(h) -> None:
             problems.append(f"model.head_split=true needs model.n_heads >= {len(ws)} branches, got {h['n_heads']}")
     except ValueError as e:
         problems.append(f"model.segment_lengths/model.dilation_rates: {e}")
+    if h["mlp_chunk_tokens"] is not None and not is_positive_int(h["mlp_chunk_tokens"]):
+        problems.append(f"model.mlp_chunk_tokens={h['mlp_chunk_tokens']!r} must be a positive integer or null")
     if not (isinstance(h["lr"], (int, float)) and h["lr"] > 0 and math.isfinite(h["lr"])):
         problems.append(f"model.lr={h['lr']!r} must be a positive number")
     if h["warmup_steps"] < 0:
@@ -78,6 +80,8 @@ class LongContextLM(L.LightningModule):
             ranks for a ring variant and 1 otherwise.
         vocab_size, d_model, n_layers, n_heads, mlp_hidden, rope_base: the LM (model.py).
         activation_checkpointing: recompute each block in backward (long sequences).
+        mlp_chunk_tokens: run each SwiGLU over chunks of this many tokens, recomputed in backward
+            (None: whole sequence). At 1M tokens this is what fits the step on an 80 GB GPU.
         compile: torch.compile each block.
         lr, min_lr_ratio, warmup_steps, decay_steps, weight_decay, betas: AdamW with linear
             warm-up then cosine decay to lr·min_lr_ratio over decay_steps (default max_steps).
@@ -90,7 +94,8 @@ class LongContextLM(L.LightningModule):
                  dilation_rates: list[int] = [1, 2, 4], head_split: bool = False, seq_len: int = 1024,
                  context_parallel_size: int | None = None, vocab_size: int = 256, d_model: int = 256,
                  n_layers: int = 4, n_heads: int = 4, mlp_hidden: int | None = None, rope_base: float = 10000.0,
-                 activation_checkpointing: bool = False, compile: bool = False, lr: float = 1e-3,
+                 activation_checkpointing: bool = False, mlp_chunk_tokens: int | None = None,
+                 compile: bool = False, lr: float = 1e-3,
                  min_lr_ratio: float = 0.1, warmup_steps: int = 100, decay_steps: int | None = None,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), passkey_buckets: int = 4,
                  skip_nonfinite: bool = False):
@@ -104,7 +109,8 @@ class LongContextLM(L.LightningModule):
         kwargs = dict(attention.get("init_args") or {}, segment_lengths=segment_lengths,
                       dilation_rates=dilation_rates, head_split=head_split)
         self.model = LongNetLM(vocab_size, d_model, n_layers, n_heads, self.attention_cls, kwargs, mlp_hidden,
-                               rope_base, activation_checkpointing=activation_checkpointing)
+                               rope_base, activation_checkpointing=activation_checkpointing,
+                               mlp_chunk_tokens=mlp_chunk_tokens)
         self.layout = Layout(1, 0, 1)
         self.val_loss = MeanMetric()
         self.passkey_acc = BucketAccuracy(passkey_buckets)

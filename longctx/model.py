@@ -54,6 +54,34 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """(x1·cos − x2·sin, x2·cos + x1·sin) of x's two halves (…, D), computed in float32 and
+    rounded once to x's dtype, with one float32 half-size temporary."""
+    x1, x2 = x.chunk(2, dim=-1)
+    out = torch.empty_like(x)
+    out1, out2 = out.chunk(2, dim=-1)
+    acc = x1 * cos  # float32 (cos is)
+    out1.copy_(acc.addcmul_(x2, sin, value=-1))
+    torch.mul(x2, cos, out=acc)
+    out2.copy_(acc.addcmul_(x1, sin))
+    return out
+
+
+class _Rotate(torch.autograd.Function):
+    """RoPE rotation whose backward is the inverse rotation: it saves the angles only (at 1M
+    tokens autograd through the plain expression held several float32 copies of q and k)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return rotate_halves(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return rotate_halves(grad, cos, -sin), None, None
+
+
 class Rotary(nn.Module):
     """RoPE (Su et al. 2021), half-split convention, angles computed per call in float32 for
     the positions in use (no table to hold at 1M tokens)."""
@@ -66,9 +94,7 @@ class Rotary(nn.Module):
         """x: (B, l, H, D) at global positions offset … offset + l − 1."""
         pos = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=torch.float32)
         angles = torch.outer(pos, self.inv_freq)[None, :, None, :]  # (1, l, 1, D/2)
-        cos, sin = angles.cos(), angles.sin()
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        return _Rotate.apply(x, angles.cos(), angles.sin())
 
 
 class CoreAttention(nn.Module):
@@ -82,7 +108,9 @@ class CoreAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, -1)).unbind(2)
-        out = self.op(rope(q), rope(k), v, is_causal=True)
+        # A copy of v lets the fused projection output go once q and k are rotated: saved for
+        # backward as a view, v would keep all three alive.
+        out = self.op(rope(q), rope(k), v.contiguous(), is_causal=True)
         return self.proj(out.flatten(-2))
 
     def flops(self, batch: int, seq_len: int) -> int:
@@ -105,21 +133,32 @@ class MultiheadAdapter(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    """down(silu(gate) · up). With `chunk_tokens`, training runs it over chunks of that many
+    tokens, each recomputed in backward: its (chunk, 2·hidden) activations are then the only
+    ones alive, instead of the whole sequence's 2.7·hidden·T values (~17 GB per block at 1M)."""
+
+    def __init__(self, dim: int, hidden: int, chunk_tokens: int | None = None):
         super().__init__()
         self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, dim, bias=False)
+        self.chunk_tokens = chunk_tokens
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, l, E) -> (B, l, E)."""
+        if not (self.chunk_tokens and x.shape[1] > self.chunk_tokens and torch.is_grad_enabled()):
+            return self._mlp(x)
+        return torch.cat([checkpoint(self._mlp, c, use_reentrant=False) for c in x.split(self.chunk_tokens, dim=1)], 1)
+
 
 class Block(nn.Module):
-    def __init__(self, dim: int, attention: nn.Module, mlp_hidden: int, eps: float):
+    def __init__(self, dim: int, attention: nn.Module, mlp_hidden: int, eps: float, mlp_chunk_tokens: int | None = None):
         super().__init__()
         self.norm1, self.attn = RMSNorm(dim, eps), attention
-        self.norm2, self.mlp = RMSNorm(dim, eps), SwiGLU(dim, mlp_hidden)
+        self.norm2, self.mlp = RMSNorm(dim, eps), SwiGLU(dim, mlp_hidden, mlp_chunk_tokens)
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), rope)
@@ -129,13 +168,14 @@ class Block(nn.Module):
 class LongNetLM(nn.Module):
     """Decoder LM. `attention_cls` is one of the six variants; `attention_kwargs` are its
     constructor arguments other than embed_dim/num_heads (given here for the multihead ones).
+    `mlp_chunk_tokens`: run each SwiGLU over chunks of this many tokens in training (SwiGLU).
 
     forward(idx (B, l) long, pos_offset=0) -> logits (B, l, V) float32.
     """
 
     def __init__(self, vocab_size: int, dim: int, n_layers: int, n_heads: int, attention_cls: type[nn.Module],
                  attention_kwargs: dict, mlp_hidden: int | None = None, rope_base: float = 10000.0,
-                 norm_eps: float = 1e-5, activation_checkpointing: bool = False):
+                 norm_eps: float = 1e-5, activation_checkpointing: bool = False, mlp_chunk_tokens: int | None = None):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"model.d_model={dim} is not divisible by model.n_heads={n_heads}")
@@ -145,7 +185,8 @@ class LongNetLM(nn.Module):
         self.embed = nn.Embedding(vocab_size, dim)
         self.rotary = Rotary(dim // n_heads, rope_base)
         self.blocks = nn.ModuleList(
-            Block(dim, self._attention(attention_cls, attention_kwargs), mlp_hidden, norm_eps) for _ in range(n_layers)
+            Block(dim, self._attention(attention_cls, attention_kwargs), mlp_hidden, norm_eps, mlp_chunk_tokens)
+            for _ in range(n_layers)
         )
         self.norm = RMSNorm(dim, norm_eps)
         self.apply(self._init)

@@ -20,7 +20,7 @@ for s in $stages; do
     cputests) python3 -m pytest -q -x tests -k "not ring and not train and not cli" 2>&1 | tail -5 ;;
     probe) python3 scripts/kernel_probe.py 2>&1 | tee "$OUT/probe.txt" ;;
     seed) python3 -m longctx.benchmark --preset seed --out "$OUT/seed" > "$OUT/seed.log" 2>&1; tail -n 130 "$OUT/seed.log" | grep -A12 "Sequence Length: 8192  \[bfloat16, fwd+bwd, head_split=True\]" ;;
-    long) python3 -m longctx.benchmark --preset long --variants sdpa improved_dilated ring_dilated improved_multihead_dilated --warmup 1 --repeats 5 --max-seconds 20 --out "$OUT/long" > "$OUT/long.log" 2>&1; grep -E "^\s+(sdpa|improved|ring)" "$OUT/long.log" ;;
+    long) python3 -m longctx.benchmark --preset long --variants sdpa improved_dilated ring_dilated ${LONG_VARIANTS:-improved_multihead_dilated} --warmup 1 --repeats 5 --max-seconds 20 --out "$OUT/long" > "$OUT/long.log" 2>&1; grep -E "^\s+(sdpa|improved|ring)" "$OUT/long.log" ;;
     train)  # the LongNet-size preset at 32K, a few dozen steps per variant
       for v in improved_dilated ring_dilated improved_multihead_dilated ring_multihead_dilated dilated multihead_dilated; do
         ckpt=false; case $v in dilated|multihead_dilated) ckpt=true ;; esac
@@ -49,6 +49,12 @@ for s in $stages; do
       python3 -m longctx.benchmark --preset seed --batch 1 --lengths 8192 32768 --head-split on --modes fwd+bwd \
         --variants sdpa improved_dilated ring_dilated dilated --out "$OUT/seed32k" > "$OUT/seed32k.log" 2>&1
       grep -E "^\s+(sdpa|improved|ring|dilated)" "$OUT/seed32k.log" ;;
+    graph)  # the same cells with each call captured in a CUDA graph: GPU time without host overhead
+      python3 -m longctx.benchmark --preset seed --batch 1 --lengths 8192 32768 --head-split on --modes fwd+bwd \
+        --variants sdpa improved_dilated --cuda-graph --out "$OUT/graph-seed" > "$OUT/graph-seed.log" 2>&1
+      python3 -m longctx.benchmark --preset long --lengths 32768 65536 131072 --modes fwd+bwd --cuda-graph \
+        --variants sdpa improved_dilated --out "$OUT/graph-long" > "$OUT/graph-long.log" 2>&1
+      grep -hE "^\s+(sdpa|improved)" "$OUT/graph-seed.log" "$OUT/graph-long.log" ;;
     compile)
       timeout 400 python3 train.py fit --config configs/longnet.yaml --config configs/seq/32k.yaml --model.compile=true \
         --trainer.max_steps=25 --trainer.limit_val_batches=0 --trainer.enable_progress_bar=false \

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from longctx import benchmark
 from longctx.cli import cli_main, run_name
@@ -68,6 +69,12 @@ def test_benchmark_records_errors_in_cells(tmp_path):
     by_name = {c["variant"]: c for c in cells}
     assert by_name["sdpa"]["status"] == "ok"
     assert by_name["improved_dilated"]["status"].startswith("error: ValueError: segment length 32 is not divisible by dilation rate 3")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_benchmark_cuda_graph_needs_cuda(tmp_path):
+    with pytest.raises(NotImplementedError, match="--cuda-graph needs one process on a CUDA device"):
+        benchmark.main(["--preset", "tiny", "--cuda-graph", "--out", str(tmp_path)])
 
 
 def test_profile_overlay_writes_a_trace_next_to_the_logs(tmp_path):

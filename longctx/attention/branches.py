@@ -4,9 +4,10 @@ Shapes: B batch, T sequence length, H heads, D head dim, k number of branches.
 
 A *branch* is one (segment length w, dilation rate r) pair. Inside each segment of w tokens,
 head h keeps the positions whose index within the segment is ≡ h mod r. This file turns a branch
-into *pieces*: sets of (segment, kept row, head) triples that one attention call can serve
-in place (improved.py reads them as strided views): the heads of one offset, over the full
-segments or over the tail segment. A branch has at most 2·min(r, heads) pieces.
+into *pieces*: sets of (segment, kept row, head) triples that one attention call can serve:
+the full segments, and the tail segment (whose heads keep ceil(t/r) or floor(t/r) rows).
+Heads that share an offset form a strided piece (improved.py reads it in place as a view);
+a branch whose heads use many offsets runs as gathered pieces instead (see MAX_STRIDED_OFFSETS).
 """
 from __future__ import annotations
 
@@ -108,12 +109,18 @@ def head_groups(num_heads: int, num_branches: int, head_split: bool) -> list[ran
     return groups
 
 
+# A branch whose heads use more offsets than this runs as gathered pieces (one call for all its
+# heads) instead of one strided-view call per offset: each call costs ~0.3 ms of host time on
+# the H200 machine (docs/performance.md, run 9), while a gather moves only the branch's T·H/r rows.
+MAX_STRIDED_OFFSETS = 2
+
+
 @dataclass(frozen=True)
 class Piece:
-    """One attention call: heads `heads` of branch `branch`, which all keep the same offset
-    (heads[0] mod r) and so the same rows: row j of segment s sits at position
-    start + s·seg_len + offset + j·r, for `num_segments` segments of `rows` kept rows each.
-    The heads step by r (or 1), so in a (B, T, H, D) tensor a piece is one strided view."""
+    """One attention call: heads `heads` of branch `branch` over `num_segments` segments
+    starting at `start`, `seg_len` tokens apart, each keeping `rows` rows; row j of head h sits
+    at start + s·seg_len + (h mod r) + j·r. A *strided* piece's heads share one offset and step
+    evenly, so in a (B, T, H, D) tensor it is one strided view; others are gathered by index."""
 
     start: int
     num_segments: int
@@ -123,9 +130,10 @@ class Piece:
     heads: tuple[int, ...]
     branch: int = 0
 
-    def __post_init__(self):
+    @property
+    def strided(self) -> bool:
         steps = {b - a for a, b in zip(self.heads, self.heads[1:])}
-        assert self.heads and len(steps) <= 1 and len({h % self.r for h in self.heads}) == 1, self
+        return len({h % self.r for h in self.heads}) == 1 and len(steps) <= 1
 
     @property
     def offset(self) -> int:
@@ -143,23 +151,47 @@ class Piece:
         """Whether the piece alone keeps every (position, head) of the sequence."""
         return self.numel_rows == seq_len * num_heads
 
+    def index(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions, heads) as two (S, g, m) long tensors on `device`, for gathering."""
+        return _index(self, torch.device(device))
+
+
+# Cached: building an index on CUDA copies host data to the device and synchronises.
+@functools.lru_cache(maxsize=512)
+def _index(piece: Piece, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    heads = torch.tensor(piece.heads, dtype=torch.long)
+    seg = torch.arange(piece.num_segments) * piece.seg_len + piece.start
+    row = torch.arange(piece.rows) * piece.r
+    pos = seg[:, None, None] + (heads % piece.r)[None, :, None] + row[None, None, :]
+    return pos.to(device), heads[None, :, None].expand_as(pos).contiguous().to(device)
+
 
 def branch_pieces(seq_len: int, w: int, r: int, heads: Sequence[int], branch: int = 0) -> list[Piece]:
-    """Split branch (w, r) over `heads` at length `seq_len` into pieces: per offset, the full
-    segments, then the tail segment (where it still has rows at that offset)."""
+    """Split branch (w, r) over `heads` at length `seq_len` into pieces: the full segments,
+    then the tail segment (whose heads keep ceil or floor of tail/r rows), each either per
+    offset (strided) or, when the heads use more than MAX_STRIDED_OFFSETS offsets, for all
+    heads with the same row count at once (gathered)."""
     w = min(w, seq_len)
     n_full, tail = divmod(seq_len, w)
     if w % r:  # only a clipped segment (w = T) can be; it keeps ceil-counted rows like a tail
         n_full, tail = 0, w
+    offsets = sorted({h % r for h in heads})
+    if len(offsets) > MAX_STRIDED_OFFSETS:
+        groups = [tuple(heads)]
+    else:
+        groups = [tuple(h for h in heads if h % r == o) for o in offsets]
     pieces = []
-    for o in range(r):
-        hs = tuple(h for h in heads if h % r == o)
-        if not hs:
-            continue
+    for hs in groups:
         if n_full:
             pieces.append(Piece(0, n_full, w, w // r, r, hs, branch))
-        if tail > o:
-            pieces.append(Piece(n_full * w, 1, tail, (tail - o + r - 1) // r, r, hs, branch))
+    for hs in groups:
+        by_rows: dict[int, list[int]] = {}
+        for h in hs:
+            rows = (tail - h % r + r - 1) // r if h % r < tail else 0
+            if rows:
+                by_rows.setdefault(rows, []).append(h)
+        for rows, group in sorted(by_rows.items(), reverse=True):
+            pieces.append(Piece(n_full * w, 1, tail, rows, r, tuple(group), branch))
     return pieces
 
 

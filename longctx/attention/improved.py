@@ -3,11 +3,13 @@
 Shapes: B batch, T sequence length, H heads, D head dim; a piece has S segments, g heads and m
 kept rows per segment; N = B·S.
 
-No gathers. A piece (branches.py: the heads of one branch that share an offset, over its full
-segments or its tail) keeps rows start + s·w + offset + j·r of heads h0, h0 + step, …: in a
-(B, T, H, D) tensor that is one strided view (B, S, g, m, D), `rows_view`. The attention kernels
-read such views in place (scripts/stride_probe.py, H100: no copy kernel, same speed as
-contiguous input, for cuDNN and flash), and the results go back through the same views:
+Few gathers. A strided piece (branches.py: the heads of one branch that share an offset, over
+its full segments or its tail) keeps rows start + s·w + offset + j·r of heads h0, h0 + step, …:
+in a (B, T, H, D) tensor that is one strided view (B, S, g, m, D), `rows_view`. The attention
+kernels read such views in place (scripts/stride_probe.py, H100: no copy kernel, same speed as
+contiguous input, for cuDNN and flash), and results go back through the same views. A branch
+whose heads use many offsets (large r) runs as gathered pieces instead: one index gather of
+its T·H/r rows and one call, rather than one call per offset. Then:
 - pieces that share no (position, head) (head_split, or a single branch) write their output
   and LSE straight into the result in the input dtype, and their gradients likewise: a merge of
   one term is the term itself, so this is exactly the float32 merge, rounded once;
@@ -27,7 +29,7 @@ from .kernels import attn_bwd, attn_fwd
 
 
 def rows_view(x: torch.Tensor, piece: Piece) -> torch.Tensor:
-    """The piece's rows of x (B, T, H, *rest), as a strided view (B, S, g, m, *rest)."""
+    """A strided piece's rows of x (B, T, H, *rest), as a view (B, S, g, m, *rest)."""
     sB, sT, sH = x.stride()[:3]
     size = (x.shape[0], piece.num_segments, len(piece.heads), piece.rows, *x.shape[3:])
     stride = (sB, piece.seg_len * sT, piece.head_step * sH, piece.r * sT, *x.stride()[3:])
@@ -35,9 +37,25 @@ def rows_view(x: torch.Tensor, piece: Piece) -> torch.Tensor:
     return x.as_strided(size, stride, offset)
 
 
+def read_rows(x: torch.Tensor, piece: Piece) -> torch.Tensor:
+    """The piece's rows of x (B, T, H, *rest) as (B, S, g, m, *rest): a view for a strided
+    piece, else a gathered copy (write it back with commit_rows)."""
+    if piece.strided:
+        return rows_view(x, piece)
+    pos, heads = piece.index(x.device)
+    return x[:, pos, heads]
+
+
+def commit_rows(x: torch.Tensor, piece: Piece, rows: torch.Tensor) -> None:
+    """Store rows read with read_rows (and changed in place) back into x."""
+    if not piece.strided:
+        pos, heads = piece.index(x.device)
+        x[:, pos, heads] = rows
+
+
 def kernel_rows(x: torch.Tensor, piece: Piece) -> torch.Tensor:
-    """A kernel's (N, g, m, D) input: the view itself, or a copy where B and S do not fold."""
-    return rows_view(x, piece).flatten(0, 1)
+    """A kernel's (N, g, m, D) input: a view, or a copy (gathered, or B and S do not fold)."""
+    return read_rows(x, piece).flatten(0, 1)
 
 
 def unit_last_stride(x: torch.Tensor) -> torch.Tensor:
@@ -87,13 +105,26 @@ def new_output(q: torch.Tensor, first: Piece, disjoint: bool):
     return out, q.new_full((B, T, H), float("-inf"), dtype=lse_dtype)
 
 
+def merge_piece(out, lse, piece: Piece, o: torch.Tensor, lse_p: torch.Tensor, fresh: bool) -> None:
+    """Merge one piece's o (B, S, g, m, D) and lse_p (B, S, g, m) into out (B, T, H, D) and
+    lse (B, T, H)."""
+    if fresh and not piece.strided:  # nothing to read back: write the rows
+        commit_rows(out, piece, o.to(out.dtype))
+        commit_rows(lse, piece, lse_p.to(lse.dtype))
+        return
+    acc, lse_acc = read_rows(out, piece), read_rows(lse, piece)
+    merge_into(acc, lse_acc, o, lse_p, fresh)
+    commit_rows(out, piece, acc)
+    commit_rows(lse, piece, lse_acc)
+
+
 def forward_pieces(out, lse, q, k, v, pieces, fresh, is_causal, scale) -> None:
     """Attend every piece of q/k/v (B, T, H, D) and merge it into out (B, T, H, D) and
     lse (B, T, H); fresh: fresh_flags over the same pieces."""
     B = q.shape[0]
     for piece, is_fresh in zip(pieces, fresh):
         o, lse_p = attn_fwd(kernel_rows(q, piece), kernel_rows(k, piece), kernel_rows(v, piece), is_causal, scale)
-        merge_into(rows_view(out, piece), rows_view(lse, piece), o.unflatten(0, (B, -1)), lse_p.unflatten(0, (B, -1)), is_fresh)
+        merge_piece(out, lse, piece, o.unflatten(0, (B, -1)), lse_p.unflatten(0, (B, -1)), is_fresh)
 
 
 def write_grad(grads: list, i: int, piece: Piece, g: torch.Tensor, fresh: bool, like: torch.Tensor, dtype) -> None:
@@ -102,9 +133,13 @@ def write_grad(grads: list, i: int, piece: Piece, g: torch.Tensor, fresh: bool, 
     if grads[i] is None:
         B, T, H, _ = like.shape
         grads[i] = (like.new_empty if piece.covers(T, H) else like.new_zeros)(like.shape, dtype=dtype)
-    dst = rows_view(grads[i], piece)
-    g = g.unflatten(0, dst.shape[:2])
+    g = g.unflatten(0, (like.shape[0], -1))
+    if fresh and not piece.strided:
+        commit_rows(grads[i], piece, g.to(dtype))
+        return
+    dst = read_rows(grads[i], piece)
     dst.copy_(g) if fresh else dst.add_(g)
+    commit_rows(grads[i], piece, dst)
 
 
 def backward_pieces(grads: list, saved, lse, pieces, fresh, is_causal, scale, dtype) -> None:

@@ -7,7 +7,7 @@ Rank p holds tokens p·l … p·l + l − 1. For branch (w, r), with w clipped t
 - w ≤ l (l % w == 0): every segment lies inside one rank, computed locally like Improved.
 - w > l (w % l == 0, l % r == 0): a segment spans m_i = w/l consecutive ranks (fewer for a tail
   segment). Because l % r == 0, head h keeps the local rows ≡ h mod r on every rank, so each
-  rank's dilated K/V block of one offset's heads is (B, g, l/r, D), one sub-ring pass per offset. Blocks travel around the segment's sub-ring with
+  rank's dilated K/V block of a piece's heads is (B, g, l/r, D), one sub-ring pass per piece. Blocks travel around the segment's sub-ring with
   batched isend/irecv, the next one arriving while the current one is attended; results merge
   online in float32 (LongNet Eq. 10). Causal: blocks from later ranks are not computed.
   Backward re-runs the ring: each rank adds its queries' dK/dV to the block's travelling float32
@@ -31,8 +31,9 @@ from .improved import (
     fresh_flags,
     kernel_rows,
     merge_into,
+    merge_piece,
     new_output,
-    rows_view,
+    read_rows,
     unit_last_stride,
     write_grad,
 )
@@ -122,7 +123,7 @@ def _ring_backward(saved, lse, ring: Ring, is_causal, scale, group, grads, fresh
     dout, q, k, v, out = saved
     piece = ring.piece
     dog, qg, og, lg = (kernel_rows(x, piece) for x in (dout, q, out, lse))
-    cur = torch.stack([rows_view(k, piece), rows_view(v, piece)]).flatten(1, 2)  # (2, B, g, m, D)
+    cur = torch.stack([read_rows(k, piece), read_rows(v, piece)]).flatten(1, 2)  # (2, B, g, m, D)
     spare = torch.empty_like(cur)
     dkv = torch.zeros(cur.shape, dtype=acc_dtype(cur.dtype), device=cur.device)
     dkv_in = torch.empty_like(dkv)
@@ -160,9 +161,9 @@ class _RingFunction(torch.autograd.Function):
             if isinstance(item, Piece):
                 forward_pieces(out, lse, q, k, v, [item], [is_fresh], is_causal, scale)
                 continue
-            kv = torch.stack([rows_view(k, item.piece), rows_view(v, item.piece)]).flatten(1, 2)
+            kv = torch.stack([read_rows(k, item.piece), read_rows(v, item.piece)]).flatten(1, 2)
             o, lse_p = _ring_forward(q, kv, item, is_causal, scale, group)
-            merge_into(rows_view(out, item.piece), rows_view(lse, item.piece), o.unsqueeze(1), lse_p.unsqueeze(1), is_fresh)
+            merge_piece(out, lse, item.piece, o.unsqueeze(1), lse_p.unsqueeze(1), is_fresh)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.is_causal, ctx.scale, ctx.group = layout, is_causal, scale, group

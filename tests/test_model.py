@@ -1,0 +1,75 @@
+"""The LM's memory-saving pieces compute the same function as their plain forms."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longctx.attention import ImprovedDilatedAttention
+from longctx.model import LongNetLM, Rotary, SwiGLU
+
+
+def rope_by_hand(x, offset, base=10000.0):
+    """RoPE written from its definition: pair (i, i + D/2) rotated by angle pos · base^(−2i/D)."""
+    B, T, H, D = x.shape
+    out = torch.empty_like(x)
+    for t in range(T):
+        for i in range(D // 2):
+            theta = (offset + t) * base ** (-2 * i / D)
+            c, s = math.cos(theta), math.sin(theta)
+            a, b = x[:, t, :, i], x[:, t, :, i + D // 2]
+            out[:, t, :, i] = a * c - b * s
+            out[:, t, :, i + D // 2] = b * c + a * s
+    return out
+
+
+def test_rotary_matches_definition_and_its_gradient_is_the_inverse_rotation():
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
+    rope = Rotary(8)
+    y = rope(x, offset=7)
+    torch.testing.assert_close(y, rope_by_hand(x.detach(), 7), rtol=1e-6, atol=1e-6)  # float32 angles
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    xx = x.detach().clone().requires_grad_()
+    (gref,) = torch.autograd.grad(rope_by_hand(xx, 7), xx, g)
+    torch.testing.assert_close(gx, gref, rtol=1e-6, atol=1e-6)
+
+
+def test_rotary_rounds_once_in_low_precision():
+    x = torch.randn(1, 16, 2, 64).to(torch.bfloat16)
+    y = Rotary(64)(x, offset=100)
+    exact = rope_by_hand(x.double(), 100)
+    assert y.dtype == torch.bfloat16
+    assert (y.double() - exact).abs().max() <= (exact.to(torch.bfloat16).double() - exact).abs().max() * 1.01 + 1e-6
+
+
+def test_chunked_swiglu_equals_whole_sequence():
+    torch.manual_seed(0)
+    whole, chunked = SwiGLU(16, 40), SwiGLU(16, 40, chunk_tokens=7)
+    chunked.load_state_dict(whole.state_dict())
+    x = torch.randn(2, 30, 16, dtype=torch.float64, requires_grad=True)
+    whole.double(), chunked.double()
+    ys = [m(x) for m in (whole, chunked)]
+    torch.testing.assert_close(ys[1], ys[0])
+    g = torch.randn_like(ys[0])
+    grads = [torch.autograd.grad(y, [x, *m.parameters()], g) for y, m in zip(ys, (whole, chunked))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lm_with_mlp_chunks_trains_identically(checkpointing):
+    """Chunking the MLP (inside block checkpointing or not) changes no loss or gradient."""
+    def build(chunk):
+        torch.manual_seed(0)
+        return LongNetLM(256, 32, 2, 4, ImprovedDilatedAttention, dict(segment_lengths=[8, 16], dilation_rates=[1, 2]),
+                         activation_checkpointing=checkpointing, mlp_chunk_tokens=chunk).double()
+
+    idx = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    results = []
+    for model in (build(None), build(16)):
+        loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].reshape(-1))
+        results.append((loss.detach(), torch.autograd.grad(loss, list(model.parameters()))))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(b, a)
