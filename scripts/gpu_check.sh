@@ -60,11 +60,13 @@ for s in $stages; do
         --trainer.max_steps=25 --trainer.limit_val_batches=0 --trainer.enable_progress_bar=false \
         --trainer.callbacks.skip_steps=8 --trainer.default_root_dir="$OUT/e2e" > "$OUT/e2e-compile-32k.log" 2>&1
       echo "compile-32k rc=$?: $(grep -h 'fit summary' "$OUT/e2e-compile-32k.log" || grep -h -m3 -E 'Error|error' "$OUT/e2e-compile-32k.log")" ;;
-    1m)
+    1m|maxlen)  # issue 7 target 5: a full step at 1M tokens; maxlen: the longest that fits (MAXLEN tokens)
+      T=1048576; [ $s = maxlen ] && T=${MAXLEN:-1310720}
       timeout 400 python3 train.py fit --config configs/longnet.yaml --config configs/seq/1m.yaml --config configs/passkey.yaml \
-        --trainer.max_steps=5 --trainer.limit_val_batches=0 --trainer.enable_progress_bar=false \
-        --trainer.callbacks.skip_steps=1 --trainer.default_root_dir="$OUT/e2e" > "$OUT/e2e-1m.log" 2>&1
-      echo "1m rc=$?: $(grep -h 'fit summary' "$OUT/e2e-1m.log" || grep -h -m3 -E 'Error|error' "$OUT/e2e-1m.log")" ;;
+        --data.seq_len=$T --trainer.max_steps=5 --trainer.limit_val_batches=0 --trainer.enable_progress_bar=false \
+        --trainer.callbacks.skip_steps=1 --trainer.default_root_dir="$OUT/e2e" > "$OUT/e2e-$T.log" 2>&1
+      echo "$T tokens rc=$?: $(grep -h 'fit summary' "$OUT/e2e-$T.log" || grep -h -m3 -E 'Error|error' "$OUT/e2e-$T.log")" ;;
+    capture) python3 -m pytest -q -x tests/test_gpu.py -k capture 2>&1 | tail -n 60 ;;
     compare)  # issue 7 target 4 with torch.compile: dilated vs dense in one run, 32K and 128K
       for c in "improved-32k 25 --config configs/seq/32k.yaml" \
                "dense-32k 25 --config configs/seq/32k.yaml --model.segment_lengths=[32768] --model.dilation_rates=[1]" \

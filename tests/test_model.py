@@ -73,3 +73,17 @@ def test_lm_with_mlp_chunks_trains_identically(checkpointing):
     torch.testing.assert_close(results[1][0], results[0][0])
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(b, a)
+
+
+def test_compiled_block_runs_the_attention_op_eagerly():
+    """torch.compile splits a block once around the dilated-attention op (which runs eagerly)
+    instead of tracing it into one graph per piece."""
+    torch._dynamo.reset()
+    model = LongNetLM(256, 32, 1, 4, ImprovedDilatedAttention,
+                      dict(segment_lengths=[8, 16, 32], dilation_rates=[1, 2, 4]))
+    idx = torch.randint(0, 256, (1, 37))
+    explained = torch._dynamo.explain(model)(idx)
+    reasons = [str(b.reason) for b in explained.break_reasons]
+    assert reasons and all("torch.compiler.disable" in r for r in reasons), reasons  # the only breaks
+    assert explained.graph_count <= 6, explained  # a few graphs around it, not one per piece
+    torch.testing.assert_close(torch.compile(model, backend="eager")(idx), model(idx))

@@ -194,6 +194,10 @@ class ImprovedDilatedAttention(DilatedAttentionBase):
 
     supports_dropout = False
 
+    # Run eagerly inside a torch.compile'd model: the op is already a fixed sequence of kernel
+    # calls, and Dynamo traced it as one small graph per piece, recompiling past its limit
+    # (a compiled 32K LongNet step ran at half the eager speed, docs/performance.md run 12).
+    @torch.compiler.disable
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         scale = self._check(query, key, value)
         B, T, H, D = query.shape

@@ -213,6 +213,7 @@ class RingDilatedAttention(DilatedAttentionBase):
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         return group, dist.get_world_size(group), dist.get_rank(group), lambda r: dist.get_global_rank(group, r)
 
+    @torch.compiler.disable  # eager inside a compiled model, as ImprovedDilatedAttention
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         scale = self._check(query, key, value)
         group, world, rank, global_rank = self.group_info()
