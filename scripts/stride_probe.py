@@ -8,24 +8,13 @@ compares the results, and lists the device kernels the view call launched.
 
 python scripts/stride_probe.py [T] [r]   (defaults: 65536 tokens, dilation 2, 12 heads of 64)
 """
-import statistics
 import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from kernel_probe import bench  # scripts/ is on sys.path when this script runs
 from longctx.attention import kernels
-
-
-def bench(fn, reps=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
 
 
 def dilated_view(x, w, r, o):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from numbers import Integral
 from typing import Sequence
@@ -110,9 +111,11 @@ def head_groups(num_heads: int, num_branches: int, head_split: bool) -> list[ran
 
 
 # A branch whose heads use more offsets than this runs as gathered pieces (one call for all its
-# heads) instead of one strided-view call per offset: each call costs ~0.3 ms of host time on
-# the H200 machine (docs/performance.md, run 9), while a gather moves only the branch's T·H/r rows.
-MAX_STRIDED_OFFSETS = 2
+# heads) instead of one strided-view call per offset: each call cost ~0.3 ms of host time on the
+# H200 machine (docs/performance.md, run 10), while a gather moves only the branch's T·H/r rows.
+# LONGCTX_MAX_STRIDED_OFFSETS overrides it, to compare the two on one GPU (an open question at
+# >= 256K tokens, where the op is GPU-bound).
+MAX_STRIDED_OFFSETS = int(os.environ.get("LONGCTX_MAX_STRIDED_OFFSETS", "2"))
 
 
 @dataclass(frozen=True)

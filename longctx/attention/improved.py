@@ -196,7 +196,7 @@ class ImprovedDilatedAttention(DilatedAttentionBase):
 
     # Run eagerly inside a torch.compile'd model: the op is already a fixed sequence of kernel
     # calls, and Dynamo traced it as one small graph per piece, recompiling past its limit
-    # (a compiled 32K LongNet step ran at half the eager speed, docs/performance.md run 12).
+    # (a compiled 32K LongNet step ran at 57% of the eager speed, docs/performance.md run 13).
     @torch.compiler.disable
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         scale = self._check(query, key, value)
