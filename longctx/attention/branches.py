@@ -133,7 +133,7 @@ class Piece:
     heads: tuple[int, ...]
     branch: int = 0
 
-    @property
+    @functools.cached_property  # asked several times per piece per call
     def strided(self) -> bool:
         steps = {b - a for a, b in zip(self.heads, self.heads[1:])}
         return len({h % self.r for h in self.heads}) == 1 and len(steps) <= 1

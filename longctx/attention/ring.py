@@ -7,11 +7,12 @@ Rank p holds tokens p·l … p·l + l − 1. For branch (w, r), with w clipped t
 - w ≤ l (l % w == 0): every segment lies inside one rank, computed locally like Improved.
 - w > l (w % l == 0, l % r == 0): a segment spans m_i = w/l consecutive ranks (fewer for a tail
   segment). Because l % r == 0, head h keeps the local rows ≡ h mod r on every rank, so each
-  rank's dilated K/V block of a piece's heads is (B, g, l/r, D), one sub-ring pass per piece. Blocks travel around the segment's sub-ring with
-  batched isend/irecv, the next one arriving while the current one is attended; results merge
-  online in float32 (LongNet Eq. 10). Causal: blocks from later ranks are not computed.
-  Backward re-runs the ring: each rank adds its queries' dK/dV to the block's travelling float32
-  gradient, which arrives back at its owner after the last step.
+  rank's dilated K/V block of a piece's heads is (B, g, l/r, D), one sub-ring pass per piece.
+  Blocks travel around the segment's sub-ring with batched isend/irecv, the next one arriving
+  while the current one is attended; results merge online in float32 (LongNet Eq. 10). Causal:
+  blocks from later ranks are not computed. Backward re-runs the ring: each rank adds its
+  queries' dK/dV to the block's travelling float32 gradient, which arrives back at its owner
+  after the last step.
 A rank never holds more than two K/V blocks of one branch: memory O(T/P).
 """
 from __future__ import annotations
@@ -82,7 +83,7 @@ def ring_layout(shard_len, world, rank, num_heads, segment_lengths, dilation_rat
         per_seg = w // shard_len
         first = rank // per_seg * per_seg
         peers = tuple(global_rank(p) for p in range(first, min(first + per_seg, world)))
-        for piece in branch_pieces(shard_len, shard_len, r, heads, branch):  # one per offset
+        for piece in branch_pieces(shard_len, shard_len, r, heads, branch):  # per offset, or gathered
             items.append(Ring(piece, peers, rank - first) if len(peers) > 1 else piece)
     return items
 
