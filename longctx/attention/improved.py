@@ -53,6 +53,14 @@ def commit_rows(x: torch.Tensor, piece: Piece, rows: torch.Tensor) -> None:
         x[:, pos, heads] = rows
 
 
+def write_rows(x: torch.Tensor, piece: Piece, rows: torch.Tensor) -> None:
+    """Write rows (B, S, g, m, *rest), cast to x's dtype, as the piece's rows of x."""
+    if piece.strided:
+        rows_view(x, piece).copy_(rows)
+    else:
+        commit_rows(x, piece, rows.to(x.dtype))
+
+
 def kernel_rows(x: torch.Tensor, piece: Piece) -> torch.Tensor:
     """A kernel's (N, g, m, D) input: a view, or a copy (gathered, or B and S do not fold)."""
     return read_rows(x, piece).flatten(0, 1)
@@ -108,12 +116,12 @@ def new_output(q: torch.Tensor, first: Piece, disjoint: bool):
 def merge_piece(out, lse, piece: Piece, o: torch.Tensor, lse_p: torch.Tensor, fresh: bool) -> None:
     """Merge one piece's o (B, S, g, m, D) and lse_p (B, S, g, m) into out (B, T, H, D) and
     lse (B, T, H)."""
-    if fresh and not piece.strided:  # nothing to read back: write the rows
-        commit_rows(out, piece, o.to(out.dtype))
-        commit_rows(lse, piece, lse_p.to(lse.dtype))
+    if fresh:  # nothing merged into these rows yet: write them
+        write_rows(out, piece, o)
+        write_rows(lse, piece, lse_p)
         return
     acc, lse_acc = read_rows(out, piece), read_rows(lse, piece)
-    merge_into(acc, lse_acc, o, lse_p, fresh)
+    merge_into(acc, lse_acc, o, lse_p, False)
     commit_rows(out, piece, acc)
     commit_rows(lse, piece, lse_acc)
 
@@ -134,11 +142,11 @@ def write_grad(grads: list, i: int, piece: Piece, g: torch.Tensor, fresh: bool, 
         B, T, H, _ = like.shape
         grads[i] = (like.new_empty if piece.covers(T, H) else like.new_zeros)(like.shape, dtype=dtype)
     g = g.unflatten(0, (like.shape[0], -1))
-    if fresh and not piece.strided:
-        commit_rows(grads[i], piece, g.to(dtype))
+    if fresh:
+        write_rows(grads[i], piece, g)
         return
     dst = read_rows(grads[i], piece)
-    dst.copy_(g) if fresh else dst.add_(g)
+    dst.add_(g)
     commit_rows(grads[i], piece, dst)
 
 
@@ -169,13 +177,13 @@ class _DilatedFunction(torch.autograd.Function):
         forward_pieces(out, lse, q, k, v, pieces, fresh, is_causal, scale)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.pieces, ctx.is_causal, ctx.scale = pieces, is_causal, scale
+        ctx.pieces, ctx.fresh, ctx.is_causal, ctx.scale = pieces, fresh, is_causal, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        fresh = fresh_flags(ctx.pieces)
+        fresh = ctx.fresh  # backward visits the pieces in forward's order
         grads = [None, None, None]
         dtype = q.dtype if all(fresh) else acc_dtype(q.dtype)
         saved = (unit_last_stride(dout), q, k, v, out)
