@@ -4,6 +4,8 @@ import torch
 
 from longctx.attention import DilatedAttention, ImprovedDilatedAttention, RingDilatedAttention, build_attention
 from longctx.attention import kernels
+from longctx.attention.branches import MAX_STRIDED_PIECES, plan
+from longctx.attention.improved import dilated_attention, read_rows
 from reference import pair_counts, reference_attention
 
 OPS = [DilatedAttention, ImprovedDilatedAttention]
@@ -23,6 +25,7 @@ CASES = [
     (64, 8, 64, *seed_layout(64)),  # the seed's layout at small T
     (96, 8, 64, *seed_layout(96)),
     (23, 6, 8, [5, 10], [5, 2]),  # clipped tail where w % r != 0 after clipping
+    (40, 13, 8, [16, 32], [1, 4]),  # r = 4 over 13 heads: 4 offsets and 4 runs, so gathered
 ]
 IDS = [f"T{c[0]}-H{c[1]}-w{c[3]}-r{c[4]}" for c in CASES]
 
@@ -60,6 +63,49 @@ def test_matches_reference_fp32(op_cls, head_split, causal, case):
     torch.testing.assert_close(out, ref.float())
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g, rg.float())
+
+
+LAYOUTS = [  # (T, H, segment_lengths, dilation_rates, head_split)
+    (65536, 12, [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16], False),  # LongNet at 64K
+    (8192, 8, [1024, 2048, 4096], [1, 2, 4], True),  # the seed preset
+    *((c[0], c[1], c[3], c[4], hs) for c in CASES for hs in (False, True) if not hs or c[1] >= len(c[3])),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: f"T{x[0]}-H{x[1]}-r{x[3]}-split{int(x[4])}")
+def test_pieces_select_the_kept_rows_once(layout):
+    """Every piece's rows, read as a strided view or gathered, are the (position, head) pairs
+    that DESIGN §3 keeps (position within its segment ≡ h mod r), and the pieces of a branch
+    cover each kept pair exactly once."""
+    T, H, ws, rs, head_split = layout
+    pieces = plan(T, H, tuple(ws), tuple(rs), head_split)
+    x = torch.arange(T * H, dtype=torch.float64).view(1, T, H, 1)  # value = position·H + head
+    seen = torch.zeros(len(ws), T, H, dtype=torch.long)
+    for p in pieces:
+        ids = read_rows(x, p).flatten().long()
+        pos, head = ids // H, ids % H
+        w = min(ws[p.branch], T)
+        assert ((pos % w) % p.r == head % p.r).all()
+        assert set(head.tolist()) == set(p.heads)
+        seen[p.branch].index_put_((pos, head), torch.ones_like(pos), accumulate=True)
+    counts = pair_counts(T, H, ws, rs, False, head_split) if T <= 100 else None
+    for i, (w, r) in enumerate(zip(ws, rs)):
+        heads = {h for p in pieces if p.branch == i for h in p.heads}
+        t = torch.arange(T)[:, None]
+        kept = ((t % min(w, T)) % r == torch.arange(H)[None] % r) & torch.isin(torch.arange(H), torch.tensor(sorted(heads)))
+        assert torch.equal(seen[i], kept.long())
+    if counts is not None:  # a pair is attended iff its row was kept in some branch
+        assert torch.equal(seen.sum(0).T > 0, counts.diagonal(dim1=1, dim2=2) > 0)
+
+
+def test_longnet_layouts_have_no_gathers():
+    """12 heads with r = 2^i: each branch is at most MAX_STRIDED_PIECES strided views; r = 16
+    (offsets 0..11 over heads 0..11) is a single view."""
+    ws, rs = tuple(2048 * 2**i for i in range(10)), tuple(2**i for i in range(10))
+    pieces = plan(1 << 20, 12, ws, rs, False)
+    assert all(p.strided for p in pieces)
+    per_branch = [sum(p.branch == i for p in pieces) for i in range(10)]
+    assert per_branch == [1, 2, 3, 2] + [1] * 6 and max(per_branch) <= MAX_STRIDED_PIECES
 
 
 @pytest.mark.parametrize("op_cls", OPS, ids=lambda c: c.__name__)
@@ -123,6 +169,16 @@ def test_strided_inputs_and_expanded_gradient(head_split):
     ref, ref_leaves = reference(*leaves, ws, rs, True, head_split)
     ref_grads = torch.autograd.grad(ref, ref_leaves, torch.ones_like(ref))
     torch.testing.assert_close(qkv.grad, torch.stack(ref_grads, 2).float())
+
+
+@pytest.mark.parametrize("head_split", [False, True], ids=["merged", "disjoint"])
+def test_custom_op_registration(head_split):
+    """torch.library.opcheck: schema, fake tensors (shapes, dtypes, strides) and autograd
+    registration agree with the real op, on contiguous and on fused-projection inputs."""
+    T, H, D, ws, rs = 37, 4, 16, [8, 16, 32], [1, 2, 4]
+    qkv = torch.randn(2, T, 3, H, D, requires_grad=True)
+    for q, k, v in (make_qkv(2, T, H, D), qkv.unbind(2)):
+        torch.library.opcheck(dilated_attention, (q, k, v, ws, rs, head_split, True, 0.25))
 
 
 def test_math_fallback_matches_fused_kernel(monkeypatch):

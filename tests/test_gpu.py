@@ -14,6 +14,7 @@ CASES = [
     (1000, 6, 64, [128, 256], [2, 4], True),  # no dilation 1, head_split
     (2048, 8, 64, [1024, 1024, 1024], [1, 2, 4], False),  # the seed's layout at 2K
     (2048, 8, 128, [512, 2048], [1, 4], False),
+    (1024, 16, 64, [256, 1024], [1, 4], False),  # r = 4 over 16 heads: gathered pieces
 ]
 
 
@@ -74,7 +75,7 @@ def test_gpu_forward_backward_capture_in_a_cuda_graph(head_split):
     --cuda-graph, torch.compile's reduce-overhead) and its replay equals the eager result."""
     from longctx.benchmark import graphed
 
-    T, H, D, ws, rs = 4096, 12, 64, [512, 1024, 2048, 4096], [1, 2, 4, 8]  # strided and gathered pieces
+    T, H, D, ws, rs = 4096, 16, 64, [512, 1024, 2048, 4096], [1, 2, 4, 8]  # strided; gathered for r = 4
     g = torch.Generator(device="cuda").manual_seed(11)
     q, k, v, dout = (torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
     q, k, v = (x.requires_grad_() for x in (q, k, v))

@@ -6,11 +6,14 @@ A *branch* is one (segment length w, dilation rate r) pair. Inside each segment 
 head h keeps the positions whose index within the segment is ≡ h mod r. This file turns a branch
 into *pieces*: sets of (segment, kept row, head) triples that one attention call can serve:
 the full segments, and the tail segment (whose heads keep ceil(t/r) or floor(t/r) rows).
-Heads that share an offset form a strided piece (improved.py reads it in place as a view);
-a branch whose heads use many offsets runs as gathered pieces instead (see MAX_STRIDED_OFFSETS).
+A *strided* piece is one improved.py reads in place as a view: heads h0, h0 + step, … whose
+offsets (h mod r) also step evenly, e.g. the heads sharing one offset, or a run of consecutive
+heads whose offsets count up 0, 1, 2, … (then the next head's rows sit one position further).
+A branch that would need many such pieces runs as gathered pieces instead (MAX_STRIDED_PIECES).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -110,20 +113,19 @@ def head_groups(num_heads: int, num_branches: int, head_split: bool) -> list[ran
     return groups
 
 
-# A branch whose heads use more offsets than this runs as gathered pieces (one call for all its
-# heads) instead of one strided-view call per offset: each call cost ~0.3 ms of host time on the
-# H200 machine (docs/performance.md, run 10), while a gather moves only the branch's T·H/r rows.
-# LONGCTX_MAX_STRIDED_OFFSETS overrides it, to compare the two on one GPU (an open question at
-# >= 256K tokens, where the op is GPU-bound).
-MAX_STRIDED_OFFSETS = int(os.environ.get("LONGCTX_MAX_STRIDED_OFFSETS", "2"))
+# A branch that would need more strided pieces than this runs as gathered pieces (one call for
+# all its heads): each call costs ~0.3 ms of host time (H200 profile, docs/performance.md run 10),
+# while a gather moves only the branch's T·H/r rows. 3 keeps every branch of the LongNet
+# layouts (12 heads, r = 2^i) strided. LONGCTX_MAX_STRIDED_PIECES overrides it, for A/B runs.
+MAX_STRIDED_PIECES = int(os.environ.get("LONGCTX_MAX_STRIDED_PIECES", "3"))
 
 
 @dataclass(frozen=True)
 class Piece:
     """One attention call: heads `heads` of branch `branch` over `num_segments` segments
     starting at `start`, `seg_len` tokens apart, each keeping `rows` rows; row j of head h sits
-    at start + s·seg_len + (h mod r) + j·r. A *strided* piece's heads share one offset and step
-    evenly, so in a (B, T, H, D) tensor it is one strided view; others are gathered by index."""
+    at start + s·seg_len + (h mod r) + j·r. A *strided* piece is one strided view of a
+    (B, T, H, D) tensor (see `strided`); others are gathered by index."""
 
     start: int
     num_segments: int
@@ -135,8 +137,11 @@ class Piece:
 
     @functools.cached_property  # asked several times per piece per call
     def strided(self) -> bool:
-        steps = {b - a for a, b in zip(self.heads, self.heads[1:])}
-        return len({h % self.r for h in self.heads}) == 1 and len(steps) <= 1
+        """Heads and their offsets both step evenly (offsets never down): one strided view."""
+        offsets = [h % self.r for h in self.heads]
+        head_steps = {b - a for a, b in zip(self.heads, self.heads[1:])}
+        offset_steps = {b - a for a, b in zip(offsets, offsets[1:])}
+        return len(head_steps) <= 1 and len(offset_steps) <= 1 and min(offset_steps, default=0) >= 0
 
     @property
     def offset(self) -> int:
@@ -147,6 +152,11 @@ class Piece:
         return self.heads[1] - self.heads[0] if len(self.heads) > 1 else 1
 
     @property
+    def offset_step(self) -> int:
+        """How many positions further the next head's rows start (0 when heads share an offset)."""
+        return self.heads[1] % self.r - self.offset if len(self.heads) > 1 else 0
+
+    @property
     def numel_rows(self) -> int:
         return self.num_segments * self.rows * len(self.heads)
 
@@ -155,34 +165,70 @@ class Piece:
         return self.numel_rows == seq_len * num_heads
 
     def index(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(positions, heads) as two (S, g, m) long tensors on `device`, for gathering."""
-        return _index(self, torch.device(device))
+        """(positions, heads) as two (S, g, m) long tensors on `device`, for gathering: built on
+        the device (no blocking copy, nothing held between calls, so CUDA-graph capture and
+        torch.compile's CUDA-graph pools see no stray allocation), once per index_scope."""
+        device = torch.device(device)
+        if _scope is not None and (self, device) in _scope:
+            return _scope[self, device]
+        heads = _host_heads(self.heads, device.type == "cuda").to(device, non_blocking=True)
+        seg = torch.arange(self.num_segments, device=device) * self.seg_len + self.start
+        row = torch.arange(self.rows, device=device) * self.r
+        pos = seg[:, None, None] + (heads % self.r)[None, :, None] + row[None, None, :]
+        index = pos, heads[None, :, None].expand_as(pos)
+        if _scope is not None:
+            _scope[self, device] = index
+        return index
 
 
-# Cached: building an index on CUDA copies host data to the device and synchronises.
+_scope: dict | None = None
+
+
+@contextlib.contextmanager
+def index_scope():
+    """Build each gathered piece's index once inside the block (one op call), free it after."""
+    global _scope
+    outer, _scope = _scope, {} if _scope is None else _scope
+    try:
+        yield
+    finally:
+        _scope = outer
+
+
 @functools.lru_cache(maxsize=512)
-def _index(piece: Piece, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    heads = torch.tensor(piece.heads, dtype=torch.long)
-    seg = torch.arange(piece.num_segments) * piece.seg_len + piece.start
-    row = torch.arange(piece.rows) * piece.r
-    pos = seg[:, None, None] + (heads % piece.r)[None, :, None] + row[None, None, :]
-    return pos.to(device), heads[None, :, None].expand_as(pos).contiguous().to(device)
+def _host_heads(heads: tuple[int, ...], pinned: bool) -> torch.Tensor:
+    """A piece's head numbers in host memory (page-locked for CUDA: its copy is asynchronous
+    and can be captured in a CUDA graph)."""
+    t = torch.tensor(heads, dtype=torch.long)
+    return t.pin_memory() if pinned else t
+
+
+def strided_groups(heads: Sequence[int], r: int) -> list[tuple[int, ...]]:
+    """The fewer of two splits of `heads` into strided groups: by shared offset, or into runs of
+    consecutive heads whose offsets count up by one (a run ends where h mod r wraps to 0).
+    With 12 heads and r = 16 that is one run instead of 12 offsets; ties go by offset."""
+    by_offset = [tuple(h for h in heads if h % r == o) for o in sorted({h % r for h in heads})]
+    runs: list[list[int]] = []
+    for h in heads:
+        if runs and h == runs[-1][-1] + 1 and h % r == runs[-1][-1] % r + 1:
+            runs[-1].append(h)
+        else:
+            runs.append([h])
+    return min(by_offset, [tuple(run) for run in runs], key=len)
 
 
 def branch_pieces(seq_len: int, w: int, r: int, heads: Sequence[int], branch: int = 0) -> list[Piece]:
     """Split branch (w, r) over `heads` at length `seq_len` into pieces: the full segments,
-    then the tail segment (whose heads keep ceil or floor of tail/r rows), each either per
-    offset (strided) or, when the heads use more than MAX_STRIDED_OFFSETS offsets, for all
+    then the tail segment (whose heads keep ceil or floor of tail/r rows), each per strided
+    group (strided_groups) or, when that needs more than MAX_STRIDED_PIECES groups, for all
     heads with the same row count at once (gathered)."""
     w = min(w, seq_len)
     n_full, tail = divmod(seq_len, w)
     if w % r:  # only a clipped segment (w = T) can be; it keeps ceil-counted rows like a tail
         n_full, tail = 0, w
-    offsets = sorted({h % r for h in heads})
-    if len(offsets) > MAX_STRIDED_OFFSETS:
+    groups = strided_groups(heads, r)
+    if len(groups) > MAX_STRIDED_PIECES:
         groups = [tuple(heads)]
-    else:
-        groups = [tuple(h for h in heads if h % r == o) for o in offsets]
     pieces = []
     for hs in groups:
         if n_full:

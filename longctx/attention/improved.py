@@ -3,28 +3,29 @@
 Shapes: B batch, T sequence length, H heads, D head dim; a piece has S segments, g heads and m
 kept rows per segment; N = B·S.
 
-Few gathers. A strided piece (branches.py: the heads of one branch that share an offset, over
-its full segments or its tail) keeps rows start + s·w + offset + j·r of heads h0, h0 + step, …:
+Few gathers. A strided piece (branches.py: heads h0, h0 + step, … of one branch whose offsets
+step evenly too, over its full segments or its tail) keeps rows start + s·w + (h mod r) + j·r:
 in a (B, T, H, D) tensor that is one strided view (B, S, g, m, D), `rows_view`. The attention
 kernels read such views in place (scripts/stride_probe.py, H100: no copy kernel, same speed as
 contiguous input, for cuDNN and flash), and results go back through the same views. A branch
-whose heads use many offsets (large r) runs as gathered pieces instead: one index gather of
-its T·H/r rows and one call, rather than one call per offset. Then:
+that would need many strided pieces runs as gathered pieces instead: one index gather of its
+T·H/r rows and one call. Then:
 - pieces that share no (position, head) (head_split, or a single branch) write their output
   and LSE straight into the result in the input dtype, and their gradients likewise: a merge of
   one term is the term itself, so this is exactly the float32 merge, rounded once;
 - otherwise the pieces merge online in float32 (LongNet Eq. 10), and gradients add into float32
   accumulators, allocated only after the first piece's backward kernel and converted one at a
   time at the end (peak memory: docs/performance.md).
-The custom autograd.Function saves q, k, v, the merged output and LSE; backward runs the kernel's
-backward per piece against the merged output and LSE, which is the exact gradient (DESIGN §3).
+The op (a torch.library custom op with its own backward) saves q, k, v, the merged output and
+LSE; backward runs the kernel's backward per piece against the merged output and LSE, which is
+the exact gradient (DESIGN §3).
 """
 from __future__ import annotations
 
 import torch
 
 from .base import DilatedAttentionBase
-from .branches import Piece, plan
+from .branches import Piece, index_scope, plan
 from .kernels import attn_bwd, attn_fwd
 
 
@@ -32,7 +33,8 @@ def rows_view(x: torch.Tensor, piece: Piece) -> torch.Tensor:
     """A strided piece's rows of x (B, T, H, *rest), as a view (B, S, g, m, *rest)."""
     sB, sT, sH = x.stride()[:3]
     size = (x.shape[0], piece.num_segments, len(piece.heads), piece.rows, *x.shape[3:])
-    stride = (sB, piece.seg_len * sT, piece.head_step * sH, piece.r * sT, *x.stride()[3:])
+    head = piece.head_step * sH + piece.offset_step * sT  # next head, and its rows' first position
+    stride = (sB, piece.seg_len * sT, head, piece.r * sT, *x.stride()[3:])
     offset = x.storage_offset() + (piece.start + piece.offset) * sT + piece.heads[0] * sH
     return x.as_strided(size, stride, offset)
 
@@ -168,27 +170,65 @@ def finish_grads(grads: list, like: torch.Tensor) -> list[torch.Tensor]:
     return grads
 
 
-class _DilatedFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, pieces, is_causal, scale):
-        q, k, v = (unit_last_stride(x) for x in (q, k, v))
-        fresh = fresh_flags(pieces)
-        out, lse = new_output(q, pieces[0], all(fresh))
+# The op is a torch.library custom op: eager it is one dispatcher call; under torch.compile it
+# is one opaque node with no graph break (Dynamo traced the Python loop as one small graph per
+# piece and recompiled past its limit, docs/performance.md run 13), so a compiled block, and a
+# CUDA-graph-captured one (mode="reduce-overhead"), includes it. Its fake implementations give
+# the real outputs' shapes, dtypes and (contiguous) strides.
+@torch.library.custom_op("longctx::dilated_attention", mutates_args=())
+def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: list[int],
+                      dilation_rates: list[int], head_split: bool, is_causal: bool, scale: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dilated attention of q/k/v (B, T, H, D): (out (B, T, H, D) in q's dtype, merged LSE (B, T, H))."""
+    q, k, v = (unit_last_stride(x) for x in (q, k, v))
+    B, T, H, D = q.shape
+    pieces = plan(T, H, tuple(segment_lengths), tuple(dilation_rates), head_split)
+    fresh = fresh_flags(pieces)
+    out, lse = new_output(q, pieces[0], all(fresh))
+    with index_scope():
         forward_pieces(out, lse, q, k, v, pieces, fresh, is_causal, scale)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.pieces, ctx.fresh, ctx.is_causal, ctx.scale = pieces, fresh, is_causal, scale
-        return out
+    return out.to(q.dtype), lse
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        fresh = ctx.fresh  # backward visits the pieces in forward's order
-        grads = [None, None, None]
-        dtype = q.dtype if all(fresh) else acc_dtype(q.dtype)
-        saved = (unit_last_stride(dout), q, k, v, out)
-        backward_pieces(grads, saved, lse, ctx.pieces, fresh, ctx.is_causal, ctx.scale, dtype)
-        return (*finish_grads(grads, q), None, None, None)
+
+@dilated_attention.register_fake
+def _(q, k, v, segment_lengths, dilation_rates, head_split, is_causal, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=acc_dtype(q.dtype))
+
+
+@torch.library.custom_op("longctx::dilated_attention_backward", mutates_args=())
+def dilated_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               out: torch.Tensor, lse: torch.Tensor, segment_lengths: list[int],
+                               dilation_rates: list[int], head_split: bool, is_causal: bool, scale: float
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact (dq, dk, dv) of dilated_attention given its merged out and lse."""
+    q, k, v = (unit_last_stride(x) for x in (q, k, v))
+    B, T, H, D = q.shape
+    pieces = plan(T, H, tuple(segment_lengths), tuple(dilation_rates), head_split)
+    fresh = fresh_flags(pieces)  # backward visits the pieces in forward's order
+    grads = [None, None, None]
+    dtype = q.dtype if all(fresh) else acc_dtype(q.dtype)
+    with index_scope():
+        backward_pieces(grads, (unit_last_stride(dout), q, k, v, out), lse, pieces, fresh, is_causal, scale, dtype)
+    return tuple(finish_grads(grads, q))
+
+
+@dilated_attention_backward.register_fake
+def _(dout, q, k, v, out, lse, segment_lengths, dilation_rates, head_split, is_causal, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *config = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.config = config
+    ctx.set_materialize_grads(False)  # the LSE output gets no gradient
+
+
+def _backward(ctx, dout, _dlse):
+    return (*dilated_attention_backward(dout, *ctx.saved_tensors, *ctx.config), *[None] * len(ctx.config))
+
+
+dilated_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 class ImprovedDilatedAttention(DilatedAttentionBase):
@@ -202,13 +242,9 @@ class ImprovedDilatedAttention(DilatedAttentionBase):
 
     supports_dropout = False
 
-    # Run eagerly inside a torch.compile'd model: the op is already a fixed sequence of kernel
-    # calls, and Dynamo traced it as one small graph per piece, recompiling past its limit
-    # (a compiled 32K LongNet step ran at 57% of the eager speed, docs/performance.md run 13).
-    @torch.compiler.disable
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         scale = self._check(query, key, value)
-        B, T, H, D = query.shape
-        pieces = plan(T, H, self.segment_lengths, self.dilation_rates, self.head_split)
         with self.no_autocast(query):
-            return _DilatedFunction.apply(query, key, value, pieces, bool(is_causal), scale)
+            out, _ = dilated_attention(query, key, value, list(self.segment_lengths), list(self.dilation_rates),
+                                       self.head_split, bool(is_causal), scale)
+        return out
