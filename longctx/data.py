@@ -264,11 +264,18 @@ class TextDataModule(L.LightningDataModule):
         self._train_sampler = ResumableSampler(self.train_set, self.batch_size, self.hparams.seed, dp_size,
                                                dp_rank, position=self._batches_done)
         return ResumableDataLoader(self.train_set, batch_size=self.batch_size, sampler=self._train_sampler, drop_last=True,
-                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+                                   num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
+                                   pin_memory=self._pin_memory())
 
     def val_dataloader(self) -> DataLoader:
         dp_size, dp_rank = self._layout()
         sampler = (DistributedSampler(self.val_set, num_replicas=dp_size, rank=dp_rank, shuffle=False)
                    if dp_size > 1 else SequentialSampler(self.val_set))
         return DataLoader(self.val_set, batch_size=self.batch_size, sampler=sampler,
-                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
+                          pin_memory=self._pin_memory())
+
+    def _pin_memory(self) -> bool:
+        """Page-locked batches on a GPU: copying a pageable batch to the device first waits for
+        all queued GPU work, so the next step's host work could not overlap this step's."""
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"

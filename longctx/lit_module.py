@@ -22,6 +22,10 @@ from .distributed import Layout, check_layout, context_parallel_group
 from .model import LongNetLM, resolve_attention, variant_name
 
 
+# torch.compile's modes; "reduce-overhead" also captures each compiled block in CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def check_hparams(h) -> None:
     """Every problem of the model/optimiser settings in one ValueError naming the keys."""
     problems = []
@@ -48,6 +52,8 @@ def check_hparams(h) -> None:
     if h["weight_decay"] < 0 or not 0 <= h["min_lr_ratio"] <= 1:
         problems.append(f"model.weight_decay={h['weight_decay']} must be >= 0 and model.min_lr_ratio="
                         f"{h['min_lr_ratio']} in [0, 1]")
+    if h["compile_mode"] not in COMPILE_MODES:
+        problems.append(f"model.compile_mode={h['compile_mode']!r} must be one of {list(COMPILE_MODES)}")
     if h["context_parallel_size"] is not None and h["context_parallel_size"] < 1:
         problems.append(f"model.context_parallel_size={h['context_parallel_size']} must be >= 1 (or null)")
     if problems:
@@ -83,6 +89,8 @@ class LongContextLM(L.LightningModule):
         mlp_chunk_tokens: run each SwiGLU over chunks of this many tokens, recomputed in backward
             (None: whole sequence). At 1M tokens this is what fits the step on an 80 GB GPU.
         compile: torch.compile each block.
+        compile_mode: torch.compile's mode for the blocks; "reduce-overhead" replays each block's
+            forward and backward as CUDA graphs (no per-kernel launch cost).
         lr, min_lr_ratio, warmup_steps, decay_steps, weight_decay, betas: AdamW with linear
             warm-up then cosine decay to lr·min_lr_ratio over decay_steps (default max_steps).
         passkey_buckets: distance buckets scored when the data carries a passkey answer.
@@ -95,7 +103,7 @@ class LongContextLM(L.LightningModule):
                  context_parallel_size: int | None = None, vocab_size: int = 256, d_model: int = 256,
                  n_layers: int = 4, n_heads: int = 4, mlp_hidden: int | None = None, rope_base: float = 10000.0,
                  activation_checkpointing: bool = False, mlp_chunk_tokens: int | None = None,
-                 compile: bool = False, lr: float = 1e-3,
+                 compile: bool = False, compile_mode: str = "default", lr: float = 1e-3,
                  min_lr_ratio: float = 0.1, warmup_steps: int = 100, decay_steps: int | None = None,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), passkey_buckets: int = 4,
                  skip_nonfinite: bool = False):
@@ -150,8 +158,9 @@ class LongContextLM(L.LightningModule):
         # Per device: forward + backward (2x) of this rank's share of the sequence.
         self.flops_per_batch = 3 * self.model.flops(batch, self.hparams.seq_len) // cp
         if self.hparams.compile:
+            mode = None if self.hparams.compile_mode == "default" else self.hparams.compile_mode
             for block in self.model.blocks:
-                block.compile()
+                block.compile(mode=mode)
 
     def shard(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T + 1) window -> this rank's inputs and targets (B, l), cut after the shift."""
@@ -165,6 +174,8 @@ class LongContextLM(L.LightningModule):
 
     # -- steps --------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        if self.hparams.compile and self.hparams.compile_mode in ("reduce-overhead", "max-autotune"):
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: a new step may reuse the last one's outputs
         x, y = self.shard(batch["tokens"])
         loss = F.cross_entropy(self(x).flatten(0, 1), y.reshape(-1))  # mean over this rank's tokens
         finite = self._all_finite(loss)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU: install what the image lacks, run the GPU tests, probe the kernels,
 # benchmark, and (with "train") run the training presets. Usage:
-#   bash scripts/gpu_check.sh [tests] [probe] [seed] [long] [train] [e2e]   (default: tests probe seed long)
+#   bash scripts/gpu_check.sh [tests] [probe] [seed] [long] [train] [e2e] …   (default: tests probe seed long;
+#   the case list below names every stage)
 # Results go to $OUT (the device tool's folder) or ./gpu_out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -66,7 +67,16 @@ for s in $stages; do
         --data.seq_len=$T --trainer.max_steps=5 --trainer.limit_val_batches=0 --trainer.enable_progress_bar=false \
         --trainer.callbacks.skip_steps=1 --trainer.default_root_dir="$OUT/e2e" > "$OUT/e2e-$T.log" 2>&1
       echo "$T tokens rc=$?: $(grep -h 'fit summary' "$OUT/e2e-$T.log" || grep -h -m3 -E 'Error|error' "$OUT/e2e-$T.log")" ;;
-    capture) python3 -m pytest -q -x tests/test_gpu.py -k capture 2>&1 | tail -n 60 ;;
+    capture) python3 -m pytest -q -x tests/test_gpu.py -k capture 2>&1 | tail -n 60
+      for order in fresh eager eager-sync; do for b in cudnn flash; do
+        LONGCTX_CUDA_ATTENTION=$b python3 scripts/capture_probe.py $order 2>&1 | tail -n 1
+      done; done ;;
+    ab)  # strided pieces against gathers for the r = 4 branch (3 views, or 1 gather), one GPU
+      for n in 3 2; do
+        LONGCTX_MAX_STRIDED_PIECES=$n python3 -m longctx.benchmark --preset long --lengths 65536 262144 1048576 \
+          --modes fwd+bwd --variants improved_dilated --warmup 1 --repeats 5 --out "$OUT/ab$n" > "$OUT/ab$n.log" 2>&1
+        echo "LONGCTX_MAX_STRIDED_PIECES=$n"; grep -E "^\s+improved" "$OUT/ab$n.log"
+      done ;;
     compare)  # issue 7 target 4 with torch.compile: dilated vs dense in one run, 32K and 128K
       for c in "improved-32k 25 --config configs/seq/32k.yaml" \
                "dense-32k 25 --config configs/seq/32k.yaml --model.segment_lengths=[32768] --model.dilation_rates=[1]" \
@@ -75,8 +85,13 @@ for s in $stages; do
         set -- $c; name=$1 steps=$2; shift 2
         timeout 300 python3 train.py fit --config configs/longnet.yaml "$@" --model.compile=true --trainer.max_steps=$steps \
           --trainer.limit_val_batches=0 --trainer.enable_progress_bar=false --trainer.callbacks.skip_steps=8 \
-          --trainer.callbacks.peak_tflops=989.4 --trainer.default_root_dir="$OUT/cmp" > "$OUT/cmp-$name.log" 2>&1
+          --trainer.callbacks.peak_tflops=989.4 --trainer.default_root_dir="$OUT/cmp" ${CMP_EXTRA:-} > "$OUT/cmp-$name.log" 2>&1
         echo "compiled $name rc=$?: $(grep -h 'fit summary' "$OUT/cmp-$name.log" || grep -h -m3 -E 'Error|error' "$OUT/cmp-$name.log")"
+      done ;;
+    stepprof)  # issue 7 target 4: where a training step's GPU time goes, dilated and dense
+      IFS=';' read -ra runs <<< "${STEPPROF:-32768 dilated compile;32768 dilated graphs;32768 dense compile;32768 dense graphs}"
+      for a in "${runs[@]}"; do
+        python3 scripts/profile_step.py $a 2>&1 | tee -a "$OUT/stepprof.txt" | grep -v Warning
       done ;;
     *) echo "unknown stage $s" ;;
   esac

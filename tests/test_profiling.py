@@ -84,7 +84,7 @@ def test_profile_overlay_writes_a_trace_next_to_the_logs(tmp_path):
               "--trainer.profiler.init_args.active=2"])
     (trace,) = glob.glob(f"{tmp_path}/runs/improved_dilated-64/version_0/*.pt.trace.json")
     events = json.load(open(trace))["traceEvents"]
-    assert any("DilatedFunction" in e.get("name", "") for e in events)
+    assert any("longctx::dilated_attention" in e.get("name", "") for e in events)
     assert any(e.get("name") == "[memory]" for e in events), "memory profiling is on"
 
 

@@ -116,6 +116,7 @@ BAD = [
     ("max-steps-zero", ["--trainer.max_steps=0"], 2, "trainer.max_steps=0 must be positive"),
     ("warmup-negative", ["--model.warmup_steps=-5"], 2, "model.warmup_steps=-5 must be >= 0"),
     ("mlp-chunk-zero", ["--model.mlp_chunk_tokens=0"], 2, "model.mlp_chunk_tokens=0 must be a positive integer or null"),
+    ("compile-mode-unknown", ["--model.compile_mode=fastest"], 2, "model.compile_mode='fastest' must be one of \\['default'"),
     ("unknown-task", ["--data.task=summarise"], 2, "data.task='summarise' must be 'text' or 'passkey'"),
     ("passkey-too-short", ["--data.task=passkey", "--data.seq_len=64"], 2, "data.seq_len=64 is too short for the passkey task"),
 ]

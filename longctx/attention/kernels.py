@@ -19,7 +19,6 @@ Kernel choice:
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -95,11 +94,12 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
     return _math_fwd(q, k, v, is_causal, scale)
 
 
-@functools.lru_cache(maxsize=8)
 def _no_dropout_rng(device: torch.device):
-    """Placeholder philox (seed, offset) for a backward without dropout. Cached per device: made
-    per call, its two fills were 10 of the 75 kernel launches of a seed-preset fwd+bwd (H200)."""
-    return torch.zeros(2, dtype=torch.uint64, device=device), torch.zeros((), dtype=torch.uint64, device=device)
+    """Placeholder philox (seed, offset) for a backward without dropout: their values are never
+    used (dropout 0 drops nothing), so they are left uninitialised, with no kernel launch. Made
+    per call, not cached: a tensor kept between calls is a stray allocation in a CUDA-graph pool
+    (torch.compile's mode="reduce-overhead" refused the step, docs/performance.md run 18)."""
+    return torch.empty(2, dtype=torch.uint64, device=device), torch.empty((), dtype=torch.uint64, device=device)
 
 
 def attn_bwd(dout, q, k, v, out, lse, is_causal: bool, scale: float):

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .base import DilatedAttentionBase
-from .branches import Piece, branch_pieces, head_groups
+from .branches import Piece, branch_pieces, head_groups, index_scope
 from .improved import (
     acc_dtype,
     backward_pieces,
@@ -158,13 +158,14 @@ class _RingFunction(torch.autograd.Function):
         pieces = [x.piece if isinstance(x, Ring) else x for x in layout]
         fresh = fresh_flags(pieces)
         out, lse = new_output(q, pieces[0], all(fresh))
-        for item, is_fresh in zip(layout, fresh):
-            if isinstance(item, Piece):
-                forward_pieces(out, lse, q, k, v, [item], [is_fresh], is_causal, scale)
-                continue
-            kv = torch.stack([read_rows(k, item.piece), read_rows(v, item.piece)]).flatten(1, 2)
-            o, lse_p = _ring_forward(q, kv, item, is_causal, scale, group)
-            merge_piece(out, lse, item.piece, o.unsqueeze(1), lse_p.unsqueeze(1), is_fresh)
+        with index_scope():
+            for item, is_fresh in zip(layout, fresh):
+                if isinstance(item, Piece):
+                    forward_pieces(out, lse, q, k, v, [item], [is_fresh], is_causal, scale)
+                    continue
+                kv = torch.stack([read_rows(k, item.piece), read_rows(v, item.piece)]).flatten(1, 2)
+                o, lse_p = _ring_forward(q, kv, item, is_causal, scale, group)
+                merge_piece(out, lse, item.piece, o.unsqueeze(1), lse_p.unsqueeze(1), is_fresh)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.is_causal, ctx.scale, ctx.group = layout, is_causal, scale, group
@@ -179,9 +180,10 @@ class _RingFunction(torch.autograd.Function):
         dtype = q.dtype if all(fresh) else acc_dtype(q.dtype)
         grads = [None, None, None]
         saved = (unit_last_stride(dout), q, k, v, out)
-        backward_pieces(grads, saved, lse, local, fresh[: len(local)], ctx.is_causal, ctx.scale, dtype)
-        for ring, is_fresh in zip(rings, fresh[len(local):]):
-            _ring_backward(saved, lse, ring, ctx.is_causal, ctx.scale, ctx.group, grads, is_fresh, dtype)
+        with index_scope():
+            backward_pieces(grads, saved, lse, local, fresh[: len(local)], ctx.is_causal, ctx.scale, dtype)
+            for ring, is_fresh in zip(rings, fresh[len(local):]):
+                _ring_backward(saved, lse, ring, ctx.is_causal, ctx.scale, ctx.group, grads, is_fresh, dtype)
         return (*finish_grads(grads, q), None, None, None, None)
 
 

@@ -1,0 +1,82 @@
+"""Where one training step of the LongNet-size LM (12 × 768, 12 heads) spends its GPU time.
+
+python scripts/profile_step.py [T] [dilated|dense] [compile|graphs] [ckpt] — defaults: 32768
+dilated, eager, no activation checkpointing; graphs = compile with mode="reduce-overhead". dense = one branch w = T, r = 1 (exact dense causal
+attention through the same op). The step is train.py's: bf16 autocast, cross-entropy, clip 1.0,
+AdamW. Prints the step time (CUDA events, no profiler), the GPU-busy time per step (kernels,
+profiler) and the kernel time by family.
+"""
+import collections
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from longctx.attention import ImprovedDilatedAttention
+from longctx.benchmark import timed
+from longctx.model import LongNetLM
+
+FAMILIES = [  # first match wins
+    ("attention (cuDNN/flash)", ("cudnn", "flash", "fmha")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "sm90_")),
+    ("compiled (triton)", ("triton",)),
+    ("reduce", ("reduce",)),
+    ("elementwise / copy", ("elementwise", "copy", "cat", "fill", "index")),
+    ("memcpy / memset", ("memcpy", "memset")),
+]
+
+
+def family(name: str) -> str:
+    n = name.lower()
+    return next((f for f, keys in FAMILIES if any(k in n for k in keys)), "other")
+
+
+def main():
+    T = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
+    dense = len(sys.argv) > 2 and sys.argv[2] == "dense"
+    graphs = "graphs" in sys.argv[3:]
+    compiled, ckpt = graphs or "compile" in sys.argv[3:], "ckpt" in sys.argv[3:]
+    ws = [T] if dense else [w for w in (2048 << i for i in range(12)) if w <= T]
+    rs = [1] if dense else [1 << i for i in range(len(ws))]
+    model = LongNetLM(256, 768, 12, 12, ImprovedDilatedAttention, dict(segment_lengths=ws, dilation_rates=rs),
+                      activation_checkpointing=ckpt).cuda()
+    if compiled:
+        for block in model.blocks:
+            block.compile(mode="reduce-overhead" if graphs else None)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, 256, (1, T + 1), device="cuda")
+
+    def step():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[0, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    ms = timed(step, torch.device("cuda"), warmup=4, repeats=5, max_seconds=600)[0]
+    n = 3
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    by_family, by_kernel = collections.Counter(), collections.Counter()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            by_family[family(e.name)] += e.device_time / 1e3 / n
+            by_kernel[e.name[:90]] += e.device_time / 1e3 / n
+    busy = sum(by_family.values())
+    print(f"T={T} {'dense' if dense else 'dilated'} compile={compiled} graphs={graphs} ckpt={ckpt}: step {ms:.1f} ms "
+          f"({T / ms * 1e3:,.0f} tokens/s), GPU busy {busy:.1f} ms/step ({busy / ms:.0%}), "
+          f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    for f, t in by_family.most_common():
+        print(f"  {f:28s} {t:8.2f} ms  {t / busy:6.1%}")
+    for k, t in by_kernel.most_common(12):
+        print(f"    {t:8.2f} ms  {k}")
+
+
+if __name__ == "__main__":
+    main()
