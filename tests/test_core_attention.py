@@ -178,7 +178,8 @@ def test_custom_op_registration(head_split):
     T, H, D, ws, rs = 37, 4, 16, [8, 16, 32], [1, 2, 4]
     qkv = torch.randn(2, T, 3, H, D, requires_grad=True)
     for q, k, v in (make_qkv(2, T, H, D), qkv.unbind(2)):
-        torch.library.opcheck(dilated_attention, (q, k, v, ws, rs, head_split, True, 0.25))
+        results = torch.library.opcheck(dilated_attention, (q, k, v, ws, rs, head_split, True, 0.25))
+        assert results and set(results.values()) == {"SUCCESS"}, results
 
 
 def test_math_fallback_matches_fused_kernel(monkeypatch):
