@@ -1,10 +1,12 @@
 """Where one training step of the LongNet-size LM (12 × 768, 12 heads) spends its GPU time.
 
-python scripts/profile_step.py [T] [dilated|dense] [compile|graphs] [ckpt] — defaults: 32768
-dilated, eager, no activation checkpointing; graphs = compile with mode="reduce-overhead". dense = one branch w = T, r = 1 (exact dense causal
-attention through the same op). The step is train.py's: bf16 autocast, cross-entropy, clip 1.0,
-AdamW. Prints the step time (CUDA events, no profiler), the GPU-busy time per step (kernels,
-profiler) and the kernel time by family.
+python scripts/profile_step.py [T] [dilated|dense] [compile|graphs] [ckpt] [sync] — defaults:
+32768 dilated, eager, no activation checkpointing; graphs = compile with mode="reduce-overhead";
+sync = read the loss's finiteness on the host after the forward, as train.py's step does.
+dense = one branch w = T, r = 1 (exact dense causal attention through the same op). The step
+is train.py's without Lightning: bf16 autocast, cross-entropy, clip 1.0, AdamW. Prints the step
+time (CUDA events, no profiler), the GPU-busy time per step (kernels, profiler) and the kernel
+time by family.
 """
 import collections
 import sys
@@ -36,7 +38,7 @@ def main():
     T = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
     dense = len(sys.argv) > 2 and sys.argv[2] == "dense"
     graphs = "graphs" in sys.argv[3:]
-    compiled, ckpt = graphs or "compile" in sys.argv[3:], "ckpt" in sys.argv[3:]
+    compiled, ckpt, sync = graphs or "compile" in sys.argv[3:], "ckpt" in sys.argv[3:], "sync" in sys.argv[3:]
     ws = [T] if dense else [w for w in (2048 << i for i in range(12)) if w <= T]
     rs = [1] if dense else [1 << i for i in range(len(ws))]
     model = LongNetLM(256, 768, 12, 12, ImprovedDilatedAttention, dict(segment_lengths=ws, dilation_rates=rs),
@@ -52,6 +54,8 @@ def main():
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", torch.bfloat16):
             loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[0, 1:])
+        if sync:
+            assert torch.isfinite(loss).item()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -69,7 +73,7 @@ def main():
             by_family[family(e.name)] += e.device_time / 1e3 / n
             by_kernel[e.name[:90]] += e.device_time / 1e3 / n
     busy = sum(by_family.values())
-    print(f"T={T} {'dense' if dense else 'dilated'} compile={compiled} graphs={graphs} ckpt={ckpt}: step {ms:.1f} ms "
+    print(f"T={T} {'dense' if dense else 'dilated'} compile={compiled} graphs={graphs} ckpt={ckpt} sync={sync}: step {ms:.1f} ms "
           f"({T / ms * 1e3:,.0f} tokens/s), GPU busy {busy:.1f} ms/step ({busy / ms:.0%}), "
           f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     for f, t in by_family.most_common():
