@@ -22,6 +22,8 @@ the exact gradient (DESIGN §3).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .base import DilatedAttentionBase
@@ -170,6 +172,13 @@ def finish_grads(grads: list, like: torch.Tensor) -> list[torch.Tensor]:
     return grads
 
 
+@functools.lru_cache(maxsize=256)
+def _layout(T: int, H: int, segment_lengths: tuple, dilation_rates: tuple, head_split: bool):
+    """The op's pieces (branches.plan) and their fresh_flags, worked out once per shape."""
+    pieces = plan(T, H, segment_lengths, dilation_rates, head_split)
+    return pieces, tuple(fresh_flags(pieces))
+
+
 # The op is a torch.library custom op: eager it is one dispatcher call; under torch.compile it
 # is one opaque node with no graph break (Dynamo traced the Python loop as one small graph per
 # piece and recompiled past its limit, docs/performance.md run 13), so a compiled block, and a
@@ -181,9 +190,7 @@ def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention of q/k/v (B, T, H, D): (out (B, T, H, D) in q's dtype, merged LSE (B, T, H))."""
     q, k, v = (unit_last_stride(x) for x in (q, k, v))
-    B, T, H, D = q.shape
-    pieces = plan(T, H, tuple(segment_lengths), tuple(dilation_rates), head_split)
-    fresh = fresh_flags(pieces)
+    pieces, fresh = _layout(*q.shape[1:3], tuple(segment_lengths), tuple(dilation_rates), head_split)
     out, lse = new_output(q, pieces[0], all(fresh))
     with index_scope():
         forward_pieces(out, lse, q, k, v, pieces, fresh, is_causal, scale)
@@ -202,10 +209,8 @@ def dilated_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Ten
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact (dq, dk, dv) of dilated_attention given its merged out and lse."""
     q, k, v = (unit_last_stride(x) for x in (q, k, v))
-    B, T, H, D = q.shape
-    pieces = plan(T, H, tuple(segment_lengths), tuple(dilation_rates), head_split)
-    fresh = fresh_flags(pieces)  # backward visits the pieces in forward's order
-    grads = [None, None, None]
+    pieces, fresh = _layout(*q.shape[1:3], tuple(segment_lengths), tuple(dilation_rates), head_split)
+    grads = [None, None, None]  # backward visits the pieces in forward's order, so `fresh` holds
     dtype = q.dtype if all(fresh) else acc_dtype(q.dtype)
     with index_scope():
         backward_pieces(grads, (unit_last_stride(dout), q, k, v, out), lse, pieces, fresh, is_causal, scale, dtype)

@@ -83,7 +83,7 @@ def ring_layout(shard_len, world, rank, num_heads, segment_lengths, dilation_rat
         per_seg = w // shard_len
         first = rank // per_seg * per_seg
         peers = tuple(global_rank(p) for p in range(first, min(first + per_seg, world)))
-        for piece in branch_pieces(shard_len, shard_len, r, heads, branch):  # per offset, or gathered
+        for piece in branch_pieces(shard_len, shard_len, r, heads, branch):  # strided groups, or gathered
             items.append(Ring(piece, peers, rank - first) if len(peers) > 1 else piece)
     return items
 
@@ -216,7 +216,9 @@ class RingDilatedAttention(DilatedAttentionBase):
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         return group, dist.get_world_size(group), dist.get_rank(group), lambda r: dist.get_global_rank(group, r)
 
-    @torch.compiler.disable  # eager inside a compiled model, as ImprovedDilatedAttention
+    # Eager inside a compiled model: the ring takes a process group, which a custom op (as
+    # ImprovedDilatedAttention's) cannot, and Dynamo would trace its loop one piece at a time.
+    @torch.compiler.disable
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         scale = self._check(query, key, value)
         group, world, rank, global_rank = self.group_info()
