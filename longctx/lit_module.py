@@ -178,27 +178,34 @@ class LongContextLM(L.LightningModule):
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: a new step may reuse the last one's outputs
         x, y = self.shard(batch["tokens"])
         loss = F.cross_entropy(self(x).flatten(0, 1), y.reshape(-1))  # mean over this rank's tokens
-        finite = self._all_finite(loss)
+        value, finite = self._read_loss(loss)
         if self.hparams.skip_nonfinite:  # a cumulative count, every step
             self.nonfinite_skips += not finite
-            self.log("train/nonfinite_skips", float(self.nonfinite_skips))
+            self.log("train/nonfinite_skips", torch.tensor(float(self.nonfinite_skips)))
         if not finite:
-            return self._nonfinite(loss)
-        self.log("train/loss", loss, prog_bar=True)
+            return self._nonfinite(value)
+        self.log("train/loss", torch.tensor(value), prog_bar=True)
+        # Lightning's LearningRateMonitor turns each rate into a device tensor (a synchronising
+        # copy per parameter group and step); this logs the same rate from the host.
+        self.log("train/lr", torch.tensor(self.lr_schedulers().get_last_lr()[0]))
         return loss
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        """Whether the loss is finite on every rank: the decision to stop or skip must be
-        collective, or the ranks that carry on hang in DDP's all-reduce."""
-        finite = torch.isfinite(loss.detach()).float()
+    def _read_loss(self, loss: torch.Tensor) -> tuple[float, bool]:
+        """This rank's loss and whether it is finite on every rank, in one host read: the step's
+        only synchronisation. The decision to stop or skip must be collective, or the ranks that
+        carry on hang in DDP's all-reduce. The value is logged as a host tensor: a Python number
+        given to self.log becomes a device tensor, a synchronising copy; a device tensor is read
+        back (.item()) when logged or shown."""
+        pair = torch.stack([torch.isfinite(loss.detach()).float(), loss.detach().float()])
         if self.layout.world_size > 1 and dist.is_initialized():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        return bool(finite.item())
+            dist.all_reduce(pair[:1], op=dist.ReduceOp.MIN)
+        finite, value = pair.tolist()
+        return value, finite == 1.0
 
-    def _nonfinite(self, loss: torch.Tensor) -> None:
+    def _nonfinite(self, value: float) -> None:
         if not self.hparams.skip_nonfinite:
             raise FloatingPointError(
-                f"non-finite training loss ({loss.item()} on rank {self.global_rank}, or on another rank) at step "
+                f"non-finite training loss ({value} on rank {self.global_rank}, or on another rank) at step "
                 f"{self.global_step} ({self.variant}, seq_len {self.hparams.seq_len}): stopped before the optimizer "
                 "step, so the weights and the last checkpoint stay finite. Lower model.lr, keep "
                 "trainer.gradient_clip_val, or set model.skip_nonfinite=true to skip such steps"

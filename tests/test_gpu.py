@@ -96,3 +96,52 @@ def test_gpu_forward_backward_capture_in_a_cuda_graph(head_split):
     torch.cuda.synchronize()
     for name, a, b in zip(["out", "dq", "dk", "dv"], captured, eager):
         torch.testing.assert_close(a, b, msg=name)  # not bitwise: the dQ accumulation uses atomics
+
+
+def test_gpu_training_step_synchronises_once(tmp_path):
+    """A train.py step (progress bar, TensorBoard, checkpointing, the presets' callbacks) waits
+    for the GPU once: the loss read that decides whether to step. Any other synchronisation
+    leaves the GPU idle while the host runs Lightning's step-end work (docs/performance.md,
+    runs 25-26)."""
+    import os
+    import traceback
+    import warnings
+
+    import lightning as L
+
+    from longctx.cli import cli_main
+
+    class SyncCounter(L.Callback):  # syncs from one step end to the next: data, step, hooks
+        def __init__(self):
+            self.steps, self._scope, self._caught = [], None, []
+
+        def _show(self, message, *args, **kwargs):
+            if "synchroniz" in str(message):  # the call chain, innermost first
+                frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")][-6:]
+                self._caught.append(" <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in reversed(frames)))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self._scope is not None:
+                torch.cuda.set_sync_debug_mode(0)
+                self._scope.__exit__(None, None, None)
+                self.steps.append(self._caught)
+                self._scope, self._caught = None, []
+            if 2 <= batch_idx < 5:  # after warm-up: the allocator and cuDNN's plans are settled
+                torch.cuda.set_sync_debug_mode("warn")  # before the capture: this call warns itself
+                self._scope = warnings.catch_warnings()
+                self._scope.__enter__()
+                warnings.simplefilter("always")
+                warnings.showwarning = self._show
+
+    counter = SyncCounter()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cli_main(["fit", "--config", f"{root}/tests/configs/tiny.yaml", f"--data.cache_dir={tmp_path}/data",
+              "--trainer.accelerator=gpu", "--trainer.precision=bf16-mixed", "--trainer.logger=true",
+              f"--trainer.default_root_dir={tmp_path}", "--trainer.log_every_n_steps=1",
+              "--trainer.enable_progress_bar=true", "--trainer.enable_checkpointing=true",
+              "--trainer.callbacks+=longctx.callbacks.StepStatsMonitor", "--trainer.gradient_clip_val=1.0",
+              "--trainer.max_steps=7"],
+             trainer_defaults={"callbacks": [counter]})
+    assert len(counter.steps) == 3
+    for places in counter.steps:
+        assert len(places) == 1 and places[0].startswith("lit_module.py"), f"synchronisations in one step: {places}"

@@ -39,6 +39,34 @@ def test_step_stats_reach_tensorboard(tmp_path):
     assert summary["median_step_ms"] > 0 and summary["median_tflops"] > 0
 
 
+def test_training_logs_host_tensors_only(tmp_path, monkeypatch):
+    """Every value logged in training is a detached host tensor: Lightning makes a device tensor
+    of a Python number (a copy that waits for the GPU), and reads a device tensor back when it
+    logs it; either stalls the GPU once a step (the GPU test counts the synchronisations)."""
+    from longctx.lit_module import LongContextLM
+
+    logged = []
+    original = LongContextLM.log
+
+    def spy(self, name, value, *args, **kwargs):
+        if self.training:
+            logged.append((name, value))
+        return original(self, name, value, *args, **kwargs)
+
+    monkeypatch.setattr(LongContextLM, "log", spy)
+    cli_main(["fit", "--config", f"{ROOT}/tests/configs/tiny.yaml", f"--data.cache_dir={tmp_path}/data",
+              "--trainer.logger=true", f"--trainer.default_root_dir={tmp_path}", "--trainer.log_every_n_steps=1",
+              "--trainer.callbacks+=longctx.callbacks.StepStatsMonitor", "--model.skip_nonfinite=true",
+              "--trainer.max_steps=3"])
+    names = {name for name, _ in logged}
+    assert {"train/loss", "train/lr", "train/nonfinite_skips", "perf/step_ms", "perf/tokens_per_s"} <= names
+    for name, value in logged:
+        assert isinstance(value, torch.Tensor) and value.device.type == "cpu", (name, value)
+        assert not value.requires_grad and value.numel() == 1, name
+    losses = [v.item() for n, v in logged if n == "train/loss"]
+    assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+
+
 def test_run_names():
     assert run_name({"class_path": "longctx.attention.ImprovedDilatedAttention"}, 32768) == "improved_dilated-32k"
     assert run_name({"class_path": "ring_dilated"}, 2**20) == "ring_dilated-1m"
