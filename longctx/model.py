@@ -155,12 +155,25 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, attention: nn.Module, mlp_hidden: int, eps: float, mlp_chunk_tokens: int | None = None):
+    """Pre-norm block. With `checkpointing`, training keeps only the block's input and recomputes
+    the rest in backward. The checkpoint is inside forward, so a compiled block holds its own
+    recompute: torch.compile's CUDA-graph trees (mode="reduce-overhead") failed on a compiled
+    block checkpointed from outside, its forward graph replayed again during backward
+    (docs/performance.md, run 30)."""
+
+    def __init__(self, dim: int, attention: nn.Module, mlp_hidden: int, eps: float, mlp_chunk_tokens: int | None = None,
+                 checkpointing: bool = False):
         super().__init__()
         self.norm1, self.attn = RMSNorm(dim, eps), attention
         self.norm2, self.mlp = RMSNorm(dim, eps), SwiGLU(dim, mlp_hidden, mlp_chunk_tokens)
+        self.checkpointing = checkpointing
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, rope, use_reentrant=False)
+        return self._forward(x, rope)
+
+    def _forward(self, x: torch.Tensor, rope) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), rope)
         return x + self.mlp(self.norm2(x))
 
@@ -180,12 +193,12 @@ class LongNetLM(nn.Module):
         if dim % n_heads:
             raise ValueError(f"model.d_model={dim} is not divisible by model.n_heads={n_heads}")
         self.dim, self.n_heads, self.vocab_size = dim, n_heads, vocab_size
-        self.activation_checkpointing = activation_checkpointing
         mlp_hidden = mlp_hidden or 64 * ((8 * dim // 3 + 63) // 64)
         self.embed = nn.Embedding(vocab_size, dim)
         self.rotary = Rotary(dim // n_heads, rope_base)
         self.blocks = nn.ModuleList(
-            Block(dim, self._attention(attention_cls, attention_kwargs), mlp_hidden, norm_eps, mlp_chunk_tokens)
+            Block(dim, self._attention(attention_cls, attention_kwargs), mlp_hidden, norm_eps, mlp_chunk_tokens,
+                  activation_checkpointing)
             for _ in range(n_layers)
         )
         self.norm = RMSNorm(dim, norm_eps)
@@ -209,10 +222,7 @@ class LongNetLM(nn.Module):
         x = self.embed(idx)
         rope = functools.partial(self.rotary, offset=pos_offset)
         for block in self.blocks:
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, rope, use_reentrant=False)
-            else:
-                x = block(x, rope)
+            x = block(x, rope)
         return F.linear(self.norm(x), self.embed.weight).float()  # tied head
 
     def flops(self, batch: int, seq_len: int) -> int:

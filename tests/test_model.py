@@ -75,14 +75,16 @@ def test_lm_with_mlp_chunks_trains_identically(checkpointing):
         torch.testing.assert_close(b, a)
 
 
-def test_compiled_model_is_one_graph_with_the_same_loss_and_gradients():
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_compiled_model_is_one_graph_with_the_same_loss_and_gradients(checkpointing):
     """The attention op is one custom-op node: torch.compile traces the model whole (no graph
     break), and the compiled model, through AOTAutograd (the op's fake tensors and its backward
-    registration), gives the eager loss and gradients."""
+    registration), gives the eager loss and gradients. Activation checkpointing is traced
+    inside the graph too (what CUDA-graph trees need, model.Block)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = LongNetLM(256, 32, 2, 4, ImprovedDilatedAttention,
-                      dict(segment_lengths=[8, 16, 32], dilation_rates=[1, 2, 4]))
+                      dict(segment_lengths=[8, 16, 32], dilation_rates=[1, 2, 4]), activation_checkpointing=checkpointing)
     idx = torch.randint(0, 256, (1, 37))
     explained = torch._dynamo.explain(model)(idx)
     assert explained.graph_count == 1 and not explained.break_reasons, explained
