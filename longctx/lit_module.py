@@ -186,8 +186,8 @@ class LongContextLM(L.LightningModule):
             return self._nonfinite(value)
         self.log("train/loss", torch.tensor(value), prog_bar=True)
         # Lightning's LearningRateMonitor turns each rate into a device tensor (a synchronising
-        # copy per parameter group and step); this logs the same rate from the host.
-        self.log("train/lr", torch.tensor(self.lr_schedulers().get_last_lr()[0]))
+        # copy per parameter group and step); this logs the rate of this step from the host.
+        self.log("train/lr", torch.tensor(float(self.trainer.optimizers[0].param_groups[0]["lr"])))
         return loss
 
     def _read_loss(self, loss: torch.Tensor) -> tuple[float, bool]:

@@ -65,6 +65,9 @@ def test_training_logs_host_tensors_only(tmp_path, monkeypatch):
         assert not value.requires_grad and value.numel() == 1, name
     losses = [v.item() for n, v in logged if n == "train/loss"]
     assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+    # tiny.yaml: lr 1e-2, one warm-up step, then cosine to 10% over the 3 steps: 1, 1, 0.1 + 0.9 * 0.5
+    lrs = [v.item() for n, v in logged if n == "train/lr"]
+    assert lrs == pytest.approx([1e-2, 1e-2, 5.5e-3], rel=1e-6)
 
 
 def test_run_names():
