@@ -196,7 +196,8 @@ class LongContextLM(L.LightningModule):
         carry on hang in DDP's all-reduce. The value is logged as a host tensor: a Python number
         given to self.log becomes a device tensor, a synchronising copy; a device tensor is read
         back (.item()) when logged or shown."""
-        pair = torch.stack([torch.isfinite(loss.detach()).float(), loss.detach().float()])
+        detached = loss.detach().float()
+        pair = torch.stack([torch.isfinite(detached).float(), detached])
         if self.layout.world_size > 1 and dist.is_initialized():
             dist.all_reduce(pair[:1], op=dist.ReduceOp.MIN)
         finite, value = pair.tolist()
