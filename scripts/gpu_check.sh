@@ -17,13 +17,20 @@ python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(),
 for s in $stages; do
   echo "=== $s $(date -u +%FT%TZ)"
   case $s in
-    tests) python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -15 ;;
+    tests) python3 -m pytest -q -x tests/test_gpu.py tests/test_combine.py 2>&1 | tail -15 ;;
+    combine)  # the one-pass combine (default) against the piece-by-piece float32 merge, CUDA graphs, one run
+      for c in 1 0; do
+        LONGCTX_COMBINE=$c python3 -m longctx.benchmark --preset long --lengths ${COMBINE_LENGTHS:-32768 65536 131072 262144} \
+          --modes fwd+bwd --variants sdpa improved_dilated --cuda-graph --warmup 2 --repeats 10 --out "$OUT/combine$c" \
+          > "$OUT/combine$c.log" 2>&1
+        echo "LONGCTX_COMBINE=$c"; grep -E "^\s+(sdpa|improved)" "$OUT/combine$c.log"
+      done ;;
     cputests) python3 -m pytest -q -x tests -k "not ring and not train and not cli" 2>&1 | tail -5 ;;
     probe) python3 scripts/kernel_probe.py 2>&1 | tee "$OUT/probe.txt" ;;
     seed) python3 -m longctx.benchmark --preset seed --out "$OUT/seed" > "$OUT/seed.log" 2>&1; tail -n 130 "$OUT/seed.log" | grep -A12 "Sequence Length: 8192  \[bfloat16, fwd+bwd, head_split=True\]" ;;
     long) python3 -m longctx.benchmark --preset long --variants sdpa improved_dilated ring_dilated ${LONG_VARIANTS:-improved_multihead_dilated} --warmup 1 --repeats 5 --max-seconds 20 --out "$OUT/long" > "$OUT/long.log" 2>&1; grep -E "^\s+(sdpa|improved|ring)" "$OUT/long.log" ;;
     train)  # the LongNet-size preset at 32K, a few dozen steps per variant
-      for v in improved_dilated ring_dilated improved_multihead_dilated ring_multihead_dilated dilated multihead_dilated; do
+      for v in ${TRAIN_VARIANTS:-improved_dilated ring_dilated improved_multihead_dilated ring_multihead_dilated dilated multihead_dilated}; do
         ckpt=false; case $v in dilated|multihead_dilated) ckpt=true ;; esac
         timeout 240 python3 train.py fit --config configs/longnet.yaml --config configs/attention/$v.yaml \
           --trainer.max_steps=${TRAIN_STEPS:-30} --trainer.limit_val_batches=0 \

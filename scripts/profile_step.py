@@ -22,6 +22,7 @@ from longctx.model import LongNetLM
 FAMILIES = [  # first match wins
     ("attention (cuDNN/flash)", ("cudnn", "flash", "fmha")),
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "sm90_")),
+    ("combine (combine.py)", ("_merge_kernel", "_sum_kernel")),
     ("compiled (triton)", ("triton",)),
     ("reduce", ("reduce",)),
     ("elementwise / copy", ("elementwise", "copy", "cat", "fill", "index")),

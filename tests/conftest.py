@@ -9,6 +9,11 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Without a GPU, the Triton kernels (longctx/attention/combine.py) run in Triton's interpreter.
+# It must be chosen before Triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -73,6 +73,15 @@ def core_cases(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
+def core_cases_combined(rank, world, port, out_dir):
+    """core_cases with the pieces combined in one pass (combine.py; in Triton's interpreter
+    without a GPU: TRITON_INTERPRET comes from the test process's environment)."""
+    from longctx.attention import combine
+
+    combine.available = lambda device: True
+    core_cases(rank, world, port, out_dir)
+
+
 def multihead_case(rank, world, port, out_dir):
     init(rank, world, port)
     try:

@@ -13,7 +13,10 @@ T·H/r rows and one call. Then:
 - pieces that share no (position, head) (head_split, or a single branch) write their output
   and LSE straight into the result in the input dtype, and their gradients likewise: a merge of
   one term is the term itself, so this is exactly the float32 merge, rounded once;
-- otherwise the pieces merge online in float32 (LongNet Eq. 10), and gradients add into float32
+- otherwise, on a GPU with Triton and every piece strided, all pieces' outputs (and, in
+  backward, gradients) are kept and combined in one pass (combine.py: LongNet Eq. 10 in float32
+  registers, rounded once);
+- else the pieces merge online in float32 (LongNet Eq. 10), and gradients add into float32
   accumulators, allocated only after the first piece's backward kernel and converted one at a
   time at the end (peak memory: docs/performance.md).
 The op (a torch.library custom op with its own backward) saves q, k, v, the merged output and
@@ -26,6 +29,7 @@ import functools
 
 import torch
 
+from . import combine
 from .base import DilatedAttentionBase
 from .branches import Piece, index_scope, plan
 from .kernels import attn_bwd, attn_fwd
@@ -139,6 +143,40 @@ def forward_pieces(out, lse, q, k, v, pieces, fresh, is_causal, scale) -> None:
         merge_piece(out, lse, piece, o.unflatten(0, (B, -1)), lse_p.unflatten(0, (B, -1)), is_fresh)
 
 
+def use_combine(q: torch.Tensor, pieces, fresh) -> bool:
+    """Whether to combine all pieces at once (combine.py): on a GPU with Triton, when pieces
+    share rows (disjoint ones write their rows directly) and all are strided views."""
+    return (combine.available(q.device) and q.dtype != torch.float64 and not all(fresh)
+            and all(p.strided for p in pieces))
+
+
+def attend_pieces(q, k, v, pieces, is_causal, scale) -> tuple[list, list]:
+    """Every piece's kernel output (N, g, m, D) and LSE (N, g, m), for combine.merge_pieces."""
+    outs, lses = [], []
+    for piece in pieces:
+        o, lse = attn_fwd(kernel_rows(q, piece), kernel_rows(k, piece), kernel_rows(v, piece), is_causal, scale)
+        outs.append(o)
+        lses.append(lse)
+    return outs, lses
+
+
+def piece_grads(saved, lse, piece: Piece, is_causal, scale) -> list[torch.Tensor]:
+    """One piece's [dq, dk, dv] (N, g, m, D); saved and lse as in backward_pieces."""
+    return list(attn_bwd(*(kernel_rows(x, piece) for x in saved), kernel_rows(lse, piece), is_causal, scale))
+
+
+def sum_grads(like: torch.Tensor, pieces, parts: list) -> list[torch.Tensor]:
+    """(dq, dk, dv) (B, T, H, D) in like's dtype, each summed over all pieces at once
+    (combine.sum_pieces) from parts[i], piece i's [dq, dk, dv]. A gradient's parts are freed
+    once it is summed."""
+    grads = []
+    for i in range(3):
+        grads.append(combine.sum_pieces(like, pieces, [part[i] for part in parts]))
+        for part in parts:
+            part[i] = None
+    return grads
+
+
 def write_grad(grads: list, i: int, piece: Piece, g: torch.Tensor, fresh: bool, like: torch.Tensor, dtype) -> None:
     """Write (fresh) or add one piece's gradient (N, g, m, D) into grads[i] (B, T, H, D),
     allocating it at the first write: after the piece's backward kernel has freed its workspace."""
@@ -191,6 +229,8 @@ def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
     """Dilated attention of q/k/v (B, T, H, D): (out (B, T, H, D) in q's dtype, merged LSE (B, T, H))."""
     q, k, v = (unit_last_stride(x) for x in (q, k, v))
     pieces, fresh = _layout(*q.shape[1:3], tuple(segment_lengths), tuple(dilation_rates), head_split)
+    if use_combine(q, pieces, fresh):
+        return combine.merge_pieces(q, pieces, *attend_pieces(q, k, v, pieces, is_causal, scale))
     out, lse = new_output(q, pieces[0], all(fresh))
     with index_scope():
         forward_pieces(out, lse, q, k, v, pieces, fresh, is_causal, scale)
@@ -210,10 +250,13 @@ def dilated_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Ten
     """Exact (dq, dk, dv) of dilated_attention given its merged out and lse."""
     q, k, v = (unit_last_stride(x) for x in (q, k, v))
     pieces, fresh = _layout(*q.shape[1:3], tuple(segment_lengths), tuple(dilation_rates), head_split)
+    saved = (unit_last_stride(dout), q, k, v, out)
+    if use_combine(q, pieces, fresh):
+        return tuple(sum_grads(q, pieces, [piece_grads(saved, lse, p, is_causal, scale) for p in pieces]))
     grads = [None, None, None]  # backward visits the pieces in forward's order, so `fresh` holds
     dtype = q.dtype if all(fresh) else acc_dtype(q.dtype)
     with index_scope():
-        backward_pieces(grads, (unit_last_stride(dout), q, k, v, out), lse, pieces, fresh, is_causal, scale, dtype)
+        backward_pieces(grads, saved, lse, pieces, fresh, is_causal, scale, dtype)
     return tuple(finish_grads(grads, q))
 
 

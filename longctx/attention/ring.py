@@ -14,6 +14,8 @@ Rank p holds tokens p·l … p·l + l − 1. For branch (w, r), with w clipped t
   queries' dK/dV to the block's travelling float32 gradient, which arrives back at its owner
   after the last step.
 A rank never holds more than two K/V blocks of one branch: memory O(T/P).
+Local and ring pieces' results (and gradients) then combine as Improved's do: in one pass
+(combine.py) on a GPU with Triton, else merged piece by piece in float32.
 """
 from __future__ import annotations
 
@@ -22,20 +24,23 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from . import combine
 from .base import DilatedAttentionBase
 from .branches import Piece, branch_pieces, head_groups, index_scope
 from .improved import (
     acc_dtype,
     backward_pieces,
     finish_grads,
-    forward_pieces,
     fresh_flags,
     kernel_rows,
     merge_into,
     merge_piece,
     new_output,
+    piece_grads,
     read_rows,
+    sum_grads,
     unit_last_stride,
+    use_combine,
     write_grad,
 )
 from .kernels import attn_bwd, attn_fwd
@@ -118,9 +123,9 @@ def _ring_forward(q, kv, ring: Ring, is_causal, scale, group):
     return o_acc, lse_acc
 
 
-def _ring_backward(saved, lse, ring: Ring, is_causal, scale, group, grads, fresh, dtype) -> None:
-    """Write or add this ring piece's dq (local) and dk/dv (after their trip round the ring)
-    into grads (see improved.write_grad)."""
+def _ring_backward(saved, lse, ring: Ring, is_causal, scale, group) -> list[torch.Tensor]:
+    """This ring piece's [dq (local), dk, dv (after their trip round the ring)], each (B, g, m, D)
+    float32."""
     dout, q, k, v, out = saved
     piece = ring.piece
     dog, qg, og, lg = (kernel_rows(x, piece) for x in (dout, q, out, lse))
@@ -143,8 +148,7 @@ def _ring_backward(saved, lse, ring: Ring, is_causal, scale, group, grads, fresh
         _wait(reqs)
         cur, spare = spare, cur
         dkv, dkv_in = dkv_in, dkv
-    for i, g in enumerate((dq, dkv[0], dkv[1])):
-        write_grad(grads, i, piece, g, fresh, q, dtype)
+    return [dq, dkv[0], dkv[1]]
 
 
 def _split(layout):
@@ -157,15 +161,24 @@ class _RingFunction(torch.autograd.Function):
         q, k, v = (unit_last_stride(x) for x in (q, k, v))
         pieces = [x.piece if isinstance(x, Ring) else x for x in layout]
         fresh = fresh_flags(pieces)
-        out, lse = new_output(q, pieces[0], all(fresh))
+        combined = use_combine(q, pieces, fresh)  # keep every piece's result, merge once at the end
+        if not combined:
+            out, lse = new_output(q, pieces[0], all(fresh))
+        outs, lses = [], []
         with index_scope():
-            for item, is_fresh in zip(layout, fresh):
+            for item, piece, is_fresh in zip(layout, pieces, fresh):
                 if isinstance(item, Piece):
-                    forward_pieces(out, lse, q, k, v, [item], [is_fresh], is_causal, scale)
-                    continue
-                kv = torch.stack([read_rows(k, item.piece), read_rows(v, item.piece)]).flatten(1, 2)
-                o, lse_p = _ring_forward(q, kv, item, is_causal, scale, group)
-                merge_piece(out, lse, item.piece, o.unsqueeze(1), lse_p.unsqueeze(1), is_fresh)
+                    o, lse_p = attn_fwd(kernel_rows(q, piece), kernel_rows(k, piece), kernel_rows(v, piece), is_causal, scale)
+                else:  # (B, g, m, D): the ring piece's one segment per batch row
+                    kv = torch.stack([read_rows(k, piece), read_rows(v, piece)]).flatten(1, 2)
+                    o, lse_p = _ring_forward(q, kv, item, is_causal, scale, group)
+                if combined:
+                    outs.append(o)
+                    lses.append(lse_p)
+                else:
+                    merge_piece(out, lse, piece, o.unflatten(0, (q.shape[0], -1)), lse_p.unflatten(0, (q.shape[0], -1)), is_fresh)
+        if combined:
+            out, lse = combine.merge_pieces(q, pieces, outs, lses)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout, ctx.is_causal, ctx.scale, ctx.group = layout, is_causal, scale, group
@@ -176,14 +189,20 @@ class _RingFunction(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         local, rings = _split(ctx.layout)
         # Backward order (local pieces, then rings) decides which writes are fresh.
-        fresh = fresh_flags([*local, *(ring.piece for ring in rings)])
+        pieces = [*local, *(ring.piece for ring in rings)]
+        fresh = fresh_flags(pieces)
         dtype = q.dtype if all(fresh) else acc_dtype(q.dtype)
-        grads = [None, None, None]
         saved = (unit_last_stride(dout), q, k, v, out)
+        ring_grads = (_ring_backward(saved, lse, ring, ctx.is_causal, ctx.scale, ctx.group) for ring in rings)
+        if use_combine(q, pieces, fresh):
+            local_grads = [piece_grads(saved, lse, p, ctx.is_causal, ctx.scale) for p in local]
+            return (*sum_grads(q, pieces, [*local_grads, *ring_grads]), None, None, None, None)
+        grads = [None, None, None]
         with index_scope():
             backward_pieces(grads, saved, lse, local, fresh[: len(local)], ctx.is_causal, ctx.scale, dtype)
-            for ring, is_fresh in zip(rings, fresh[len(local):]):
-                _ring_backward(saved, lse, ring, ctx.is_causal, ctx.scale, ctx.group, grads, is_fresh, dtype)
+            for ring, gs, is_fresh in zip(rings, ring_grads, fresh[len(local):]):
+                for i in range(3):
+                    write_grad(grads, i, ring.piece, gs[i], is_fresh, q, dtype)
         return (*finish_grads(grads, q), None, None, None, None)
 
 

@@ -1,0 +1,149 @@
+"""The one-pass combine kernels (longctx/attention/combine.py) against references built here
+from DESIGN §3 (row j of head h in segment s sits at start + s·w + (h mod r) + j·r) and LongNet
+Eq. 10. Without a GPU they run in Triton's interpreter (tests/conftest.py)."""
+import pytest
+import torch
+
+from longctx.attention import ImprovedDilatedAttention, combine, improved
+from longctx.attention.branches import plan
+from reference import reference_attention
+
+pytestmark = pytest.mark.skipif(not combine.SUPPORTED, reason="needs Triton >= 3.6 (installed by the test extra)")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (B, T, H, D, segment_lengths, dilation_rates, head_split)
+LAYOUTS = [
+    (2, 128, 12, 16, (16, 32, 64, 128), (1, 2, 4, 8), False),  # LongNet's geometry, 12 heads
+    (1, 77, 6, 24, (16, 32, 100), (1, 2, 8), False),  # tails, a clipped segment, D not a power of 2
+    (2, 30, 5, 8, (8, 16), (2, 4), False),  # no dilation 1: rows no piece keeps
+    (1, 40, 6, 8, (8, 16, 32), (1, 2, 4), True),  # head_split: disjoint pieces
+]
+IDS = [f"B{c[0]}-T{c[1]}-H{c[2]}-D{c[3]}-r{c[5]}-split{int(c[6])}" for c in LAYOUTS]
+
+
+def strided_pieces(T, H, ws, rs, head_split):
+    pieces = plan(T, H, ws, rs, head_split)
+    assert all(p.strided for p in pieces)
+    return pieces
+
+
+def piece_rows(B, p, D, gen, dtype):
+    """A random (N, g, m, D) piece tensor laid out like cuDNN's output, (N, m, g, D) in memory."""
+    x = torch.randn(B * p.num_segments, p.rows, len(p.heads), D, generator=gen, dtype=torch.float64)
+    return x.to(dtype).transpose(1, 2).to(DEVICE)
+
+
+def positions(p):
+    """(S, g, m) positions of the piece's rows and (g,) heads, from DESIGN §3's rule."""
+    s = torch.arange(p.num_segments)[:, None, None]
+    heads = torch.tensor(p.heads)
+    j = torch.arange(p.rows)[None, None, :]
+    return p.start + s * p.seg_len + (heads % p.r)[None, :, None] + j * p.r, heads
+
+
+def scatter(B, T, H, p, rows, fill):
+    """Piece rows (N, g, m, *rest) placed at their (b, t, h) in a (B, T, H, *rest) float64 tensor."""
+    out = torch.full((B, T, H, *rows.shape[3:]), fill, dtype=torch.float64)
+    pos, heads = positions(p)
+    out[:, pos, heads[None, :, None].expand_as(pos)] = rows.double().cpu().unflatten(0, (B, -1))
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
+def test_merge_is_eq10_over_covering_pieces(layout):
+    B, T, H, D, ws, rs, head_split = layout
+    gen = torch.Generator().manual_seed(0)
+    pieces = strided_pieces(T, H, ws, rs, head_split)
+    outs = [piece_rows(B, p, D, gen, torch.bfloat16) for p in pieces]
+    lses = [(3 * torch.randn(B * p.num_segments, len(p.heads), p.rows, generator=gen)).to(DEVICE) for p in pieces]
+    like = torch.empty(B, T, H, D, dtype=torch.bfloat16, device=DEVICE)
+    out, lse = combine.merge_pieces(like, pieces, outs, lses)
+
+    every_lse = torch.stack([scatter(B, T, H, p, l, float("-inf")) for p, l in zip(pieces, lses)])
+    every_out = torch.stack([scatter(B, T, H, p, o, 0.0) for p, o in zip(pieces, outs)])
+    ref_lse = torch.logsumexp(every_lse, 0)
+    kept = torch.isfinite(ref_lse)
+    weights = torch.where(kept, torch.exp(every_lse - ref_lse), 0.0)
+    ref = (weights[..., None] * every_out).sum(0)
+
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32 and out.is_contiguous()
+    assert torch.equal(torch.isfinite(lse).cpu(), kept)
+    assert (head_split or not kept.all()) == (kept.sum(-1) < H).any()  # the layouts test what they claim
+    torch.testing.assert_close(lse.cpu().double()[kept], ref_lse[kept], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(out.cpu().double(), ref.to(torch.bfloat16).double(), rtol=0, atol=2 ** -7 * ref.abs().max().item())
+    assert torch.equal(out.cpu()[~kept], torch.zeros_like(out.cpu()[~kept]))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
+def test_sum_adds_every_piece_once(layout):
+    B, T, H, D, ws, rs, head_split = layout
+    gen = torch.Generator().manual_seed(1)
+    pieces = strided_pieces(T, H, ws, rs, head_split)
+    parts = [piece_rows(B, p, D, gen, torch.float32) for p in pieces]
+    like = torch.empty(B, T, H, D, device=DEVICE)
+    total = combine.sum_pieces(like, pieces, parts)
+    ref = sum(scatter(B, T, H, p, g, 0.0) for p, g in zip(pieces, parts))
+    torch.testing.assert_close(total.cpu().double(), ref, rtol=1e-6, atol=1e-6)
+
+
+CASES = [  # (T, H, D, segment_lengths, dilation_rates): every piece strided
+    (37, 4, 16, [8, 16, 32], [1, 2, 4]),
+    (30, 5, 8, [8, 16], [2, 4]),
+    (64, 12, 16, [16, 32, 64], [1, 2, 4]),
+]
+
+
+@pytest.fixture
+def through_combine(monkeypatch):
+    """Make the op combine its pieces here (on CPU: in the interpreter), counting the calls."""
+    calls = []
+    for name in ("merge_pieces", "sum_pieces"):
+        real = getattr(combine, name)
+        monkeypatch.setattr(combine, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    monkeypatch.setattr(combine, "available", lambda device: True)
+    return calls
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"T{c[0]}-H{c[1]}-r{c[4]}")
+def test_op_through_combine_matches_reference(through_combine, case, causal):
+    T, H, D, ws, rs = case
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, T, H, D, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
+    grad_out = torch.randn(2, T, H, D, generator=gen).to(DEVICE)
+    out = ImprovedDilatedAttention(ws, rs)(q, k, v, is_causal=causal)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    assert through_combine == ["merge_pieces"] + ["sum_pieces"] * 3
+
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = reference_attention(*leaves, ws, rs, causal)
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out.double())
+    torch.testing.assert_close(out, ref.float())
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg.float())
+
+
+def test_disjoint_and_float64_pieces_do_not_combine(through_combine):
+    """head_split writes each piece's rows directly, float64 keeps float64 accumulators."""
+    T, H, D, ws, rs = 37, 4, 16, [8, 16, 32], [1, 2, 4]
+    for dtype, head_split in ((torch.float32, True), (torch.float64, False)):
+        q, k, v = (torch.randn(1, T, H, D, dtype=dtype, device=DEVICE, requires_grad=True) for _ in range(3))
+        ImprovedDilatedAttention(ws, rs, head_split=head_split)(q, k, v).sum().backward()
+    assert through_combine == []
+    q = torch.randn(1, T, H, D, device=DEVICE)
+    assert improved.use_combine(q, *improved._layout(T, H, tuple(ws), tuple(rs), False))
+
+
+def test_ring_at_one_rank_is_exactly_improved_through_combine(through_combine):
+    from longctx.attention import RingDilatedAttention
+
+    T, H, D, ws, rs = 40, 4, 8, [8, 16, 64], [1, 2, 4]
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, T, H, D, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
+    a = ImprovedDilatedAttention(ws, rs)(q, k, v, is_causal=True)
+    b = RingDilatedAttention(ws, rs)(q, k, v, is_causal=True)
+    assert torch.equal(a, b)
+    da, db = (torch.autograd.grad(o, (q, k, v), torch.ones_like(o)) for o in (a, b))
+    assert all(torch.equal(x, y) for x, y in zip(da, db))
+    assert through_combine == ["merge_pieces"] * 2 + ["sum_pieces"] * 6
