@@ -82,19 +82,31 @@ class _Rotate(torch.autograd.Function):
         return rotate_halves(grad, cos, -sin), None, None
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE rotation of x (B, l, H, D) by angles whose cos and sin are (1, l, 1, D/2)."""
+    return _Rotate.apply(x, cos, sin)
+
+
 class Rotary(nn.Module):
-    """RoPE (Su et al. 2021), half-split convention, angles computed per call in float32 for
-    the positions in use (no table to hold at 1M tokens)."""
+    """RoPE (Su et al. 2021), half-split convention, angles in float32 for the positions in use,
+    computed once per forward pass and shared by every block (no table kept between passes:
+    at 1M tokens it would hold 256 MB)."""
 
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
         self.register_buffer("inv_freq", base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim), persistent=False)
 
+    def rotation(self, seq_len: int, offset: int, device) -> functools.partial:
+        """rope(x) for x (B, seq_len, H, D) at global positions offset … offset + seq_len − 1.
+        The angles' cos and sin are computed here, once: per block and per call they cost a
+        training step at 32K 2.9 ms of sin/cos (docs/performance.md run 38)."""
+        pos = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float32)
+        angles = torch.outer(pos, self.inv_freq)[None, :, None, :]  # (1, l, 1, D/2)
+        return functools.partial(rotate, cos=angles.cos(), sin=angles.sin())
+
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """x: (B, l, H, D) at global positions offset … offset + l − 1."""
-        pos = torch.arange(offset, offset + x.shape[1], device=x.device, dtype=torch.float32)
-        angles = torch.outer(pos, self.inv_freq)[None, :, None, :]  # (1, l, 1, D/2)
-        return _Rotate.apply(x, angles.cos(), angles.sin())
+        return self.rotation(x.shape[1], offset, x.device)(x)
 
 
 class CoreAttention(nn.Module):
@@ -220,7 +232,7 @@ class LongNetLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, pos_offset: int = 0) -> torch.Tensor:
         x = self.embed(idx)
-        rope = functools.partial(self.rotary, offset=pos_offset)
+        rope = self.rotary.rotation(idx.shape[1], pos_offset, idx.device)
         for block in self.blocks:
             x = block(x, rope)
         return F.linear(self.norm(x), self.embed.weight).float()  # tied head

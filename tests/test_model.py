@@ -43,6 +43,20 @@ def test_rotary_rounds_once_in_low_precision():
     assert (y.double() - exact).abs().max() <= (exact.to(torch.bfloat16).double() - exact).abs().max() * 1.01 + 1e-6
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_lm_computes_rope_angles_once_per_forward(monkeypatch, checkpointing):
+    """Every block (and its recompute) rotates with the angles made once per forward, at the
+    caller's global offset."""
+    offsets, calls = [], []
+    real = Rotary.rotation
+    monkeypatch.setattr(Rotary, "rotation", lambda self, l, offset, device: offsets.append(offset) or real(self, l, offset, device))
+    monkeypatch.setattr(torch.Tensor, "cos", lambda x, _cos=torch.Tensor.cos: calls.append(x.shape) or _cos(x))
+    model = LongNetLM(256, 32, 3, 4, ImprovedDilatedAttention, dict(segment_lengths=[8, 16], dilation_rates=[1, 2]),
+                      activation_checkpointing=checkpointing)
+    model(torch.randint(0, 256, (1, 16)), pos_offset=48).sum().backward()
+    assert offsets == [48] and calls == [(1, 16, 1, 4)]
+
+
 def test_chunked_swiglu_equals_whole_sequence():
     torch.manual_seed(0)
     whole, chunked = SwiGLU(16, 40), SwiGLU(16, 40, chunk_tokens=7)

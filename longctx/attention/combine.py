@@ -38,11 +38,9 @@ from .branches import Piece
 # runs the same kernels on CPU tensors through Triton's interpreter: for tests, far too slow to train.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
-
 # Tuples of tensors and nested constexpr tuples as kernel arguments: tested with Triton 3.6
-# (torch 2.11's) on the GPU and 3.8 in the interpreter.
+# (torch 2.11's) on the GPU, and 3.6 and 3.9 in the interpreter.
 SUPPORTED = triton is not None and tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 6)
-
 
 # LONGCTX_COMBINE=0 keeps improved.py's piece-by-piece float32 merge on the GPU too (for A/B runs).
 ENABLED = os.environ.get("LONGCTX_COMBINE", "1") != "0"
