@@ -93,14 +93,28 @@ if triton is not None:
         return tl.where(hit, n * STRIDES[0] + i.to(tl.int64) * STRIDES[1] + j * STRIDES[2], 0)
 
     @triton.jit
+    def _tile(T, H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's batch b, head h, positions t (t < T: live), head-dim columns d, and the
+        offsets pos of (b, t, h) in a (B, T, H) tensor."""
+        b = tl.program_id(0) // H
+        h = tl.program_id(0) % H
+        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        return b, h, t, t < T, tl.arange(0, BLOCK_D), (b * T + t).to(tl.int64) * H + h
+
+    @triton.jit
+    def _load_rows(ptr, offset, hit, d, D: tl.constexpr):
+        """(BLOCK_T, BLOCK_D) float32 rows of a piece tensor at element offsets `offset`, 0 where not hit."""
+        return tl.load(ptr + offset[:, None] + d[None, :], mask=hit[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _store_rows(ptr, pos, live, d, D: tl.constexpr, rows):
+        """Rows (BLOCK_T, BLOCK_D) into a contiguous (B, T, H, D) tensor at row offsets pos."""
+        tl.store(ptr + pos[:, None] * D + d[None, :], rows.to(ptr.dtype.element_ty), mask=live[:, None] & (d < D)[None, :])
+
+    @triton.jit
     def _merge_kernel(out_ptr, lse_ptr, outs, lses, T, H: tl.constexpr, D: tl.constexpr, GEOMS: tl.constexpr,
                       O_STRIDES: tl.constexpr, L_STRIDES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        bh = tl.program_id(0)
-        b = bh // H
-        h = bh % H
-        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-        d = tl.arange(0, BLOCK_D)
-        live = t < T
+        b, h, t, live, d, pos = _tile(T, H, BLOCK_T, BLOCK_D)
         # Online LongNet Eq. 10: running max LSE, Σ exp(lse_p − top) and Σ exp(lse_p − top)·o_p.
         top = tl.full([BLOCK_T], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_T], tl.float32)
@@ -109,41 +123,29 @@ if triton is not None:
             hit, n, i, j = _locate(b, h, t, tl.constexpr(GEOMS[p]))
             hit = hit & live
             lse_p = tl.load(lses[p] + _offset(hit, n, i, j, tl.constexpr(L_STRIDES[p])), mask=hit, other=float("-inf"))
-            rows = tl.load(outs[p] + _offset(hit, n, i, j, tl.constexpr(O_STRIDES[p]))[:, None] + d[None, :],
-                           mask=hit[:, None] & (d < D)[None, :], other=0.0)
+            rows = _load_rows(outs[p], _offset(hit, n, i, j, tl.constexpr(O_STRIDES[p])), hit, d, D)
             new_top = tl.maximum(top, lse_p)
             shift = tl.where(new_top == float("-inf"), 0.0, new_top)  # no piece yet: keep zeros
             rescale = tl.exp(top - shift)
             weight = tl.exp(lse_p - shift)
-            acc = acc * rescale[:, None] + rows.to(tl.float32) * weight[:, None]
+            acc = acc * rescale[:, None] + rows * weight[:, None]
             total = total * rescale + weight
             top = new_top
         kept = total > 0  # total >= 1 where any piece keeps the position
         safe = tl.where(kept, total, 1.0)
-        pos = (b * T + t).to(tl.int64) * H + h
         tl.store(lse_ptr + pos, tl.where(kept, top + tl.log(safe), float("-inf")), mask=live)
-        tl.store(out_ptr + pos[:, None] * D + d[None, :], (acc / safe[:, None]).to(out_ptr.dtype.element_ty),
-                 mask=live[:, None] & (d < D)[None, :])
+        _store_rows(out_ptr, pos, live, d, D, acc / safe[:, None])
 
     @triton.jit
     def _sum_kernel(out_ptr, parts, T, H: tl.constexpr, D: tl.constexpr, GEOMS: tl.constexpr, STRIDES: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        bh = tl.program_id(0)
-        b = bh // H
-        h = bh % H
-        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-        d = tl.arange(0, BLOCK_D)
-        live = t < T
+        b, h, t, live, d, pos = _tile(T, H, BLOCK_T, BLOCK_D)
         acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
         for p in tl.static_range(len(GEOMS)):
             hit, n, i, j = _locate(b, h, t, tl.constexpr(GEOMS[p]))
             hit = hit & live
-            rows = tl.load(parts[p] + _offset(hit, n, i, j, tl.constexpr(STRIDES[p]))[:, None] + d[None, :],
-                           mask=hit[:, None] & (d < D)[None, :], other=0.0)
-            acc += rows.to(tl.float32)
-        pos = (b * T + t).to(tl.int64) * H + h
-        tl.store(out_ptr + pos[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=live[:, None] & (d < D)[None, :])
+            acc += _load_rows(parts[p], _offset(hit, n, i, j, tl.constexpr(STRIDES[p])), hit, d, D)
+        _store_rows(out_ptr, pos, live, d, D, acc)
 
 
 def _launch(kernel, x: torch.Tensor, *args, **meta):
