@@ -98,8 +98,8 @@ class Rotary(nn.Module):
 
     def rotation(self, seq_len: int, offset: int, device) -> functools.partial:
         """rope(x) for x (B, seq_len, H, D) at global positions offset … offset + seq_len − 1.
-        The angles' cos and sin are computed here, once: per block and per call they cost a
-        training step at 32K 2.9 ms of sin/cos (docs/performance.md run 38)."""
+        The angles' cos and sin are computed here, once per forward: made per block for q and
+        for k, they took 2.9 ms of a 32K training step (docs/performance.md runs 38 and 40)."""
         pos = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float32)
         angles = torch.outer(pos, self.inv_freq)[None, :, None, :]  # (1, l, 1, D/2)
         return functools.partial(rotate, cos=angles.cos(), sin=angles.sin())
