@@ -134,12 +134,22 @@ def merge_piece(out, lse, piece: Piece, o: torch.Tensor, lse_p: torch.Tensor, fr
     commit_rows(lse, piece, lse_acc)
 
 
+def attend_piece(q, k, v, piece: Piece, is_causal, scale):
+    """One piece's kernel output (N, g, m, D) and LSE (N, g, m) from q/k/v (B, T, H, D)."""
+    return attn_fwd(kernel_rows(q, piece), kernel_rows(k, piece), kernel_rows(v, piece), is_causal, scale)
+
+
+def piece_grads(saved, lse, piece: Piece, is_causal, scale) -> list[torch.Tensor]:
+    """One piece's [dq, dk, dv] (N, g, m, D); saved and lse as in backward_pieces."""
+    return list(attn_bwd(*(kernel_rows(x, piece) for x in saved), kernel_rows(lse, piece), is_causal, scale))
+
+
 def forward_pieces(out, lse, q, k, v, pieces, fresh, is_causal, scale) -> None:
     """Attend every piece of q/k/v (B, T, H, D) and merge it into out (B, T, H, D) and
     lse (B, T, H); fresh: fresh_flags over the same pieces."""
     B = q.shape[0]
     for piece, is_fresh in zip(pieces, fresh):
-        o, lse_p = attn_fwd(kernel_rows(q, piece), kernel_rows(k, piece), kernel_rows(v, piece), is_causal, scale)
+        o, lse_p = attend_piece(q, k, v, piece, is_causal, scale)
         merge_piece(out, lse, piece, o.unflatten(0, (B, -1)), lse_p.unflatten(0, (B, -1)), is_fresh)
 
 
@@ -154,15 +164,10 @@ def attend_pieces(q, k, v, pieces, is_causal, scale) -> tuple[list, list]:
     """Every piece's kernel output (N, g, m, D) and LSE (N, g, m), for combine.merge_pieces."""
     outs, lses = [], []
     for piece in pieces:
-        o, lse = attn_fwd(kernel_rows(q, piece), kernel_rows(k, piece), kernel_rows(v, piece), is_causal, scale)
+        o, lse = attend_piece(q, k, v, piece, is_causal, scale)
         outs.append(o)
         lses.append(lse)
     return outs, lses
-
-
-def piece_grads(saved, lse, piece: Piece, is_causal, scale) -> list[torch.Tensor]:
-    """One piece's [dq, dk, dv] (N, g, m, D); saved and lse as in backward_pieces."""
-    return list(attn_bwd(*(kernel_rows(x, piece) for x in saved), kernel_rows(lse, piece), is_causal, scale))
 
 
 def sum_grads(like: torch.Tensor, pieces, parts: list) -> list[torch.Tensor]:
@@ -197,7 +202,7 @@ def backward_pieces(grads: list, saved, lse, pieces, fresh, is_causal, scale, dt
     saved: dout, q, k, v, merged out as (B, T, H, D); lse: merged (B, T, H)."""
     q = saved[1]
     for piece, is_fresh in zip(pieces, fresh):
-        gs = list(attn_bwd(*(kernel_rows(x, piece) for x in saved), kernel_rows(lse, piece), is_causal, scale))
+        gs = piece_grads(saved, lse, piece, is_causal, scale)
         for i in range(3):
             write_grad(grads, i, piece, gs[i], is_fresh, q, dtype)
             gs[i] = None  # free each piece gradient once written

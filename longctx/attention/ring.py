@@ -29,6 +29,7 @@ from .base import DilatedAttentionBase
 from .branches import Piece, branch_pieces, head_groups, index_scope
 from .improved import (
     acc_dtype,
+    attend_piece,
     backward_pieces,
     finish_grads,
     fresh_flags,
@@ -168,7 +169,7 @@ class _RingFunction(torch.autograd.Function):
         with index_scope():
             for item, piece, is_fresh in zip(layout, pieces, fresh):
                 if isinstance(item, Piece):
-                    o, lse_p = attn_fwd(kernel_rows(q, piece), kernel_rows(k, piece), kernel_rows(v, piece), is_causal, scale)
+                    o, lse_p = attend_piece(q, k, v, piece, is_causal, scale)
                 else:  # (B, g, m, D): the ring piece's one segment per batch row
                     kv = torch.stack([read_rows(k, piece), read_rows(v, piece)]).flatten(1, 2)
                     o, lse_p = _ring_forward(q, kv, item, is_causal, scale, group)
