@@ -68,12 +68,15 @@ for s in $stages; do
         --trainer.max_steps=25 --trainer.limit_val_batches=0 --trainer.enable_progress_bar=false \
         --trainer.callbacks.skip_steps=8 --trainer.default_root_dir="$OUT/e2e" > "$OUT/e2e-compile-32k.log" 2>&1
       echo "compile-32k rc=$?: $(grep -h 'fit summary' "$OUT/e2e-compile-32k.log" || grep -h -m3 -E 'Error|error' "$OUT/e2e-compile-32k.log")" ;;
-    1m|maxlen)  # issue 7 target 5: a full step at 1M tokens; maxlen: the longest that fits (MAXLEN tokens)
-      T=1048576; [ $s = maxlen ] && T=${MAXLEN:-1310720}
-      timeout 400 python3 train.py fit --config configs/longnet.yaml --config configs/seq/1m.yaml --config configs/passkey.yaml \
-        --data.seq_len=$T --trainer.max_steps=5 --trainer.limit_val_batches=0 --trainer.enable_progress_bar=false \
-        --trainer.callbacks.skip_steps=1 --trainer.default_root_dir="$OUT/e2e" > "$OUT/e2e-$T.log" 2>&1
-      echo "$T tokens rc=$?: $(grep -h 'fit summary' "$OUT/e2e-$T.log" || grep -h -m3 -E 'Error|error' "$OUT/e2e-$T.log")" ;;
+    1m|maxlen)  # issue 7 target 5: a full step at 1M tokens; maxlen: the longest that fits (MAXLEN: lengths to try)
+      lengths=1048576; [ $s = maxlen ] && lengths=${MAXLEN:-1310720}
+      for T in $lengths; do
+        timeout 400 python3 train.py fit --config configs/longnet.yaml --config configs/seq/1m.yaml --config configs/passkey.yaml \
+          --data.seq_len=$T --trainer.max_steps=5 --trainer.limit_val_batches=0 --trainer.enable_progress_bar=false \
+          --trainer.callbacks.skip_steps=1 --trainer.default_root_dir="$OUT/e2e" > "$OUT/e2e-$T.log" 2>&1
+        echo "$T tokens rc=$?: $(grep -h 'fit summary' "$OUT/e2e-$T.log" || grep -h -m3 -E 'Error|error' "$OUT/e2e-$T.log")"
+      done ;;
+    combprobe) python3 scripts/combine_probe.py 2>&1 | tee "$OUT/combine_probe.txt" ;;
     capture) python3 -m pytest -q -x tests/test_gpu.py -k capture 2>&1 | tail -n 60
       for order in fresh eager eager-sync; do for b in cudnn flash; do
         LONGCTX_CUDA_ATTENTION=$b python3 scripts/capture_probe.py $order 2>&1 | tail -n 1

@@ -50,41 +50,73 @@ def scatter(B, T, H, p, rows, fill):
     return out
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
-def test_merge_is_eq10_over_covering_pieces(layout):
-    B, T, H, D, ws, rs, head_split = layout
-    gen = torch.Generator().manual_seed(0)
-    pieces = strided_pieces(T, H, ws, rs, head_split)
-    outs = [piece_rows(B, p, D, gen, torch.bfloat16) for p in pieces]
-    lses = [(3 * torch.randn(B * p.num_segments, len(p.heads), p.rows, generator=gen)).to(DEVICE) for p in pieces]
-    like = torch.empty(B, T, H, D, dtype=torch.bfloat16, device=DEVICE)
-    out, lse = combine.merge_pieces(like, pieces, outs, lses)
-
+def eq10_reference(B, T, H, pieces, outs, lses):
+    """LongNet Eq. 10 in float64 over the pieces' rows placed by DESIGN §3's rule: (out, lse, kept)."""
     every_lse = torch.stack([scatter(B, T, H, p, l, float("-inf")) for p, l in zip(pieces, lses)])
     every_out = torch.stack([scatter(B, T, H, p, o, 0.0) for p, o in zip(pieces, outs)])
     ref_lse = torch.logsumexp(every_lse, 0)
     kept = torch.isfinite(ref_lse)
     weights = torch.where(kept, torch.exp(every_lse - ref_lse), 0.0)
-    ref = (weights[..., None] * every_out).sum(0)
+    return (weights[..., None] * every_out).sum(0), ref_lse, kept
 
+
+def check_merge(out, lse, ref, ref_lse, kept):
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32 and out.is_contiguous()
     assert torch.equal(torch.isfinite(lse).cpu(), kept)
-    assert (head_split or not kept.all()) == (kept.sum(-1) < H).any()  # the layouts test what they claim
     torch.testing.assert_close(lse.cpu().double()[kept], ref_lse[kept], rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(out.cpu().double(), ref.to(torch.bfloat16).double(), rtol=0, atol=2 ** -7 * ref.abs().max().item())
     assert torch.equal(out.cpu()[~kept], torch.zeros_like(out.cpu()[~kept]))
 
 
+def random_pieces(B, T, H, D, pieces, seed):
+    """Each piece's bf16 output, float32 LSE and float32 gradient rows, random."""
+    gen = torch.Generator().manual_seed(seed)
+    outs = [piece_rows(B, p, D, gen, torch.bfloat16) for p in pieces]
+    lses = [(3 * torch.randn(B * p.num_segments, len(p.heads), p.rows, generator=gen)).to(DEVICE) for p in pieces]
+    return outs, lses, [piece_rows(B, p, D, gen, torch.float32) for p in pieces]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
+def test_merge_is_eq10_over_covering_pieces(layout):
+    B, T, H, D, ws, rs, head_split = layout
+    pieces = strided_pieces(T, H, ws, rs, head_split)
+    outs, lses, _ = random_pieces(B, T, H, D, pieces, 0)
+    like = torch.empty(B, T, H, D, dtype=torch.bfloat16, device=DEVICE)
+    out, lse = combine.merge_pieces(like, pieces, outs, lses)
+    ref, ref_lse, kept = eq10_reference(B, T, H, pieces, outs, lses)
+    assert (head_split or not kept.all()) == (kept.sum(-1) < H).any()  # the layouts test what they claim
+    check_merge(out, lse, ref, ref_lse, kept)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
 def test_sum_adds_every_piece_once(layout):
     B, T, H, D, ws, rs, head_split = layout
-    gen = torch.Generator().manual_seed(1)
     pieces = strided_pieces(T, H, ws, rs, head_split)
-    parts = [piece_rows(B, p, D, gen, torch.float32) for p in pieces]
+    _, _, parts = random_pieces(B, T, H, D, pieces, 1)
     like = torch.empty(B, T, H, D, device=DEVICE)
     total = combine.sum_pieces(like, pieces, parts)
     ref = sum(scatter(B, T, H, p, g, 0.0) for p, g in zip(pieces, parts))
     torch.testing.assert_close(total.cpu().double(), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("T", [40, pytest.param(2**20 + 2**16, marks=pytest.mark.skipif(DEVICE == "cpu", reason="GPU only: "
+                                                 "too many programs for the interpreter; T = 40 runs the same path"))])
+def test_many_position_blocks_per_head(monkeypatch, T):
+    """16 positions a program: several programs per (batch, head), numbered head, then position
+    block, then batch (combine.launch_grid). At 1M + 64K positions that is more blocks than CUDA
+    allows in a grid's second dimension, where a 1.3M-token training step failed
+    (docs/performance.md, run 43)."""
+    B, H, D, ws, rs = 2, 3, 8, (8, 16), (1, 2)
+    monkeypatch.setattr(combine, "INTERPRETED", False)  # on CPU still interpreted, now with small tiles
+    monkeypatch.setattr(combine, "MERGE_TILE", 16 * D)
+    monkeypatch.setattr(combine, "SUM_TILE", 16 * D)
+    pieces = strided_pieces(T, H, ws, rs, False)
+    outs, lses, parts = random_pieces(B, T, H, D, pieces, 4)
+    like = torch.empty(B, T, H, D, dtype=torch.bfloat16, device=DEVICE)
+    check_merge(*combine.merge_pieces(like, pieces, outs, lses), *eq10_reference(B, T, H, pieces, outs, lses))
+    total = combine.sum_pieces(like.float(), pieces, parts)
+    torch.testing.assert_close(total.cpu().double(), sum(scatter(B, T, H, p, g, 0.0) for p, g in zip(pieces, parts)),
+                               rtol=1e-6, atol=1e-6)
 
 
 CASES = [  # (T, H, D, segment_lengths, dilation_rates): every piece strided

@@ -95,10 +95,12 @@ if triton is not None:
     @triton.jit
     def _tile(T, H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         """This program's batch b, head h, positions t (t < T: live), head-dim columns d, and the
-        offsets pos of (b, t, h) in a (B, T, H) tensor."""
-        b = tl.program_id(0) // H
+        offsets pos of (b, t, h) in a (B, T, H) tensor. Programs are numbered head fastest, then
+        position block, then batch (launch_grid)."""
         h = tl.program_id(0) % H
-        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        blocks = tl.cdiv(T, BLOCK_T)
+        b = tl.program_id(0) // H // blocks
+        t = (tl.program_id(0) // H % blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
         return b, h, t, t < T, tl.arange(0, BLOCK_D), (b * T + t).to(tl.int64) * H + h
 
     @triton.jit
@@ -148,13 +150,28 @@ if triton is not None:
         _store_rows(out_ptr, pos, live, d, D, acc)
 
 
-def _launch(kernel, x: torch.Tensor, *args, **meta):
+# Elements (positions × head dim) per program, at 4 warps. Both kernels are bound by instruction
+# issue more than by bytes (per-row index math, repeated by the threads sharing a row, and the
+# bf16 → float32 unpacking), and smaller programs keep more of them resident: on an H100 at 32K
+# (scripts/combine_probe.py, docs/performance.md runs 41–42) the merge took 129 us at 2048
+# against 156 at 4096, the sum 60 against 75 at 1024; a copy of the merge's bytes takes 56.
+MERGE_TILE, SUM_TILE = 2048, 1024
+
+
+def launch_grid(B: int, T: int, H: int, block_t: int) -> tuple[int]:
+    """One program per (batch, head, block of block_t positions), in one grid dimension: CUDA
+    allows 2^31 − 1 blocks there but only 65535 in the others, which ⌈T / 16⌉ passes at 1M tokens."""
+    return (B * H * triton.cdiv(T, block_t),)
+
+
+def _launch(kernel, x: torch.Tensor, *args, tile: int, warps: int = 4, **meta):
+    """kernel over x (B, T, H, D): one program per (batch, head) and `tile` elements' positions,
+    with `warps` warps; the interpreter runs one program per (batch, head)."""
     B, T, H, D = x.shape
     block_d = triton.next_power_of_2(D)
-    # A 4K-element float32 tile per program; the interpreter runs one program per (batch, head).
-    block_t = triton.next_power_of_2(T) if INTERPRETED else max(16, 4096 // block_d)
-    grid = (B * H, triton.cdiv(T, block_t))
-    kernel[grid](x, *args, T, H=H, D=D, BLOCK_T=block_t, BLOCK_D=block_d, **meta)
+    block_t = triton.next_power_of_2(T) if INTERPRETED else max(16, tile // block_d)
+    kernel[launch_grid(B, T, H, block_t)](x, *args, T, H=H, D=D, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps,
+                                          **meta)
 
 
 def _strides(tensors, dims: int) -> tuple:
@@ -169,7 +186,7 @@ def merge_pieces(like: torch.Tensor, pieces: tuple[Piece, ...], outs: list, lses
     float32) from each piece's output outs[i] (N, g, m, D) and LSE lses[i] (N, g, m)."""
     out = torch.empty_like(like, memory_format=torch.contiguous_format)
     lse = like.new_empty(like.shape[:3], dtype=torch.float32)
-    _launch(_merge_kernel, out, lse, tuple(outs), tuple(lses), GEOMS=tuple(map(piece_geometry, pieces)),
+    _launch(_merge_kernel, out, lse, tuple(outs), tuple(lses), tile=MERGE_TILE, GEOMS=tuple(map(piece_geometry, pieces)),
             O_STRIDES=_strides(outs, 4), L_STRIDES=_strides(lses, 3))
     return out, lse
 
@@ -177,5 +194,5 @@ def merge_pieces(like: torch.Tensor, pieces: tuple[Piece, ...], outs: list, lses
 def sum_pieces(like: torch.Tensor, pieces: tuple[Piece, ...], parts: list) -> torch.Tensor:
     """The (B, T, H, D) sum, in like's dtype, of every piece's rows parts[i] (N, g, m, D)."""
     out = torch.empty_like(like, memory_format=torch.contiguous_format)
-    _launch(_sum_kernel, out, tuple(parts), GEOMS=tuple(map(piece_geometry, pieces)), STRIDES=_strides(parts, 4))
+    _launch(_sum_kernel, out, tuple(parts), tile=SUM_TILE, GEOMS=tuple(map(piece_geometry, pieces)), STRIDES=_strides(parts, 4))
     return out
