@@ -1,8 +1,9 @@
 """Where one training step of the LongNet-size LM (12 × 768, 12 heads) spends its GPU time.
 
-python scripts/profile_step.py [T] [dilated|dense] [compile|graphs] [ckpt] [sync] — defaults:
+python scripts/profile_step.py [T] [dilated|dense] [compile|graphs] [ckpt] [sync] [foreach] — defaults:
 32768 dilated, eager, no activation checkpointing; graphs = compile with mode="reduce-overhead";
-sync = read the loss's finiteness on the host after the forward, as train.py's step does.
+sync = read the loss's finiteness on the host after the forward, as train.py's step does;
+foreach = AdamW's default multi-tensor step instead of the fused one train.py takes.
 dense = one branch w = T, r = 1 (exact dense causal attention through the same op). The step
 is train.py's without Lightning: bf16 autocast, cross-entropy, clip 1.0, AdamW. Prints the step
 time (CUDA events, no profiler), the GPU-busy time per step (kernels, profiler) and the kernel
@@ -23,6 +24,7 @@ FAMILIES = [  # first match wins
     ("attention (cuDNN/flash)", ("cudnn", "flash", "fmha")),
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "sm90_")),
     ("combine (combine.py)", ("_merge_kernel", "_sum_kernel")),
+    ("optimizer and clipping", ("multi_tensor_apply", "fused_adam")),
     ("compiled (triton)", ("triton",)),
     ("reduce", ("reduce",)),
     ("elementwise / copy", ("elementwise", "copy", "cat", "fill", "index")),
@@ -47,7 +49,7 @@ def main():
     if compiled:
         for block in model.blocks:
             block.compile(mode="reduce-overhead" if graphs else None)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=None if "foreach" in sys.argv[3:] else True)
     tokens = torch.randint(0, 256, (1, T + 1), device="cuda")
 
     def step():
@@ -74,7 +76,8 @@ def main():
             by_family[family(e.name)] += e.device_time / 1e3 / n
             by_kernel[e.name[:90]] += e.device_time / 1e3 / n
     busy = sum(by_family.values())
-    print(f"T={T} {'dense' if dense else 'dilated'} compile={compiled} graphs={graphs} ckpt={ckpt} sync={sync}: step {ms:.1f} ms "
+    print(f"T={T} {'dense' if dense else 'dilated'} compile={compiled} graphs={graphs} ckpt={ckpt} sync={sync} "
+          f"fused_adamw={opt.defaults['fused'] is True}: step {ms:.1f} ms "
           f"({T / ms * 1e3:,.0f} tokens/s), GPU busy {busy:.1f} ms/step ({busy / ms:.0%}), "
           f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     for f, t in by_family.most_common():

@@ -4,7 +4,9 @@ import glob
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,6 +71,49 @@ def test_passkey_task_logs_accuracy_per_bucket(corpus_dir):
         acc = metrics[f"val/passkey_acc_bucket{b}"]
         assert 0.0 <= acc <= 1.0
     assert "val/bpb" in metrics
+
+
+class ClipProbe(L.Callback):
+    """The gradient norm before clipping (on_before_optimizer_step) and as the optimizer step
+    used it (a step post-hook: the step runs Lightning's closure, backward and clipping, and
+    leaves the gradients as they were)."""
+
+    def __init__(self):
+        self.before, self.at_step, self.fused = [], [], None
+
+    @staticmethod
+    def norm(module) -> float:
+        return torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in module.parameters() if p.grad is not None])).item()
+
+    def on_train_start(self, trainer, pl_module):
+        opt = trainer.optimizers[0]
+        self.fused = opt.defaults["fused"]
+        opt.register_step_post_hook(lambda *_: self.at_step.append(self.norm(pl_module)))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.before.append(self.norm(pl_module))
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_fused_adamw_step_still_clips_gradients(corpus_dir, precision):
+    """AdamW takes its fused step, and trainer.gradient_clip_val still clips the gradients it
+    gets: under bf16-mixed Lightning's plugin refuses to clip for a fused optimizer, so the module
+    clips through the base plugin (lit_module.configure_gradient_clipping)."""
+    probe, clip = ClipProbe(), 0.05
+    cli_main(["fit", *tiny_args(corpus_dir, f"--trainer.precision={precision}", f"--trainer.gradient_clip_val={clip}",
+                                "--trainer.max_steps=3")], trainer_defaults={"callbacks": [probe]})
+    assert probe.fused is True
+    assert len(probe.at_step) == 3 and min(probe.before) > 2 * clip, probe.before
+    for norm in probe.at_step:
+        assert norm == pytest.approx(clip, rel=1e-3)
+
+
+def test_fused_step_is_off_under_a_grad_scaler():
+    """fp16's grad scaler unscales inside a fused step, after clipping: AdamW stays unfused."""
+    module = LongContextLM(d_model=32, n_layers=1, n_heads=4, segment_lengths=[16], dilation_rates=[1], seq_len=16)
+    for scaler, fused in [(None, True), (torch.amp.GradScaler("cpu"), False)]:
+        module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler), max_steps=10)
+        assert module.configure_optimizers()["optimizer"].defaults["fused"] is (True if fused else None)
 
 
 def run_ddp(tmp_path, corpus_dir, *extra):
