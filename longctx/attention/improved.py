@@ -1,7 +1,9 @@
 """ImprovedDilatedAttention: the same function as DilatedAttention, fast.
 
 Shapes: B batch, T sequence length, H heads, D head dim; a piece has S segments, g heads and m
-kept rows per segment; N = B·S.
+kept rows per segment; N = B·S. LSE tensors are (B, T, H), not DESIGN §2's (B, H, T): laid out
+like the (B, T, H, D) output, a piece's LSE rows are a strided view with batch and segment folded
+into one stride (N), as its output rows are; in (B, H, T) they fold only when H = 1.
 
 Few gathers. A strided piece (branches.py: heads h0, h0 + step, … of one branch whose offsets
 step evenly too, over its full segments or its tail) keeps rows start + s·w + (h mod r) + j·r:
