@@ -23,6 +23,34 @@ def corpus(tmp_path_factory):
     return cache
 
 
+def test_default_corpus_is_the_standard_library_without_installed_packages(tmp_path, monkeypatch):
+    """The default corpus reads the standard library's .py files, not what pip installed into its
+    site-packages (or a distribution's dist-packages): the same corpus on every install of one
+    Python release. Split by file, every file once."""
+    import sysconfig
+
+    from longctx.data import TextDataModule
+
+    lib = tmp_path / "lib"
+    files = {"os.py": "import sys\n", "json/decoder.py": "x = 1\n" * 3, "json/notes.txt": "not python\n",
+             "site-packages/torch/nn.py": "pip's\n", "dist-packages/apt.py": "debian's\n",
+             "site-packages.py": "a module named like the folder\n"}
+    for rel, text in files.items():
+        (lib / rel).parent.mkdir(parents=True, exist_ok=True)
+        (lib / rel).write_text(text)
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(lib)})
+    dm = TextDataModule(cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()
+    folder = dm.corpus_folder()[1]
+    corpus = b"".join((folder / f"{split}.bin").read_bytes() for split in ("train", "val"))
+    kept = ("os.py", "json/decoder.py", "site-packages.py")
+    assert len(corpus) == sum(len(files[r]) + 1 for r in kept)  # each file once, then a newline
+    for rel in kept:
+        assert files[rel].encode() in corpus
+    for rel in ("json/notes.txt", "site-packages/torch/nn.py", "dist-packages/apt.py"):
+        assert files[rel].encode() not in corpus
+
+
 def train(args, cwd, env=None, timeout=180):
     """Run train.py in its own process group; kill the whole group on timeout (no orphans)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]), **(env or {}))
