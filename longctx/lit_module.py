@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torchmetrics import MeanMetric, Metric
 
@@ -264,10 +264,12 @@ class LongContextLM(L.LightningModule):
         """trainer.gradient_clip_val, also for the fused AdamW step. Lightning's mixed-precision
         plugin refuses to clip for any fused optimizer: its guard is for fp16's grad scaler, which
         a fused step unscales itself. Without a scaler (the only case configure_optimizers fuses)
-        the gradients are final here, and the base plugin clips them as for any optimizer."""
-        if gradient_clip_val and optimizer.defaults.get("fused"):
+        the gradients are final here: this clips them with the base plugin's clipping, which the
+        mixed-precision plugin's only wraps in that guard."""
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and optimizer.defaults.get("fused") and isinstance(plugin, MixedPrecision):
             algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
-            Precision.clip_gradients(self.trainer.precision_plugin, optimizer, gradient_clip_val, algorithm)
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
