@@ -48,31 +48,40 @@ def _is_val(rel: str) -> bool:
 
 def build_corpus(source: Path, out: Path, suffixes: tuple[str, ...] | None, skip: frozenset = frozenset()) -> dict:
     """Concatenate the bytes of every file under `source` (see _files) into out/{train,val}.bin
-    (split by file, deterministic) with a progress bar; write meta.json last, so a half-built
-    corpus is never taken for a finished one."""
+    with a progress bar; write meta.json last, so a half-built corpus is never taken for a
+    finished one. The split is by file (_is_val); when that leaves a split empty (a folder of one
+    file, say), by bytes instead: the last VAL_PERCENT% of the concatenation validates."""
     from tqdm.auto import tqdm
 
     files = _files(source, suffixes, skip)
     if not files:
         kind = " or ".join(suffixes) + " " if suffixes else ""
         raise ValueError(f"data.data_dir={str(source)!r} contains no {kind}files to train on")
+    flags = [_is_val(str(p.relative_to(source))) for p in files]
+    by_file = 0 < sum(flags) < len(files)
+    total = sum(p.stat().st_size + 1 for p in files)
+    cut = total - max(1, total * VAL_PERCENT // 100)  # where validation starts when split by bytes
     out.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for split in ("train", "val"):
         tmp = out / f"{split}.bin.tmp"
-        digest, n = hashlib.sha256(), 0
+        digest, n, pos = hashlib.sha256(), 0, 0
+        lo, hi = (0, cut) if split == "train" else (cut, total)
         with open(tmp, "wb") as f:
-            for path in tqdm(files, desc=f"building {out.name}/{split}.bin", unit="file", leave=False):
-                rel = str(path.relative_to(source))
-                if _is_val(rel) != (split == "val"):
+            for path, is_val in tqdm(list(zip(files, flags)), desc=f"building {out.name}/{split}.bin", unit="file",
+                                     leave=False):
+                if by_file and is_val != (split == "val"):
                     continue
                 data = path.read_bytes() + b"\n"
+                if not by_file:
+                    start, pos = pos, pos + len(data)
+                    data = data[max(lo - start, 0):max(hi - start, 0)]
                 f.write(data)
                 digest.update(data)
                 n += len(data)
         os.replace(tmp, out / f"{split}.bin")
         sizes[split] = dict(bytes=n, sha256=digest.hexdigest())
-    meta = dict(source=str(source), files=len(files), splits=sizes)
+    meta = dict(source=str(source), files=len(files), split="by file" if by_file else "by bytes", splits=sizes)
     tmp = out / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, out / "meta.json")

@@ -51,6 +51,25 @@ def test_default_corpus_is_the_standard_library_without_installed_packages(tmp_p
         assert files[rel].encode() not in corpus
 
 
+def test_a_folder_of_one_file_is_split_by_bytes(tmp_path):
+    """Split by file, a folder's single file would land wholly in train or in validation and
+    leave the other split empty. Such a folder is split by bytes: the last 5% validates."""
+    from longctx.data import VAL_PERCENT, TextDataModule
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    body = bytes(range(256)) * 40
+    (texts / "book.txt").write_bytes(body)
+    dm = TextDataModule(seq_len=64, batch_size=2, data_dir=str(texts), cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()
+    dm.setup("fit")
+    folder = dm.corpus_folder()[1]
+    train, val = ((folder / f"{split}.bin").read_bytes() for split in ("train", "val"))
+    assert train + val == body + b"\n"
+    assert len(val) == (len(body) + 1) * VAL_PERCENT // 100
+    assert len(dm.train_set) > 0 and len(dm.val_set) > 0
+
+
 def train(args, cwd, env=None, timeout=180):
     """Run train.py in its own process group; kill the whole group on timeout (no orphans)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]), **(env or {}))
