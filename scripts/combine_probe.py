@@ -3,7 +3,7 @@
 Run 38's profile had the merge at ~1 TB/s where the sum kernel moved ~2 TB/s (both read each
 piece's rows once and write one (B, T, H, D) tensor). This times both kernels for a few
 (elements per program, warps), against a device copy of the same bytes, and checks each
-result against the default launch's (docs/performance.md, runs 41-42).
+result against the default launch's (docs/performance.md, runs 41–42 and 48–49).
 Usage: python3 scripts/combine_probe.py [T ...]   (default 32768 131072; the long preset's layout)
 """
 import sys
@@ -38,7 +38,7 @@ def main(lengths):
               f"{moved['merge'] / ms / 1e9:.2f} TB/s")
         ref_out, ref_lse = out.float(), lse
         ref_sum = combine.sum_pieces(q, pieces, parts).float()
-        for tile, warps in [(4096, 4), (2048, 4), (4096, 8), (1024, 2), (2048, 2), (8192, 8), (1024, 4)]:
+        for tile, warps in [(4096, 4), (2048, 4), (4096, 8), (2048, 2), (8192, 8), (1024, 4), (2048, 8)]:
             row = [f"  tile {tile:5d} warps {warps}:"]
             o, l = torch.empty_like(q), torch.empty_like(lse)
             ms = do_bench(lambda: combine._launch(combine._merge_kernel, o, l, tuple(outs), tuple(lses), tile=tile, warps=warps,

@@ -93,50 +93,58 @@ if triton is not None:
         return tl.where(hit, n * STRIDES[0] + i.to(tl.int64) * STRIDES[1] + j * STRIDES[2], 0)
 
     @triton.jit
-    def _tile(T, H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        """This program's batch b, head h, positions t (t < T: live), head-dim columns d, and the
-        offsets pos of (b, t, h) in a (B, T, H) tensor. Programs are numbered head fastest, then
-        position block, then batch (launch_grid)."""
+    def _tile(T, H: tl.constexpr, BLOCK_T: tl.constexpr, COLS: tl.constexpr):
+        """This program's batch b, head h, positions t (t < T: live), head-dim columns d (the
+        first COLS), and the offsets pos of (b, t, h) in a (B, T, H) tensor. Programs are
+        numbered head fastest, then position block, then batch (launch_grid)."""
         h = tl.program_id(0) % H
         blocks = tl.cdiv(T, BLOCK_T)
         b = tl.program_id(0) // H // blocks
         t = (tl.program_id(0) // H % blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
-        return b, h, t, t < T, tl.arange(0, BLOCK_D), (b * T + t).to(tl.int64) * H + h
+        return b, h, t, t < T, tl.arange(0, COLS), (b * T + t).to(tl.int64) * H + h
 
     @triton.jit
     def _load_rows(ptr, offset, hit, d, D: tl.constexpr):
-        """(BLOCK_T, BLOCK_D) float32 rows of a piece tensor at element offsets `offset`, 0 where not hit."""
+        """(BLOCK_T, len(d)) float32 columns d of a piece tensor's rows at element offsets `offset`, 0
+        where not hit."""
         return tl.load(ptr + offset[:, None] + d[None, :], mask=hit[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
 
     @triton.jit
     def _store_rows(ptr, pos, live, d, D: tl.constexpr, rows):
-        """Rows (BLOCK_T, BLOCK_D) into a contiguous (B, T, H, D) tensor at row offsets pos."""
+        """Columns d of rows (BLOCK_T, len(d)) into a contiguous (B, T, H, D) tensor at row offsets pos."""
         tl.store(ptr + pos[:, None] * D + d[None, :], rows.to(ptr.dtype.element_ty), mask=live[:, None] & (d < D)[None, :])
 
     @triton.jit
     def _merge_kernel(out_ptr, lse_ptr, outs, lses, T, H: tl.constexpr, D: tl.constexpr, GEOMS: tl.constexpr,
                       O_STRIDES: tl.constexpr, L_STRIDES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        b, h, t, live, d, pos = _tile(T, H, BLOCK_T, BLOCK_D)
+        # Each row as two halves, d and d + half: 4 threads share a row's index math, LSE load and
+        # weights instead of 8, a quarter fewer instructions (docs/performance.md, run 48; it did
+        # not pay in the sum kernel, whose per-row work is smaller).
+        half: tl.constexpr = BLOCK_D // 2
+        b, h, t, live, d, pos = _tile(T, H, BLOCK_T, half)
         # Online LongNet Eq. 10: running max LSE, Σ exp(lse_p − top) and Σ exp(lse_p − top)·o_p.
         top = tl.full([BLOCK_T], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_T], tl.float32)
-        acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        acc0 = tl.zeros([BLOCK_T, half], tl.float32)
+        acc1 = tl.zeros([BLOCK_T, half], tl.float32)
         for p in tl.static_range(len(GEOMS)):
             hit, n, i, j = _locate(b, h, t, tl.constexpr(GEOMS[p]))
             hit = hit & live
             lse_p = tl.load(lses[p] + _offset(hit, n, i, j, tl.constexpr(L_STRIDES[p])), mask=hit, other=float("-inf"))
-            rows = _load_rows(outs[p], _offset(hit, n, i, j, tl.constexpr(O_STRIDES[p])), hit, d, D)
+            row = _offset(hit, n, i, j, tl.constexpr(O_STRIDES[p]))
             new_top = tl.maximum(top, lse_p)
             shift = tl.where(new_top == float("-inf"), 0.0, new_top)  # no piece yet: keep zeros
             rescale = tl.exp(top - shift)
             weight = tl.exp(lse_p - shift)
-            acc = acc * rescale[:, None] + rows * weight[:, None]
+            acc0 = acc0 * rescale[:, None] + _load_rows(outs[p], row, hit, d, D) * weight[:, None]
+            acc1 = acc1 * rescale[:, None] + _load_rows(outs[p], row, hit, d + half, D) * weight[:, None]
             total = total * rescale + weight
             top = new_top
         kept = total > 0  # total >= 1 where any piece keeps the position
         safe = tl.where(kept, total, 1.0)
         tl.store(lse_ptr + pos, tl.where(kept, top + tl.log(safe), float("-inf")), mask=live)
-        _store_rows(out_ptr, pos, live, d, D, acc / safe[:, None])
+        _store_rows(out_ptr, pos, live, d, D, acc0 / safe[:, None])
+        _store_rows(out_ptr, pos, live, d + half, D, acc1 / safe[:, None])
 
     @triton.jit
     def _sum_kernel(out_ptr, parts, T, H: tl.constexpr, D: tl.constexpr, GEOMS: tl.constexpr, STRIDES: tl.constexpr,
@@ -152,10 +160,10 @@ if triton is not None:
 
 # Elements (positions × head dim) per program, at 4 warps. Both kernels are bound by instruction
 # issue more than by bytes (per-row index math, repeated by the threads sharing a row, and the
-# bf16 → float32 unpacking), and smaller programs keep more of them resident: on an H100 at 32K
-# (scripts/combine_probe.py, docs/performance.md runs 41–42) the merge took 129 us at 2048
-# against 156 at 4096, the sum 60 against 75 at 1024; a copy of the merge's bytes takes 56.
-MERGE_TILE, SUM_TILE = 2048, 1024
+# bf16 → float32 unpacking). On an H100 at 32K (scripts/combine_probe.py, docs/performance.md
+# runs 41–42 and 48; a copy of the merge's bytes takes 56 us): the merge, rows in halves, 104 us
+# at 4096 (129 at 2048 with whole rows, 156 at 4096); the sum 60 us at 1024 (75 at 4096).
+MERGE_TILE, SUM_TILE = 4096, 1024
 
 
 def launch_grid(B: int, T: int, H: int, block_t: int) -> tuple[int]:
