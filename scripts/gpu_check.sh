@@ -76,6 +76,8 @@ for s in $stages; do
           --trainer.callbacks.skip_steps=1 --trainer.default_root_dir="$OUT/e2e" > "$OUT/e2e-$T.log" 2>&1
         echo "$T tokens rc=$?: $(grep -h 'fit summary' "$OUT/e2e-$T.log" || grep -h -m3 -E 'Error|error' "$OUT/e2e-$T.log")"
       done ;;
+    dedup) python3 scripts/dedup_probe.py ${DEDUP_LENGTHS:-65536 131072 262144} 2>&1 | tee "$OUT/dedup_probe.txt" ;;
+    bias) python3 scripts/bias_probe.py 2>&1 | tee "$OUT/bias_probe.txt" ;;
     combprobe) python3 scripts/combine_probe.py 2>&1 | tee "$OUT/combine_probe.txt" ;;
     capture) python3 -m pytest -q -x tests/test_gpu.py -k capture 2>&1 | tail -n 60
       for order in fresh eager eager-sync; do for b in cudnn flash; do
