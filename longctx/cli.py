@@ -55,12 +55,24 @@ class LongCtxCLI(LightningCLI):
 
 
 def oom_message(model, datamodule, error: Exception) -> str:
+    """The run's size and the memory savers it does not use yet."""
     h = model.hparams
     cp = model.layout.cp_size
+    batch = getattr(datamodule, "batch_size", "?")
+    hints = []
+    if not h.activation_checkpointing:
+        hints.append("model.activation_checkpointing=true")
+    if not h.mlp_chunk_tokens:
+        hints.append("model.mlp_chunk_tokens=131072 (the SwiGLU in chunks, as configs/seq/1m.yaml)")
+    if h.compile:
+        hints.append("model.compile=false (configs/seq/1m.yaml's step fits an 80 GB H100 eager, at 61 GiB, but "
+                     "ran out of memory compiled with CUDA graphs)")
+    if batch != 1:
+        hints.append("a smaller data.batch_size")
+    hints.append("a ring variant over more GPUs (configs/attention/ring_dilated.yaml)")
     return (f"out of GPU memory training {model.variant} at seq_len {h.seq_len} ({h.seq_len // cp} tokens per rank), "
-            f"batch_size {getattr(datamodule, 'batch_size', '?')}, {h.n_layers} layers x d_model {h.d_model}, "
-            f"activation_checkpointing={h.activation_checkpointing}. Try model.activation_checkpointing=true, a "
-            "smaller data.batch_size, or a ring variant over more GPUs (configs/attention/ring_dilated.yaml). "
+            f"batch_size {batch}, {h.n_layers} layers x d_model {h.d_model}, "
+            f"activation_checkpointing={h.activation_checkpointing}. Try {', '.join(hints)}. "
             f"CUDA said: {str(error).splitlines()[0][:300]}")
 
 

@@ -5,6 +5,7 @@ Shapes: B batch, T sequence length, l = T/C tokens per rank of a C-rank context-
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 
@@ -24,8 +25,10 @@ from .distributed import Layout, check_layout, context_parallel_group
 from .model import LongNetLM, resolve_attention, variant_name
 
 
-# torch.compile's modes; "reduce-overhead" also captures each compiled block in CUDA graphs.
+# torch.compile's modes; "reduce-overhead" (and "max-autotune") also replay each compiled block
+# as CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def check_hparams(h) -> None:
@@ -112,6 +115,12 @@ class LongContextLM(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         check_hparams(self.hparams)
+        self.uses_graphs = compile and compile_mode in GRAPH_MODES
+        if self.uses_graphs and not hasattr(torch.compiler, "set_stance"):
+            raise NotImplementedError(
+                f"model.compile_mode={compile_mode!r} needs torch >= 2.6 (torch.compiler.set_stance, with which "
+                f"validation runs the blocks eagerly); this is torch {torch.__version__}: use compile_mode 'default'"
+            )
         attention = dict(attention or {"class_path": "improved_dilated"})
         self.attention_cls = resolve_attention(attention.get("class_path", ""))
         self.variant = variant_name(self.attention_cls)
@@ -176,7 +185,7 @@ class LongContextLM(L.LightningModule):
 
     # -- steps --------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
-        if self.hparams.compile and self.hparams.compile_mode in ("reduce-overhead", "max-autotune"):
+        if self.uses_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: a new step may reuse the last one's outputs
         x, y = self.shard(batch["tokens"])
         loss = F.cross_entropy(self(x).flatten(0, 1), y.reshape(-1))  # mean over this rank's tokens
@@ -239,9 +248,19 @@ class LongContextLM(L.LightningModule):
                 torch.cuda.set_rng_state_all(states["cuda"])
         self.nonfinite_skips = checkpoint.get("nonfinite_skips", 0)
 
+    def eval_stance(self):
+        """Evaluation runs the blocks eagerly when training replays them as CUDA graphs. With no
+        backward pending, torch 2.11's CUDA-graph trees took each compiled block's call as a new
+        step that overwrote the previous block's output, its input ("accessing tensor output of
+        CUDAGraphs that has been overwritten", pytorch#152887: the first validation failed,
+        docs/performance.md run 53); and a no-grad graph would compile again and hold a memory
+        pool of its own."""
+        return torch.compiler.set_stance("force_eager") if self.uses_graphs else contextlib.nullcontext()
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x, y = self.shard(batch["tokens"])
-        logits = self(x)
+        with self.eval_stance():
+            logits = self(x)
         self.val_loss.update(F.cross_entropy(logits.flatten(0, 1), y.reshape(-1)))
         if "answer" in batch:
             _, scored = self.shard(batch["answer"])

@@ -77,7 +77,22 @@ for s in $stages; do
         echo "$T tokens rc=$?: $(grep -h 'fit summary' "$OUT/e2e-$T.log" || grep -h -m3 -E 'Error|error' "$OUT/e2e-$T.log")"
       done ;;
     dedup) python3 scripts/dedup_probe.py ${DEDUP_LENGTHS:-65536 131072 262144} 2>&1 | tee "$OUT/dedup_probe.txt" ;;
+    host) python3 scripts/host_probe.py 2>&1 | tee "$OUT/host_probe.txt" ;;
     bias) python3 scripts/bias_probe.py 2>&1 | tee "$OUT/bias_probe.txt" ;;
+    defaults)  # the GPU presets as shipped (compiled, CUDA graphs): validation and checkpoints included
+      for c in "32k 40 --config configs/seq/32k.yaml --trainer.val_check_interval=20 --trainer.limit_val_batches=2" \
+               "128k 12 --config configs/seq/128k.yaml --trainer.val_check_interval=6 --trainer.limit_val_batches=1" \
+               "1m 4 --config configs/seq/1m.yaml --config configs/passkey.yaml --trainer.limit_val_batches=0"; do
+        set -- $c; name=$1 steps=$2; shift 2
+        case " ${DEFAULTS:-32k 128k 1m} " in *" $name "*) ;; *) continue ;; esac
+        start=$(date +%s)
+        timeout 420 python3 train.py fit --config configs/longnet.yaml "$@" --trainer.max_steps=$steps \
+          --trainer.enable_progress_bar=false --trainer.callbacks.skip_steps=3 --trainer.default_root_dir="$OUT/defaults" \
+          ${DEFAULTS_EXTRA:-} > "$OUT/defaults-$name.log" 2>&1
+        echo "$name rc=$? wall $(( $(date +%s) - start )) s: $(grep -h 'fit summary' "$OUT/defaults-$name.log" || grep -h -m3 -E 'Error|error' "$OUT/defaults-$name.log")"
+        grep -h -E "val/|ckpt|Saving" "$OUT/defaults-$name.log" | tail -n 3
+      done
+      find "$OUT/defaults" -name "*.ckpt" | head ;;
     combprobe) python3 scripts/combine_probe.py 2>&1 | tee "$OUT/combine_probe.txt" ;;
     capture) python3 -m pytest -q -x tests/test_gpu.py -k capture 2>&1 | tail -n 60
       for order in fresh eager eager-sync; do for b in cudnn flash; do

@@ -170,3 +170,20 @@ def test_gpu_training_step_synchronises_once(tmp_path):
     assert len(counter.steps) == 3
     for places in counter.steps:
         assert len(places) == 1 and places[0].startswith("lit_module.py"), f"synchronisations in one step: {places}"
+
+
+def test_gpu_fit_validates_under_cuda_graphs(tmp_path):
+    """train.py with compile_mode reduce-overhead runs its sanity check, training steps and a
+    validation in between (torch 2.11 failed at the first validation: docs/performance.md run 53)."""
+    import os
+
+    from longctx.cli import cli_main
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cli = cli_main(["fit", "--config", f"{root}/tests/configs/tiny.yaml", f"--data.cache_dir={tmp_path}/data",
+                    "--trainer.accelerator=gpu", "--trainer.precision=bf16-mixed", "--trainer.max_steps=6",
+                    "--trainer.limit_val_batches=2", "--trainer.num_sanity_val_steps=1",
+                    "--trainer.val_check_interval=3", "--model.compile=true",
+                    "--model.compile_mode=reduce-overhead", f"--trainer.default_root_dir={tmp_path}"])
+    assert cli.trainer.global_step == 6
+    assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])

@@ -289,6 +289,28 @@ def test_a_failing_rank_ends_every_rank(rank, corpus, tmp_path):
     assert not leftover(str(tmp_path)), "orphaned rank"
 
 
+def test_out_of_memory_hints_only_what_the_run_does_not_use():
+    from types import SimpleNamespace
+
+    from longctx.cli import oom_message
+
+    def message(**hparams):
+        h = dict(seq_len=1 << 20, n_layers=12, d_model=768, activation_checkpointing=True, mlp_chunk_tokens=131072,
+                 compile=True)
+        h.update(hparams)
+        model = SimpleNamespace(hparams=SimpleNamespace(**h), layout=SimpleNamespace(cp_size=1),
+                                variant="improved_dilated")
+        return oom_message(model, SimpleNamespace(batch_size=1), RuntimeError("CUDA out of memory."))
+
+    graphed = message()
+    assert "model.compile=false" in graphed and "ring variant" in graphed
+    assert "activation_checkpointing=true" not in graphed and "mlp_chunk_tokens=" not in graphed
+    assert "batch_size 1" in graphed and "smaller data.batch_size" not in graphed
+    plain = message(activation_checkpointing=False, mlp_chunk_tokens=None, compile=False)
+    assert "model.activation_checkpointing=true" in plain and "model.mlp_chunk_tokens=131072" in plain
+    assert "compile=false" not in plain
+
+
 def test_out_of_memory_names_the_run_and_hints(corpus, tmp_path):
     rc, out = train([f"--data.cache_dir={corpus}", f"--trainer.default_root_dir={tmp_path}",
                      "--trainer.callbacks+=helpers.RaiseOnRank", "--trainer.callbacks.rank=0",

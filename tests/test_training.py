@@ -116,6 +116,37 @@ def test_fused_step_is_off_under_a_grad_scaler():
         assert module.configure_optimizers()["optimizer"].defaults["fused"] is (True if fused else None)
 
 
+def test_validation_runs_graphed_blocks_eagerly():
+    """Under a CUDA-graph compile mode validation calls no compiled block (torch 2.11's graph
+    trees failed on chained blocks without a pending backward, docs/performance.md run 53);
+    training calls them compiled. A counting backend stands in for Inductor."""
+    compiled = []
+
+    def backend(gm, example_inputs):
+        compiled.append(gm)
+        return gm.forward
+
+    module = LongContextLM(d_model=32, n_layers=2, n_heads=4, segment_lengths=[8, 16], dilation_rates=[1, 2],
+                           seq_len=16, compile=True, compile_mode="reduce-overhead")
+    assert module.uses_graphs
+    for block in module.model.blocks:
+        block.compile(backend=backend)
+    module.eval()
+    with torch.no_grad():
+        module.validation_step({"tokens": torch.randint(0, 256, (1, 17))}, 0)
+    assert compiled == [] and module.val_loss.compute().isfinite()
+    module.train()
+    module(torch.randint(0, 256, (1, 16)))
+    assert compiled, "the training forward should run the compiled blocks"
+
+
+def test_graph_modes_need_set_stance(monkeypatch):
+    monkeypatch.delattr(torch.compiler, "set_stance")
+    with pytest.raises(NotImplementedError, match="compile_mode='reduce-overhead' needs torch >= 2.6"):
+        LongContextLM(compile=True, compile_mode="reduce-overhead")
+    assert not LongContextLM(compile=True, compile_mode="default").uses_graphs
+
+
 def run_ddp(tmp_path, corpus_dir, *extra):
     env = dict(os.environ, RECORD_DIR=str(tmp_path), PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]))
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "fit", *tiny_args(corpus_dir, *extra),
