@@ -3,21 +3,11 @@ log(count) added to each score; this times cuDNN with and without a bias on its 
 
 Usage: python scripts/bias_probe.py  (GPU only)
 """
-import statistics
 
 import torch
+from kernel_probe import bench  # scripts/ is on sys.path when this runs as a script
 
 aten = torch.ops.aten
-
-
-def bench(fn, reps=10):
-    fn(); torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
 
 
 def fwd(q, k, v, bias, causal):

@@ -16,10 +16,10 @@ Usage: python scripts/dedup_probe.py [lengths...]  (GPU: checks against the refe
 the current pieces' kernels against this plan's; CPU: the check only, in float64).
 """
 import math
-import statistics
 import sys
 
 import torch
+from kernel_probe import bench  # scripts/ is on sys.path when this runs as a script
 
 from longctx.attention.branches import Piece, branch_pieces, plan, strided_groups
 from longctx.attention.improved import kernel_rows, merge_piece, write_grad
@@ -108,16 +108,6 @@ def check(device, dtype):
     errs = [(a.double() - b).abs().max().item() for a, b in zip([out, *grads], [ref, qr.grad, kr.grad, vr.grad])]
     print(f"check {device} {dtype}: max |err| out {errs[0]:.2e} dq {errs[1]:.2e} dk {errs[2]:.2e} dv {errs[3]:.2e}")
     return errs
-
-
-def bench(fn, reps=10):
-    fn(); torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
 
 
 def time_calls(calls, q, k, v, width):
