@@ -90,7 +90,6 @@ for s in $stages; do
           --trainer.enable_progress_bar=false --trainer.callbacks.skip_steps=3 --trainer.default_root_dir="$OUT/defaults" \
           ${DEFAULTS_EXTRA:-} > "$OUT/defaults-$name.log" 2>&1
         echo "$name rc=$? wall $(( $(date +%s) - start )) s: $(grep -h 'fit summary' "$OUT/defaults-$name.log" || grep -h -m3 -E 'Error|error' "$OUT/defaults-$name.log")"
-        grep -h -E "val/|ckpt|Saving" "$OUT/defaults-$name.log" | tail -n 3
       done
       find "$OUT/defaults" -name "*.ckpt" | head ;;
     combprobe) python3 scripts/combine_probe.py 2>&1 | tee "$OUT/combine_probe.txt" ;;
