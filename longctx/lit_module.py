@@ -181,7 +181,8 @@ class LongContextLM(L.LightningModule):
         return x[:, s], y[:, s]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x, pos_offset=self.layout.cp_rank * x.shape[1])
+        with self.eval_stance():
+            return self.model(x, pos_offset=self.layout.cp_rank * x.shape[1])
 
     # -- steps --------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
@@ -249,18 +250,19 @@ class LongContextLM(L.LightningModule):
         self.nonfinite_skips = checkpoint.get("nonfinite_skips", 0)
 
     def eval_stance(self):
-        """Evaluation runs the blocks eagerly when training replays them as CUDA graphs. With no
-        backward pending, torch 2.11's CUDA-graph trees took each compiled block's call as a new
-        step that overwrote the previous block's output, its input ("accessing tensor output of
-        CUDAGraphs that has been overwritten", pytorch#152887: the first validation failed,
-        docs/performance.md run 53); and a no-grad graph would compile again and hold a memory
-        pool of its own."""
-        return torch.compiler.set_stance("force_eager") if self.uses_graphs else contextlib.nullcontext()
+        """A forward without gradients (validation, inference) runs the blocks eagerly when
+        training replays them as CUDA graphs. With no backward pending, torch 2.11's CUDA-graph
+        trees took each compiled block's call as a new step that overwrote the previous block's
+        output, its input ("accessing tensor output of CUDAGraphs that has been overwritten",
+        pytorch#152887: the first validation failed, docs/performance.md run 53); and a no-grad
+        graph would compile again and hold a memory pool of its own."""
+        if self.uses_graphs and not torch.is_grad_enabled():
+            return torch.compiler.set_stance("force_eager")
+        return contextlib.nullcontext()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x, y = self.shard(batch["tokens"])
-        with self.eval_stance():
-            logits = self(x)
+        logits = self(x)
         self.val_loss.update(F.cross_entropy(logits.flatten(0, 1), y.reshape(-1)))
         if "answer" in batch:
             _, scored = self.shard(batch["answer"])

@@ -117,9 +117,10 @@ def test_fused_step_is_off_under_a_grad_scaler():
 
 
 def test_validation_runs_graphed_blocks_eagerly():
-    """Under a CUDA-graph compile mode validation calls no compiled block (torch 2.11's graph
-    trees failed on chained blocks without a pending backward, docs/performance.md run 53);
-    training calls them compiled. A counting backend stands in for Inductor."""
+    """Under a CUDA-graph compile mode a forward without gradients (validation) calls no compiled
+    block (torch 2.11's graph trees failed on chained blocks without a pending backward,
+    docs/performance.md run 53); training calls them compiled. A counting backend stands in for
+    Inductor."""
     compiled = []
 
     def backend(gm, example_inputs):
