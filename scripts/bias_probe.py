@@ -7,16 +7,17 @@ Usage: python scripts/bias_probe.py  (GPU only)
 import torch
 from kernel_probe import bench  # scripts/ is on sys.path when this runs as a script
 
+from longctx.attention.kernels import _no_dropout_rng
+
 aten = torch.ops.aten
 
 
 def fwd(q, k, v, bias, causal):
-    o, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, causal, False, scale=0.125)[:2]
-    return o, lse
+    return aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, causal, False, scale=0.125)[:2]
 
 
 def bwd(do, q, k, v, o, lse, bias, causal):
-    seed, off = torch.empty(2, dtype=torch.uint64, device="cuda"), torch.empty((), dtype=torch.uint64, device="cuda")
+    seed, off = _no_dropout_rng(q.device)
     return aten._scaled_dot_product_cudnn_attention_backward(do, q, k, v, o, lse, seed, off, bias, None, None,
                                                              q.shape[2], k.shape[2], 0.0, causal, scale=0.125)[:3]
 
