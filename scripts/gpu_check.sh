@@ -79,6 +79,7 @@ for s in $stages; do
     dedup) python3 scripts/dedup_probe.py ${DEDUP_LENGTHS:-65536 131072 262144} 2>&1 | tee "$OUT/dedup_probe.txt" ;;
     host) python3 scripts/host_probe.py 2>&1 | tee "$OUT/host_probe.txt" ;;
     bias) python3 scripts/bias_probe.py 2>&1 | tee "$OUT/bias_probe.txt" ;;
+    flex) python3 scripts/flex_probe.py ${FLEX_LENGTHS:-65536} 2>&1 | grep -v -i warn | tee "$OUT/flex_probe.txt" ;;
     defaults)  # the GPU presets as shipped (compiled, CUDA graphs): validation and checkpoints included
       for c in "32k 40 --config configs/seq/32k.yaml --trainer.val_check_interval=20 --trainer.limit_val_batches=2" \
                "128k 12 --config configs/seq/128k.yaml --trainer.val_check_interval=6 --trainer.limit_val_batches=1" \
