@@ -93,6 +93,17 @@ for s in $stages; do
         echo "$name rc=$? wall $(( $(date +%s) - start )) s: $(grep -h 'fit summary' "$OUT/defaults-$name.log" || grep -h -m3 -E 'Error|error' "$OUT/defaults-$name.log")"
       done
       find "$OUT/defaults" -name "*.ckpt" | head ;;
+    variants)  # configs/graphs.yaml with each other variant at 32K, validation and checkpoints included
+      for v in ${GRAPH_VARIANTS:-dilated multihead_dilated improved_multihead_dilated ring_dilated ring_multihead_dilated}; do
+        ckpt=false; case $v in dilated|multihead_dilated) ckpt=true ;; esac
+        start=$(date +%s)
+        timeout 300 python3 train.py fit --config configs/longnet.yaml --config configs/attention/$v.yaml \
+          --config configs/seq/32k.yaml --config configs/graphs.yaml --model.activation_checkpointing=$ckpt \
+          --trainer.max_steps=16 --trainer.val_check_interval=8 --trainer.limit_val_batches=1 \
+          --trainer.enable_progress_bar=false --trainer.callbacks.skip_steps=3 \
+          --trainer.default_root_dir="$OUT/variants" ${VARIANTS_EXTRA:-} > "$OUT/variants-$v.log" 2>&1
+        echo "$v (checkpointing=$ckpt) rc=$? wall $(( $(date +%s) - start )) s: $(grep -h 'fit summary' "$OUT/variants-$v.log" || grep -h -m3 -E 'Error|error' "$OUT/variants-$v.log")"
+      done ;;
     combprobe) python3 scripts/combine_probe.py 2>&1 | tee "$OUT/combine_probe.txt" ;;
     capture) python3 -m pytest -q -x tests/test_gpu.py -k capture 2>&1 | tail -n 60
       for order in fresh eager eager-sync; do for b in cudnn flash; do

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longctx.attention import ImprovedDilatedAttention
+from longctx.attention import (ImprovedDilatedAttention, ImprovedMultiheadDilatedAttention, RingDilatedAttention,
+                               RingMultiheadDilatedAttention)
 from longctx.model import LongNetLM, Rotary, SwiGLU
 
 
@@ -89,15 +90,19 @@ def test_lm_with_mlp_chunks_trains_identically(checkpointing):
         torch.testing.assert_close(b, a)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
-def test_compiled_model_is_one_graph_with_the_same_loss_and_gradients(checkpointing):
+@pytest.mark.parametrize("cls, checkpointing", [
+    (ImprovedDilatedAttention, False), (ImprovedDilatedAttention, True), (RingDilatedAttention, False),
+    (ImprovedMultiheadDilatedAttention, False), (RingMultiheadDilatedAttention, False),
+], ids=["improved", "improved-checkpointed", "ring", "improved_multihead", "ring_multihead"])
+def test_compiled_model_is_one_graph_with_the_same_loss_and_gradients(cls, checkpointing):
     """The attention op is one custom-op node: torch.compile traces the model whole (no graph
     break), and the compiled model, through AOTAutograd (the op's fake tensors and its backward
     registration), gives the eager loss and gradients. Activation checkpointing is traced
-    inside the graph too (what CUDA-graph trees need, model.Block)."""
+    inside the graph too (what CUDA-graph trees need, model.Block). The ring variants on one
+    rank run the same op (their multi-rank ring is eager, outside the graph)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = LongNetLM(256, 32, 2, 4, ImprovedDilatedAttention,
+    model = LongNetLM(256, 32, 2, 4, cls,
                       dict(segment_lengths=[8, 16, 32], dilation_rates=[1, 2, 4]), activation_checkpointing=checkpointing)
     idx = torch.randint(0, 256, (1, 37))
     explained = torch._dynamo.explain(model)(idx)

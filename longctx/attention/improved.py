@@ -298,8 +298,15 @@ class ImprovedDilatedAttention(DilatedAttentionBase):
     supports_dropout = False
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
-        scale = self._check(query, key, value)
-        with self.no_autocast(query):
-            out, _ = dilated_attention(query, key, value, list(self.segment_lengths), list(self.dilation_rates),
-                                       self.head_split, bool(is_causal), scale)
-        return out
+        return fused_forward(self, query, key, value, is_causal)
+
+
+def fused_forward(module: DilatedAttentionBase, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  is_causal: bool) -> torch.Tensor:
+    """The custom op on `module`'s layout: ImprovedDilatedAttention's forward, and the ring's on
+    one rank (where the ring is the same function, and the op compiles into a block's graph)."""
+    scale = module._check(query, key, value)
+    with module.no_autocast(query):
+        out, _ = dilated_attention(query, key, value, list(module.segment_lengths), list(module.dilation_rates),
+                                   module.head_split, bool(is_causal), scale)
+    return out

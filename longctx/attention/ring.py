@@ -33,6 +33,7 @@ from .improved import (
     backward_pieces,
     finish_grads,
     fresh_flags,
+    fused_forward,
     kernel_rows,
     merge_into,
     merge_piece,
@@ -212,8 +213,8 @@ class RingDilatedAttention(DilatedAttentionBase):
 
     Args:
         process_group: the context-parallel group; None means the default group when
-            torch.distributed is initialised, else a single rank (then it is exactly
-            ImprovedDilatedAttention).
+            torch.distributed is initialised, else a single rank. On a single rank (a group of
+            one) it runs ImprovedDilatedAttention's custom op (DESIGN §5: P = 1 must equal it).
 
     forward(query, key, value, is_causal=False): this rank's contiguous shard (B, T/P, H, D)
     of each; returns this rank's shard of the output. Every rank of the group must call it
@@ -236,10 +237,18 @@ class RingDilatedAttention(DilatedAttentionBase):
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         return group, dist.get_world_size(group), dist.get_rank(group), lambda r: dist.get_global_rank(group, r)
 
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+        if self.group_info()[1] == 1:
+            # One rank: every piece is local, so this is ImprovedDilatedAttention's custom op,
+            # which a compiled block keeps in its graph (the ring below breaks it in two and runs
+            # eagerly: 97 against 79 ms a 32K step under CUDA graphs, docs/performance.md run 59).
+            return fused_forward(self, query, key, value, is_causal)
+        return self._ring_forward(query, key, value, is_causal)
+
     # Eager inside a compiled model: the ring takes a process group, which a custom op (as
     # ImprovedDilatedAttention's) cannot, and Dynamo would trace its loop one piece at a time.
     @torch.compiler.disable
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+    def _ring_forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool) -> torch.Tensor:
         scale = self._check(query, key, value)
         group, world, rank, global_rank = self.group_info()
         B, l, H, D = query.shape
