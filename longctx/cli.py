@@ -65,7 +65,7 @@ def oom_message(model, datamodule, error: Exception) -> str:
     if not h.mlp_chunk_tokens:
         hints.append("model.mlp_chunk_tokens=131072 (the SwiGLU in chunks, as configs/seq/1m.yaml)")
     if h.compile:
-        hints.append("model.compile=false (configs/seq/1m.yaml's step fits an 80 GB H100 eager, at 61 GiB, but "
+        hints.append("model.compile=false (configs/seq/1m.yaml's step fits an 80 GB H100 eager, at 60 GiB, but "
                      "ran out of memory compiled, with or without CUDA graphs)")
     if batch != 1:
         hints.append("a smaller data.batch_size")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from . import fused
 from .attention import REGISTRY
 from .attention.base import DilatedAttentionBase
 from .attention.multihead import MultiheadDilatedAttention
@@ -83,7 +84,10 @@ class _Rotate(torch.autograd.Function):
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE rotation of x (B, l, H, D) by angles whose cos and sin are (1, l, 1, D/2)."""
+    """RoPE rotation of x (B, l, H, D) by angles whose cos and sin are (1, l, 1, D/2): one Triton
+    kernel each way when eager on a GPU (fused.py), else these float32 expressions."""
+    if fused.available(x):
+        return fused.rope(x, cos, sin)
     return _Rotate.apply(x, cos, sin)
 
 
@@ -156,7 +160,10 @@ class SwiGLU(nn.Module):
         self.chunk_tokens = chunk_tokens
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        gate_up = self.gate_up(x)
+        if fused.available(gate_up):  # eager on a GPU: one Triton kernel each way (fused.py)
+            return self.down(fused.swiglu(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

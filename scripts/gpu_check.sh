@@ -104,6 +104,12 @@ for s in $stages; do
           --trainer.default_root_dir="$OUT/variants" ${VARIANTS_EXTRA:-} > "$OUT/variants-$v.log" 2>&1
         echo "$v (checkpointing=$ckpt) rc=$? wall $(( $(date +%s) - start )) s: $(grep -h 'fit summary' "$OUT/variants-$v.log" || grep -h -m3 -E 'Error|error' "$OUT/variants-$v.log")"
       done ;;
+    fusedab)  # longctx/fused.py's kernels (1) against the plain expressions (0), eager: a 32K step's profile, a 1M step
+      for f in 0 1; do
+        echo "LONGCTX_FUSED=$f"
+        LONGCTX_FUSED=$f python3 scripts/profile_step.py 32768 dilated 2>&1 | grep -v -i warn | head -n 12
+        LONGCTX_FUSED=$f DEFAULTS=1m bash scripts/gpu_check.sh defaults 2>&1 | grep "^1m"
+      done ;;
     combprobe) python3 scripts/combine_probe.py 2>&1 | tee "$OUT/combine_probe.txt" ;;
     capture) python3 -m pytest -q -x tests/test_gpu.py -k capture 2>&1 | tail -n 60
       for order in fresh eager eager-sync; do for b in cudnn flash; do

@@ -24,6 +24,7 @@ FAMILIES = [  # first match wins
     ("attention (cuDNN/flash)", ("cudnn", "flash", "fmha")),
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "sm90_")),
     ("combine (combine.py)", ("_merge_kernel", "_sum_kernel")),
+    ("SwiGLU and RoPE (fused.py)", ("_swiglu", "_rope")),
     ("optimizer and clipping", ("multi_tensor_apply", "fused_adam")),
     ("compiled (triton)", ("triton",)),
     ("reduce", ("reduce",)),

@@ -1,0 +1,107 @@
+"""longctx/fused.py's Triton kernels (SwiGLU, RoPE) against float64 expressions written here from
+their definitions, and the model with them against the model without. Without a GPU the kernels
+run in Triton's interpreter (tests/conftest.py)."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longctx import fused
+from longctx.attention import ImprovedDilatedAttention
+from longctx.model import LongNetLM
+
+pytestmark = pytest.mark.skipif(fused.triton is None, reason="Triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def swiglu_ref(x):
+    """silu(g)·u = g·u / (1 + exp(−g)), in float64."""
+    g, u = x.double().chunk(2, dim=-1)
+    return g * u / (1 + torch.exp(-g))
+
+
+def rope_ref(x, angles):
+    """Rotate each (x[j], x[j + D/2]) pair by its angle, in float64."""
+    x1, x2 = x.double().chunk(2, dim=-1)
+    c, s = angles.double().cos(), angles.double().sin()
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("hidden", [48, 2100], ids=["one-block", "two-blocks"])
+def test_swiglu_matches_its_definition(dtype, tol, hidden):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 3, 2 * hidden, generator=g) * 3).to(DEVICE, dtype).requires_grad_()
+    dout = torch.randn(2, 3, hidden, generator=g).to(DEVICE, dtype)
+    out = fused.swiglu(x)
+    (dx,) = torch.autograd.grad(out, x, dout)
+    xr = x.detach().double().requires_grad_()
+    ref = swiglu_ref(xr)
+    (dref,) = torch.autograd.grad(ref, xr, dout.double())
+    assert out.dtype == dtype and out.shape == (2, 3, hidden)
+    assert (out.double() - ref).abs().max() <= tol * ref.abs().max()
+    assert (dx.double() - dref).abs().max() <= tol * dref.abs().max()
+
+
+def test_swiglu_rejects_an_odd_width():
+    with pytest.raises(ValueError, match="must be even"):
+        fused.swiglu(torch.zeros(2, 5, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)], ids=["float32", "bfloat16"])
+def test_rope_matches_its_definition_on_a_strided_view(dtype, tol):
+    """q as the model gets it: a view of a fused (B, l, 3, H, D) projection (no unit head stride
+    contiguity), with gradients: backward is the inverse rotation."""
+    B, L, H, D = 2, 7, 3, 10
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(B, L, 3, H, D, generator=g).to(DEVICE, dtype).requires_grad_()
+    angles = torch.outer(torch.arange(5, 5 + L, dtype=torch.float32), 0.3 ** torch.arange(D // 2))[None, :, None, :]
+    angles = angles.to(DEVICE)
+    q = qkv.unbind(2)[0]
+    out = fused.rope(q, angles.cos(), angles.sin())
+    dout = torch.randn(B, L, H, D, generator=g).to(DEVICE, dtype)
+    (dqkv,) = torch.autograd.grad(out, qkv, dout)
+    qr = qkv.detach().double().requires_grad_()
+    ref = rope_ref(qr.unbind(2)[0], angles)
+    (dref,) = torch.autograd.grad(ref, qr, dout.double())
+    assert out.dtype == dtype and out.is_contiguous()
+    assert (out.double() - ref).abs().max() <= tol * ref.abs().max()
+    assert (dqkv.double() - dref).abs().max() <= tol * dref.abs().max()
+    assert dqkv[:, :, 1:].abs().max() == 0  # k and v get no gradient from q's rotation
+
+
+def test_model_with_fused_kernels_matches_the_plain_model(monkeypatch):
+    """The same LongNetLM (float32) with and without the fused kernels: the same loss and
+    gradients. On CPU the kernels are forced on (the interpreter runs them)."""
+    torch.manual_seed(0)
+    model = LongNetLM(256, 32, 2, 4, ImprovedDilatedAttention,
+                      dict(segment_lengths=[8, 16], dilation_rates=[1, 2]), mlp_hidden=40).to(DEVICE)
+    idx = torch.randint(0, 256, (1, 21), device=DEVICE)
+    results, calls = [], []
+    for use in (False, True):
+        monkeypatch.setattr(fused, "available", lambda x, use=use: calls.append(use) or use)
+        loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[0, 1:])
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    assert calls.count(True) == 2 * 3  # per block: q and k rotated, one SwiGLU
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_kernels_are_for_eager_gpu_tensors_only(monkeypatch):
+    """available(): a CUDA tensor of a float dtype, outside torch.compile (Inductor fuses the plain
+    expressions with their neighbours), with Triton compiled (not interpreted)."""
+    monkeypatch.setattr(fused.combine, "SUPPORTED", True)
+    monkeypatch.setattr(fused.combine, "INTERPRETED", False)
+    gpu = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)
+    assert fused.available(gpu)
+    assert not fused.available(SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64))
+    assert not fused.available(torch.zeros(2))  # CPU
+    seen = []
+
+    def step(t):
+        seen.append(fused.available(gpu))
+        return t + 1
+    torch.compile(step, backend="eager")(torch.zeros(2))
+    assert seen == [False]
