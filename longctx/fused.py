@@ -23,6 +23,7 @@ import os
 import torch
 
 from .attention import combine
+from .attention.improved import unit_last_stride
 
 triton = combine.triton
 tl = combine.tl if triton is not None else None
@@ -136,7 +137,7 @@ class _Rope(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        return _rope_launch(grad if grad.stride(-1) == 1 else grad.contiguous(), cos, sin, -1), None, None
+        return _rope_launch(unit_last_stride(grad), cos, sin, -1), None, None
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -145,4 +146,4 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     B, L, H, D = x.shape
     if D % 2 or cos.shape[-1] != D // 2 or cos.numel() != L * D // 2:
         raise ValueError(f"rope: x {tuple(x.shape)} needs cos/sin of (1, {L}, 1, {D // 2}), got {tuple(cos.shape)}")
-    return _Rope.apply(x if x.stride(-1) == 1 else x.contiguous(), cos.reshape(L, D // 2), sin.reshape(L, D // 2))
+    return _Rope.apply(unit_last_stride(x), cos.reshape(L, D // 2), sin.reshape(L, D // 2))

@@ -298,10 +298,10 @@ class ImprovedDilatedAttention(DilatedAttentionBase):
     supports_dropout = False
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
-        return fused_forward(self, query, key, value, is_causal)
+        return custom_op_forward(self, query, key, value, is_causal)
 
 
-def fused_forward(module: DilatedAttentionBase, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+def custom_op_forward(module: DilatedAttentionBase, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   is_causal: bool) -> torch.Tensor:
     """The custom op on `module`'s layout: ImprovedDilatedAttention's forward, and the ring's on
     one rank (where the ring is the same function, and the op compiles into a block's graph)."""

@@ -33,7 +33,7 @@ from .improved import (
     backward_pieces,
     finish_grads,
     fresh_flags,
-    fused_forward,
+    custom_op_forward,
     kernel_rows,
     merge_into,
     merge_piece,
@@ -242,7 +242,7 @@ class RingDilatedAttention(DilatedAttentionBase):
             # One rank: every piece is local, so this is ImprovedDilatedAttention's custom op,
             # which a compiled block keeps in its graph (the ring below breaks it in two and runs
             # eagerly: 97 against 79 ms a 32K step under CUDA graphs, docs/performance.md run 59).
-            return fused_forward(self, query, key, value, is_causal)
+            return custom_op_forward(self, query, key, value, is_causal)
         return self._ring_forward(query, key, value, is_causal)
 
     # Eager inside a compiled model: the ring takes a process group, which a custom op (as
