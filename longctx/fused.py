@@ -36,8 +36,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def available(x: torch.Tensor) -> bool:
     """Whether the model should use these kernels for x: eager (not being compiled), on CUDA with
     Triton >= 3.6, in a dtype they compute in float32 without loss."""
-    return (ENABLED and combine.SUPPORTED and x.device.type == "cuda" and not combine.INTERPRETED
-            and x.dtype in DTYPES and not torch.compiler.is_compiling())
+    return ENABLED and combine.compiled_triton(x.device) and x.dtype in DTYPES and not torch.compiler.is_compiling()
 
 
 if triton is not None:

@@ -16,7 +16,6 @@ on the GPU output and gradients in float32 (compiled flex).
 
 Usage: python scripts/flex_probe.py [lengths...]
 """
-import math
 import sys
 
 import torch

@@ -46,10 +46,15 @@ SUPPORTED = triton is not None and tuple(int(x) for x in triton.__version__.spli
 ENABLED = os.environ.get("LONGCTX_COMBINE", "1") != "0"
 
 
+def compiled_triton(device: torch.device) -> bool:
+    """Whether Triton kernels run compiled on this device: CUDA with Triton >= 3.6, not interpreted."""
+    return SUPPORTED and device.type == "cuda" and not INTERPRETED
+
+
 def available(device: torch.device) -> bool:
-    """Whether the op should combine with compiled kernels on this device (CUDA with Triton >= 3.6,
-    not interpreted). merge_pieces / sum_pieces also take CPU tensors when INTERPRETED."""
-    return ENABLED and SUPPORTED and device.type == "cuda" and not INTERPRETED
+    """Whether the op should combine with compiled kernels on this device (compiled_triton, and not
+    turned off). merge_pieces / sum_pieces also take CPU tensors when INTERPRETED."""
+    return ENABLED and compiled_triton(device)
 
 
 def piece_geometry(p: Piece) -> tuple[int, ...]:
