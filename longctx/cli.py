@@ -65,8 +65,8 @@ def oom_message(model, datamodule, error: Exception) -> str:
     if not h.mlp_chunk_tokens:
         hints.append("model.mlp_chunk_tokens=131072 (the SwiGLU in chunks, as configs/seq/1m.yaml)")
     if h.compile:
-        hints.append("model.compile=false (configs/seq/1m.yaml's step fits an 80 GB H100 eager, at 60 GiB, but "
-                     "ran out of memory compiled, with or without CUDA graphs)")
+        hints.append("model.compile=false (eager, configs/seq/1m.yaml's step peaks at 60 GiB on an H100, "
+                     "compiled at 67-70 GiB)")
     if batch != 1:
         hints.append("a smaller data.batch_size")
     hints.append("a ring variant over more GPUs (configs/attention/ring_dilated.yaml)")

@@ -85,7 +85,13 @@ class _Rotate(torch.autograd.Function):
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE rotation of x (B, l, H, D) by angles whose cos and sin are (1, l, 1, D/2): one Triton
-    kernel each way when eager on a GPU (fused.py), else these float32 expressions."""
+    kernel each way when eager on a GPU (fused.py), else these float32 expressions. Under
+    torch.compile a plain expression, which Inductor fuses: torch 2.11 does not tag the ops inside
+    an autograd.Function as part of an enclosing checkpoint, so a compiled checkpointed block
+    saved _Rotate's outputs, the rotated q and k (3 GiB a block at 1M tokens, run 64)."""
+    if torch.compiler.is_compiling():
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
     if fused.available(x):
         return fused.rope(x, cos, sin)
     return _Rotate.apply(x, cos, sin)

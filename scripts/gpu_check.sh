@@ -57,6 +57,13 @@ for s in $stages; do
       python3 -m longctx.benchmark --preset seed --batch 1 --lengths 8192 32768 --head-split on --modes fwd+bwd \
         --variants sdpa improved_dilated ring_dilated dilated --out "$OUT/seed32k" > "$OUT/seed32k.log" 2>&1
       grep -E "^\s+(sdpa|improved|ring|dilated)" "$OUT/seed32k.log" ;;
+    seed8k)  # issue 7 target 1 (seed part): the seed preset's whole 8K grid (batch 1, 2, 4 x head_split), eager and graphed
+      for g in "" --cuda-graph; do
+        python3 -m longctx.benchmark --preset seed --lengths 8192 --head-split both --modes fwd+bwd \
+          --variants sdpa improved_dilated $g --out "$OUT/seed8k$g" > "$OUT/seed8k$g.log" 2>&1
+        echo "seed 8K ${g:-eager}:"; grep -E "^Batch Size|^\| (sdpa|improved)" "$OUT/seed8k$g.log"
+      done ;;
+    memprobe) python3 scripts/memory_probe.py ${MEMPROBE_T:-1048576} ${MEMPROBE_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/memory_probe.txt" ;;
     graph)  # the same cells with each call captured in a CUDA graph: GPU time without host overhead
       python3 -m longctx.benchmark --preset seed --batch 1 --lengths 8192 32768 --head-split on --modes fwd+bwd \
         --variants sdpa improved_dilated --cuda-graph --out "$OUT/graph-seed" > "$OUT/graph-seed.log" 2>&1

@@ -115,3 +115,29 @@ def test_compiled_model_is_one_graph_with_the_same_loss_and_gradients(cls, check
     torch.testing.assert_close(loss, eager_loss)
     for a, b in zip(grads, eager_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compiled_checkpointed_block_keeps_only_its_input_for_backward(device):
+    """A checkpointed block, compiled with the partitioner Inductor uses, keeps for backward what
+    eager keeps: its input (and the parameters and RoPE angles, alive anyway). Everything inside
+    is recomputed, the SwiGLU chunks' own checkpoints included. Under torch 2.11 the compiled
+    block also saved the rotated q and k (3 GiB a block at 1M tokens, docs/performance.md run 64):
+    the ops inside an autograd.Function were not tagged as part of the checkpoint."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = LongNetLM(256, 32, 1, 4, ImprovedDilatedAttention, dict(segment_lengths=[8, 16, 32], dilation_rates=[1, 2, 4]),
+                      activation_checkpointing=True, mlp_chunk_tokens=16).to(device)
+    block = model.blocks[0]
+    block.compile(backend="aot_eager_decomp_partition")
+    x = torch.randn(1, 64, 32, device=device, requires_grad=True)
+    rope = model.rotary.rotation(64, 0, device)
+    allowed = {t.untyped_storage().data_ptr() for t in (x, rope.keywords["cos"], rope.keywords["sin"], *block.parameters())}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = block(x, rope)
+    extra = [tuple(t.shape) for t in saved if t.untyped_storage().data_ptr() not in allowed]
+    assert any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in saved)
+    assert not extra, f"the compiled block saved activations beyond its input: {extra}"
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
