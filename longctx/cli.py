@@ -64,6 +64,9 @@ def oom_message(model, datamodule, error: Exception) -> str:
         hints.append("model.activation_checkpointing=true")
     if not h.mlp_chunk_tokens:
         hints.append("model.mlp_chunk_tokens=131072 (the SwiGLU in chunks, as configs/seq/1m.yaml)")
+    if h.activation_checkpointing and not getattr(h, "offload_checkpoints", False) and not h.compile:
+        hints.append("model.offload_checkpoints=true (the checkpointed blocks' inputs in host memory: 2M tokens "
+                     "fit an 80 GB H100)")
     if h.compile:
         hints.append("model.compile=false (eager, configs/seq/1m.yaml's step peaks at 60 GiB on an H100, "
                      "compiled at 67-70 GiB)")

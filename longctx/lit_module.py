@@ -93,6 +93,9 @@ class LongContextLM(L.LightningModule):
         activation_checkpointing: recompute each block in backward (long sequences).
         mlp_chunk_tokens: run each SwiGLU over chunks of this many tokens, recomputed in backward
             (None: whole sequence). At 1M tokens this is what fits the step on an 80 GB GPU.
+        offload_checkpoints: with activation checkpointing, keep each block's saved input in
+            pinned host memory, copied on a side stream (longctx/offload.py): for lengths whose
+            saved inputs do not fit the GPU. Eager only.
         compile: torch.compile each block.
         compile_mode: torch.compile's mode for the blocks; "reduce-overhead" replays each block's
             forward and backward as CUDA graphs (no per-kernel launch cost).
@@ -108,7 +111,7 @@ class LongContextLM(L.LightningModule):
                  context_parallel_size: int | None = None, vocab_size: int = 256, d_model: int = 256,
                  n_layers: int = 4, n_heads: int = 4, mlp_hidden: int | None = None, rope_base: float = 10000.0,
                  activation_checkpointing: bool = False, mlp_chunk_tokens: int | None = None,
-                 compile: bool = False, compile_mode: str = "default", lr: float = 1e-3,
+                 offload_checkpoints: bool = False, compile: bool = False, compile_mode: str = "default", lr: float = 1e-3,
                  min_lr_ratio: float = 0.1, warmup_steps: int = 100, decay_steps: int | None = None,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), passkey_buckets: int = 4,
                  skip_nonfinite: bool = False):
@@ -121,6 +124,9 @@ class LongContextLM(L.LightningModule):
                 f"model.compile_mode={compile_mode!r} needs torch >= 2.6 (torch.compiler.set_stance, with which "
                 f"validation runs the blocks eagerly); this is torch {torch.__version__}: use compile_mode 'default'"
             )
+        if offload_checkpoints and compile:
+            raise NotImplementedError("model.offload_checkpoints=true runs the blocks eagerly (its copies and side "
+                                      "stream are not traced): use it with model.compile=false")
         attention = dict(attention or {"class_path": "improved_dilated"})
         self.attention_cls = resolve_attention(attention.get("class_path", ""))
         self.variant = variant_name(self.attention_cls)
@@ -129,7 +135,7 @@ class LongContextLM(L.LightningModule):
                       dilation_rates=dilation_rates, head_split=head_split)
         self.model = LongNetLM(vocab_size, d_model, n_layers, n_heads, self.attention_cls, kwargs, mlp_hidden,
                                rope_base, activation_checkpointing=activation_checkpointing,
-                               mlp_chunk_tokens=mlp_chunk_tokens)
+                               mlp_chunk_tokens=mlp_chunk_tokens, offload_checkpoints=offload_checkpoints)
         self.layout = Layout(1, 0, 1)
         self.val_loss = MeanMetric()
         self.passkey_acc = BucketAccuracy(passkey_buckets)

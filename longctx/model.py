@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import fused
+from .offload import Chain, OffloadedCheckpoint
 from .attention import REGISTRY
 from .attention.base import DilatedAttentionBase
 from .attention.multihead import MultiheadDilatedAttention
@@ -193,8 +194,12 @@ class Block(nn.Module):
         self.norm2, self.mlp = RMSNorm(dim, eps), SwiGLU(dim, mlp_hidden, mlp_chunk_tokens)
         self.checkpointing = checkpointing
 
-    def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, offload: Chain | None = None) -> torch.Tensor:
+        """offload: checkpoint with the input kept in host memory (offload.py) instead."""
         if self.checkpointing and self.training and torch.is_grad_enabled():
+            if offload is not None:
+                return OffloadedCheckpoint.apply(functools.partial(self._forward, rope=rope), offload, x,
+                                                 *self.parameters())
             return checkpoint(self._forward, x, rope, use_reentrant=False)
         return self._forward(x, rope)
 
@@ -207,16 +212,23 @@ class LongNetLM(nn.Module):
     """Decoder LM. `attention_cls` is one of the six variants; `attention_kwargs` are its
     constructor arguments other than embed_dim/num_heads (given here for the multihead ones).
     `mlp_chunk_tokens`: run each SwiGLU over chunks of this many tokens in training (SwiGLU).
+    `offload_checkpoints`: with activation checkpointing, keep each block's saved input in host
+    memory (offload.py); eager only.
 
     forward(idx (B, l) long, pos_offset=0) -> logits (B, l, V) float32.
     """
 
     def __init__(self, vocab_size: int, dim: int, n_layers: int, n_heads: int, attention_cls: type[nn.Module],
                  attention_kwargs: dict, mlp_hidden: int | None = None, rope_base: float = 10000.0,
-                 norm_eps: float = 1e-5, activation_checkpointing: bool = False, mlp_chunk_tokens: int | None = None):
+                 norm_eps: float = 1e-5, activation_checkpointing: bool = False, mlp_chunk_tokens: int | None = None,
+                 offload_checkpoints: bool = False):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"model.d_model={dim} is not divisible by model.n_heads={n_heads}")
+        if offload_checkpoints and not activation_checkpointing:
+            raise ValueError("model.offload_checkpoints=true offloads the checkpointed blocks' inputs: it needs "
+                             "model.activation_checkpointing=true")
+        self.offload_checkpoints = offload_checkpoints
         self.dim, self.n_heads, self.vocab_size = dim, n_heads, vocab_size
         mlp_hidden = mlp_hidden or 64 * ((8 * dim // 3 + 63) // 64)
         self.embed = nn.Embedding(vocab_size, dim)
@@ -246,8 +258,9 @@ class LongNetLM(nn.Module):
     def forward(self, idx: torch.Tensor, pos_offset: int = 0) -> torch.Tensor:
         x = self.embed(idx)
         rope = self.rotary.rotation(idx.shape[1], pos_offset, idx.device)
+        chain = Chain() if self.offload_checkpoints and self.training and torch.is_grad_enabled() else None
         for block in self.blocks:
-            x = block(x, rope)
+            x = block(x, rope) if chain is None else block(x, rope, chain)
         return F.linear(self.norm(x), self.embed.weight).float()  # tied head
 
     def flops(self, batch: int, seq_len: int) -> int:

@@ -80,7 +80,7 @@ for s in $stages; do
       for T in $lengths; do
         timeout 400 python3 train.py fit --config configs/longnet.yaml --config configs/seq/1m.yaml --config configs/passkey.yaml \
           --data.seq_len=$T --trainer.max_steps=5 --trainer.limit_val_batches=0 --trainer.enable_progress_bar=false \
-          --trainer.callbacks.skip_steps=1 --trainer.default_root_dir="$OUT/e2e" > "$OUT/e2e-$T.log" 2>&1
+          --trainer.callbacks.skip_steps=1 --trainer.default_root_dir="$OUT/e2e" ${MAXLEN_EXTRA:-} > "$OUT/e2e-$T.log" 2>&1
         echo "$T tokens rc=$?: $(grep -h 'fit summary' "$OUT/e2e-$T.log" || grep -h -m3 -E 'Error|error' "$OUT/e2e-$T.log")"
       done ;;
     dedup) python3 scripts/dedup_probe.py ${DEDUP_LENGTHS:-65536 131072 262144} 2>&1 | tee "$OUT/dedup_probe.txt" ;;

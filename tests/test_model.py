@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longctx.attention import (ImprovedDilatedAttention, ImprovedMultiheadDilatedAttention, RingDilatedAttention,
+from longctx.attention import (DilatedAttention, ImprovedDilatedAttention, ImprovedMultiheadDilatedAttention, RingDilatedAttention,
                                RingMultiheadDilatedAttention)
 from longctx.model import LongNetLM, Rotary, SwiGLU
 
@@ -141,3 +141,47 @@ def test_compiled_checkpointed_block_keeps_only_its_input_for_backward(device):
     assert not extra, f"the compiled block saved activations beyond its input: {extra}"
     y.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("cls, dropout, device", [
+    (ImprovedDilatedAttention, 0.0, "cpu"), (DilatedAttention, 0.2, "cpu"),
+    pytest.param(ImprovedDilatedAttention, 0.0, "cuda", marks=pytest.mark.gpu),
+], ids=["improved", "dilated-dropout", "improved-cuda"])
+def test_offloaded_checkpoints_give_the_loss_and_gradients_of_the_plain_model(cls, dropout, device):
+    """model.offload_checkpoints recomputes each block from its kept input, under the forward's
+    autocast and RNG state: the same loss and gradients as the model without checkpointing (with
+    attention dropout, a recompute that drew new masks would give other gradients). On a GPU the
+    inputs go through pinned host memory and the side stream; its backward kernels may add in
+    another order, so there the gradients are compared by relative norm."""
+    kw = dict(segment_lengths=[8, 16, 32], dilation_rates=[1, 2, 4], dropout=dropout)
+    torch.manual_seed(0)
+    plain = LongNetLM(256, 32, 3, 4, cls, kw, mlp_chunk_tokens=16).to(device)
+    offloaded = LongNetLM(256, 32, 3, 4, cls, kw, activation_checkpointing=True, mlp_chunk_tokens=16,
+                          offload_checkpoints=True).to(device)
+    offloaded.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 256, (2, 65), device=device)
+    results = []
+    for model in (plain, offloaded):
+        model.train()
+        torch.manual_seed(1)
+        with torch.autocast(device, torch.bfloat16):
+            loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    (loss, grads), (loss_off, grads_off) = results
+    torch.testing.assert_close(loss_off, loss)
+    for a, b in zip(grads_off, grads):
+        if device == "cpu":
+            torch.testing.assert_close(a, b)
+        else:
+            assert (a - b).norm() <= 1e-2 * b.norm(), ((a - b).norm(), b.norm())
+    assert all(g.abs().sum() > 0 for g in grads_off)
+
+
+def test_offloaded_checkpoints_need_checkpointing_and_eager_blocks():
+    kw = dict(segment_lengths=[8, 16], dilation_rates=[1, 2])
+    with pytest.raises(ValueError, match="model.offload_checkpoints=true.*activation_checkpointing=true"):
+        LongNetLM(256, 32, 1, 4, ImprovedDilatedAttention, kw, offload_checkpoints=True)
+    from longctx.lit_module import LongContextLM
+    with pytest.raises(NotImplementedError, match="offload_checkpoints.*compile=false"):
+        LongContextLM(segment_lengths=[8, 16], dilation_rates=[1, 2], seq_len=32, activation_checkpointing=True,
+                      offload_checkpoints=True, compile=True)

@@ -309,6 +309,10 @@ def test_out_of_memory_hints_only_what_the_run_does_not_use():
     plain = message(activation_checkpointing=False, mlp_chunk_tokens=None, compile=False)
     assert "model.activation_checkpointing=true" in plain and "model.mlp_chunk_tokens=131072" in plain
     assert "compile=false" not in plain
+    assert "offload_checkpoints=true" not in graphed + plain  # compiled / not checkpointed
+    eager = message(compile=False)
+    assert "model.offload_checkpoints=true" in eager and "compile=false" not in eager
+    assert "offload_checkpoints=true" not in message(compile=False, offload_checkpoints=True)
 
 
 def test_out_of_memory_names_the_run_and_hints(corpus, tmp_path):
