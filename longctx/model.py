@@ -260,7 +260,7 @@ class LongNetLM(nn.Module):
         rope = self.rotary.rotation(idx.shape[1], pos_offset, idx.device)
         chain = Chain() if self.offload_checkpoints and self.training and torch.is_grad_enabled() else None
         for block in self.blocks:
-            x = block(x, rope) if chain is None else block(x, rope, chain)
+            x = block(x, rope, chain)
         return F.linear(self.norm(x), self.embed.weight).float()  # tied head
 
     def flops(self, batch: int, seq_len: int) -> int:
