@@ -89,7 +89,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     kernel each way when eager on a GPU (fused.py), else these float32 expressions. Under
     torch.compile a plain expression, which Inductor fuses: torch 2.11 does not tag the ops inside
     an autograd.Function as part of an enclosing checkpoint, so a compiled checkpointed block
-    saved _Rotate's outputs, the rotated q and k (3 GiB a block at 1M tokens, run 64)."""
+    saved _Rotate's outputs, the rotated q and k (3 GiB a block at 1M tokens, run 64). Not
+    rotate_halves: it writes into chunk views, which only works without autograd (inside _Rotate)."""
     if torch.compiler.is_compiling():
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)

@@ -9,8 +9,8 @@ at most two block inputs at a time.
 
 The backward recomputes the block from the reloaded input, under the autocast and RNG state of
 the forward, and returns the gradients of the input and of the block's parameters (which are
-inputs of the function, so torch.autograd.grad and gradient hooks see them as usual). Eager only: the
-model rejects it with torch.compile (lit_module.py). On the CPU the input stays where it is and
+inputs of the function, so torch.autograd.grad and gradient hooks see them as usual). Eager only:
+the model rejects it with torch.compile (lit_module.py). On the CPU the input stays where it is and
 only the recompute runs, which is what the CPU tests check.
 """
 from __future__ import annotations
