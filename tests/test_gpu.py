@@ -187,3 +187,37 @@ def test_gpu_fit_validates_under_cuda_graphs(tmp_path):
                     "--model.compile_mode=reduce-overhead", f"--trainer.default_root_dir={tmp_path}"])
     assert cli.trainer.global_step == 6
     assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+
+
+UNION_CASES = [  # (B, T, H, D, segment_lengths, dilation_rates): LongNet layouts the union kernels take
+    (2, 4096, 12, 64, [256, 512, 1024, 2048], [1, 2, 4, 8]),
+    (1, 2048, 8, 128, [512, 1024], [1, 2]),
+    (1, 3072, 6, 32, [256, 512, 1024], [1, 2, 4]),  # three top-level segments, fewer heads than offsets
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("op_cls", [ImprovedDilatedAttention, RingDilatedAttention], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", UNION_CASES, ids=[f"B{c[0]}-T{c[1]}-D{c[3]}" for c in UNION_CASES])
+def test_gpu_union_kernels_parity(case, causal, op_cls, dtype):
+    """The op's union kernels (union.py: each distinct pair once, weighted), on q/k/v views of one
+    fused projection: the same error rule against the float64 reference as every other path."""
+    from longctx.attention import union
+    B, T, H, D, ws, rs = case
+    assert union.use(torch.empty(1, device="cuda", dtype=dtype), union.layout(T, H, D, ws, rs, False))
+    g = torch.Generator(device="cuda").manual_seed(T + D)
+    qkv, dout = (torch.randn(B, T, *s, D, device="cuda", dtype=torch.float64, generator=g) for s in ((3, H), (H,)))
+    low = qkv.to(dtype).requires_grad_()
+    out = op_cls(ws, rs)(*low.unbind(2), is_causal=causal)
+    (grad,) = torch.autograd.grad(out, low, dout.to(dtype))
+    exact_in = qkv.clone().requires_grad_()
+    exact = reference_attention(*exact_in.unbind(2), ws, rs, causal)
+    (exact_grad,) = torch.autograd.grad(exact, exact_in, dout)
+    ref_in = qkv.to(dtype).requires_grad_()
+    ref = reference_attention(*ref_in.unbind(2), ws, rs, causal, dtype=dtype)
+    (ref_grad,) = torch.autograd.grad(ref, ref_in, dout.to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert err(out, exact) <= 2 * err(ref, exact) + 1e-6
+    for i, name in enumerate("qkv"):
+        assert err(grad[:, :, i], exact_grad[:, :, i]) <= 2 * err(ref_grad[:, :, i], exact_grad[:, :, i]) + 1e-6, name

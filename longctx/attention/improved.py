@@ -31,7 +31,7 @@ import functools
 
 import torch
 
-from . import combine
+from . import combine, union
 from .base import DilatedAttentionBase
 from .branches import Piece, index_scope, plan
 from .kernels import attn_bwd, attn_fwd
@@ -235,6 +235,9 @@ def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention of q/k/v (B, T, H, D): (out (B, T, H, D) in q's dtype, merged LSE (B, T, H))."""
     q, k, v = (unit_last_stride(x) for x in (q, k, v))
+    lay = union.layout(*q.shape[1:], segment_lengths, dilation_rates, head_split)
+    if union.use(q, lay):
+        return union.forward(q, k, v, *lay, is_causal, scale)
     pieces, fresh = _layout(*q.shape[1:3], tuple(segment_lengths), tuple(dilation_rates), head_split)
     if use_combine(q, pieces, fresh):
         return combine.merge_pieces(q, pieces, *attend_pieces(q, k, v, pieces, is_causal, scale))
@@ -256,6 +259,9 @@ def dilated_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Ten
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact (dq, dk, dv) of dilated_attention given its merged out and lse."""
     q, k, v = (unit_last_stride(x) for x in (q, k, v))
+    lay = union.layout(*q.shape[1:], segment_lengths, dilation_rates, head_split)
+    if union.use(q, lay):
+        return union.backward(unit_last_stride(dout), q, k, v, out, lse, *lay, is_causal, scale)
     pieces, fresh = _layout(*q.shape[1:3], tuple(segment_lengths), tuple(dilation_rates), head_split)
     saved = (unit_last_stride(dout), q, k, v, out)
     if use_combine(q, pieces, fresh):

@@ -1,0 +1,89 @@
+"""The union kernels (longctx/attention/union.py) against tests/reference.py, which builds the
+multiset of branch pairs from DESIGN §3's masks and shares no code with them. Without a GPU they
+run in Triton's interpreter (tests/conftest.py) in float32; GPU parity in bf16/fp16 is in test_gpu.py."""
+import pytest
+import torch
+
+from longctx.attention import union
+from longctx.attention.combine import SUPPORTED
+from reference import reference_attention
+
+pytestmark = pytest.mark.skipif(not SUPPORTED, reason="needs Triton >= 3.6 (installed by the test extra)")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+
+
+def layouts(L, n):
+    return [L << i for i in range(n)], [1 << i for i in range(n)]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", [
+    (1, 256, 5, 16, 64, 3),  # three levels, heads beyond every dilation's offsets
+    (2, 512, 3, 16, 64, 2),  # batch 2, eight level-1 segments, four top-level ones
+    (1, 128, 2, 32, 32, 1),  # one branch: plain segmented attention, no weights
+], ids=lambda c: f"B{c[0]}-T{c[1]}-H{c[2]}-L{c[4]}-n{c[5]}")
+def test_union_matches_the_reference_output_lse_and_gradients(case, causal):
+    B, T, H, D, L, n = case
+    ws, rs = layouts(L, n)
+    assert union.layout(T, H, D, ws, rs, False) == (L, n)
+    g = torch.Generator().manual_seed(T + n)
+    # q/k/v as strided views of one fused (B, T, 3, H, D) projection, as the model passes them
+    qkv = torch.randn(B, T, 3, H, D, generator=g, dtype=torch.float64)
+    dout = torch.randn(B, T, H, D, generator=g, dtype=torch.float64)
+    q, k, v = (x.to(DEVICE, DTYPE) for x in qkv.unbind(2))
+    scale = 0.3  # not 1/sqrt(D): the scale must reach every pass
+    out, lse = union.forward(q, k, v, L, n, causal, scale)
+    dq, dk, dv = union.backward(dout.to(DEVICE, DTYPE), q, k, v, out, lse, L, n, causal, scale)
+    exact_in = [x.clone().requires_grad_() for x in qkv.unbind(2)]
+    exact = reference_attention(*exact_in, ws, rs, causal, scale=scale)
+    grads = torch.autograd.grad(exact, exact_in, dout)
+    tol = 1e-5 if DTYPE == torch.float32 else 3e-2
+    for name, got, want in zip(["out", "dq", "dk", "dv"], [out, dq, dk, dv], [exact, *grads]):
+        assert (got.double().cpu() - want).abs().max() <= tol * want.abs().max(), name
+    # the LSE is log Σ_i Σ_keys exp(score) over every branch's keys: the merged LSE of DESIGN §3
+    counts_lse = reference_lse(qkv.unbind(2)[:2], ws, rs, causal, scale)
+    assert (lse.double().cpu() - counts_lse).abs().max() <= 1e-4
+
+
+def reference_lse(qk, ws, rs, causal, scale):
+    """(B, T, H) log Σ over every branch's kept keys of exp(score), from reference.pair_counts."""
+    from reference import pair_counts
+    q, k = qk
+    B, T, H, _ = q.shape
+    counts = pair_counts(T, H, ws, rs, causal, False)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale + torch.log(counts)
+    return torch.logsumexp(scores, -1).transpose(1, 2)
+
+
+@pytest.mark.parametrize("ws, rs, T, head_split, why", [
+    ([64, 128, 256], [1, 2, 4], 256, False, None),
+    ([64, 128, 256], [1, 2, 4], 256, True, "head_split: branches own disjoint heads, nothing to weight"),
+    ([64, 128, 256], [1, 2, 4], 384, False, "T not a multiple of the largest segment (a tail segment)"),
+    ([64, 128, 256], [1, 2, 4], 128, False, "the largest segment is clipped"),
+    ([64, 192, 256], [1, 3, 4], 768, False, "dilations do not double"),
+    ([64, 64, 64], [1, 2, 4], 256, False, "segments do not grow with the dilation (the seed's layout)"),
+    ([128, 256], [2, 4], 256, False, "no dilation 1"),
+    ([32, 64, 128], [1, 2, 4], 128, False, "L / r_n = 8 rows: below a 16-row tile"),
+])
+def test_union_layout_accepts_only_longnets_geometry(ws, rs, T, head_split, why):
+    got = union.layout(T, 4, 16, ws, rs, head_split)
+    assert (got is None) == (why is not None), why
+    if why is None:
+        assert got == (ws[0], len(ws))
+
+
+def test_union_layout_needs_a_tileable_head_dim():
+    assert union.layout(256, 4, 64, [64, 128, 256], [1, 2, 4], False) == (64, 3)
+    assert union.layout(256, 4, 48, [64, 128, 256], [1, 2, 4], False) is None
+    assert union.layout(256, 4, 256, [64, 128, 256], [1, 2, 4], False) is None
+
+
+def test_the_op_uses_union_only_for_compiled_half_precision():
+    """The op takes the union path on a GPU in fp16/bf16 only: float32 would run tl.dot in TF32,
+    and on the CPU the interpreter is for tests, far too slow to train."""
+    lay = union.layout(256, 4, 16, [64, 128, 256], [1, 2, 4], False)
+    assert not union.use(torch.empty(1, dtype=torch.float32), lay)
+    assert not union.use(torch.empty(1, dtype=torch.bfloat16), lay)  # CPU
+    assert not union.use(torch.empty(1, dtype=torch.bfloat16), None)
