@@ -30,8 +30,9 @@ def test_union_matches_the_reference_output_lse_and_gradients(case, causal):
     assert union.layout(T, H, D, ws, rs, False) == (L, n)
     g = torch.Generator().manual_seed(T + n)
     # q/k/v as strided views of one fused (B, T, 3, H, D) projection, as the model passes them
-    qkv = torch.randn(B, T, 3, H, D, generator=g, dtype=torch.float64)
-    dout = torch.randn(B, T, H, D, generator=g, dtype=torch.float64)
+    # inputs rounded to the kernels' dtype first, so the reference sees exactly what they see
+    qkv = torch.randn(B, T, 3, H, D, generator=g, dtype=torch.float64).to(DTYPE).double()
+    dout = torch.randn(B, T, H, D, generator=g, dtype=torch.float64).to(DTYPE).double()
     q, k, v = (x.to(DEVICE, DTYPE) for x in qkv.unbind(2))
     scale = 0.3  # not 1/sqrt(D): the scale must reach every pass
     out, lse = union.forward(q, k, v, L, n, causal, scale)
