@@ -5,6 +5,10 @@ kept rows per segment; N = B·S. LSE tensors are (B, T, H), not DESIGN §2's (B,
 like the (B, T, H, D) output, a piece's LSE rows are a strided view with batch and segment folded
 into one stride (N), as its output rows are; in (B, H, T) they fold only when H = 1.
 
+LongNet's own layouts (r = 1, 2, 4, …, w_i = L·r_i; union.py) run on the GPU as one weighted
+softmax per query in Triton, each distinct (query, key) pair scored once; everything below is
+the path for every other layout (and for `LONGCTX_UNION=0`).
+
 Few gathers. A strided piece (branches.py: heads h0, h0 + step, … of one branch whose offsets
 step evenly too, over its full segments or its tail) keeps rows start + s·w + (h mod r) + j·r:
 in a (B, T, H, D) tensor that is one strided view (B, S, g, m, D), `rows_view`. The attention

@@ -33,7 +33,7 @@ import os
 
 import torch
 
-from .combine import INTERPRETED, SUPPORTED, compiled_triton
+from .combine import SUPPORTED, compiled_triton
 
 if SUPPORTED:
     import triton
@@ -251,10 +251,11 @@ if SUPPORTED:
             acc = tl.load(o_rows).to(tl.float32)  # the local pass's softmax: its weight exp2(m_i)
             m_i = tl.load(lse_rows) * 1.4426950408889634
             l_i = tl.full([BM], 1.0, tl.float32)
+            q_w = tl.zeros([BM], tl.float32)  # unused above level 1, where the class fixes the row term
             for a in tl.static_range(2, N_BR + 1):
                 live, start = _level_start(x0, h, a, L, CAUSAL, 0)
                 if live & (a - 1 <= k):
-                    acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, qpos, l_i, kp, vp, skt, svt, start, 1 << (a - 1),
+                    acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, qpos, q_w, kp, vp, skt, svt, start, 1 << (a - 1),
                                               L // 2 // BN, h, k, qk_scale, a, N_BR, False, BN, D)
             tl.store(o_rows, (acc / l_i[:, None]).to(O.dtype.element_ty))
             tl.store(lse_rows, (m_i + tl.log2(l_i)) / 1.4426950408889634)
@@ -308,7 +309,8 @@ if SUPPORTED:
             for a in tl.static_range(2, N_BR + 1):
                 live, start = _level_start(x0, h, a, L, CAUSAL, 0)
                 if live & (a - 1 <= k):
-                    dq = _dq_keys(dq, q, do, lse2, delta, qpos, lse2, kp, vp, skt, svt, start, 1 << (a - 1),
+                    dq = _dq_keys(dq, q, do, lse2, delta, qpos, tl.zeros([BM], tl.float32), kp, vp, skt, svt, start,
+                                  1 << (a - 1),
                                   L // 2 // BN, h, k, qk_scale, a, N_BR, False, BN, D)
             dq_rows = _rows(DQ + row0 * D, qpos, H * D, D)
             tl.store(dq_rows, (tl.load(dq_rows).to(tl.float32) + dq * scale).to(DQ.dtype.element_ty))
@@ -358,8 +360,9 @@ if SUPPORTED:
             for a in tl.static_range(2, N_BR + 1):
                 live, start = _level_start(x0, h, a, L, CAUSAL, 1)
                 if live & (a - 1 <= k):
-                    dk, dv = _dkdv_queries(dk, dv, kk, vv, kpos, dk, qp, dop, LSE + row0, DELTA + row0, sqt, sdt, H,
-                                           start, 1 << (a - 1), L // 2 // BM, h, k, qk_scale, a, N_BR, False, BM, D)
+                    dk, dv = _dkdv_queries(dk, dv, kk, vv, kpos, tl.zeros([BN], tl.float32), qp, dop, LSE + row0,
+                                           DELTA + row0, sqt, sdt, H, start, 1 << (a - 1), L // 2 // BM, h, k,
+                                           qk_scale, a, N_BR, False, BM, D)
             dk_rows = _rows(DK + row0 * D, kpos, H * D, D)
             dv_rows = _rows(DV + row0 * D, kpos, H * D, D)
             tl.store(dk_rows, (tl.load(dk_rows).to(tl.float32) + dk * scale).to(DK.dtype.element_ty))
@@ -412,8 +415,8 @@ def backward(dout, q, k, v, out, lse, L: int, n: int, is_causal: bool, scale: fl
     delta = torch.empty_like(lse)
     meta = dict(L=L, CAUSAL=is_causal, D=D)
     strides = _strides(q, k, v, dout)
-    _launch(_dq_local, _dq_upper, "dq", q, n, (q, k, v, dout, out, lse, delta, dq, *strides, T, H, scale * LOG2E, scale),
-            meta)
+    _launch(_dq_local, _dq_upper, "dq", q, n,
+            (q, k, v, dout, out, lse, delta, dq, *strides, T, H, scale * LOG2E, scale), meta)
     _launch(_dkdv_local, _dkdv_upper, "dkdv", q, n,
             (q, k, v, dout, lse, delta, dk, dv, *strides, T, H, scale * LOG2E, scale), meta)
     return dq, dk, dv
