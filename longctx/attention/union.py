@@ -125,6 +125,15 @@ if SUPPORTED:
         return _wlog(tl.minimum(lam, k), LEVEL)
 
     @triton.jit
+    def _any_level(x0, h, k, L: tl.constexpr, N_BR: tl.constexpr, CAUSAL: tl.constexpr, FROM_KEYS: tl.constexpr):
+        """Whether a class-k tile at x0 has partners at any level ≥ 2 (else its program does nothing)."""
+        work = k < 0
+        for a in tl.static_range(2, N_BR + 1):
+            live, start = _level_start(x0, h, a, L, CAUSAL, FROM_KEYS)
+            work = work | (live & (a - 1 <= k))
+        return work
+
+    @triton.jit
     def _scores(a_rows, b_rows, a_pos, b_pos, a_w, b_w, qk_scale, LEVEL: tl.constexpr, N_BR: tl.constexpr,
                 MASK: tl.constexpr, A_IS_Q: tl.constexpr):
         """log2-domain weighted scores (len(a_pos), len(b_pos)) of rows a against rows b; a_w, b_w:
@@ -238,11 +247,7 @@ if SUPPORTED:
                    D: tl.constexpr):
         b, h, row0 = _bh(T, H)
         k, x0, qpos = _class_tile(tl.program_id(1), T, h, BM, N_BR)
-        work = k < 0
-        for a in tl.static_range(2, N_BR + 1):
-            live, start = _level_start(x0, h, a, L, CAUSAL, 0)
-            work = work | (live & (a - 1 <= k))
-        if work:
+        if _any_level(x0, h, k, L, N_BR, CAUSAL, 0):
             kp = K + b.to(tl.int64) * skb + h * skh
             vp = V + b.to(tl.int64) * svb + h * svh
             q = tl.load(_rows(Q + b.to(tl.int64) * sqb + h * sqh, qpos, sqt, D))
@@ -293,11 +298,7 @@ if SUPPORTED:
                   BN: tl.constexpr, D: tl.constexpr):
         b, h, row0 = _bh(T, H)
         k, x0, qpos = _class_tile(tl.program_id(1), T, h, BM, N_BR)
-        work = k < 0
-        for a in tl.static_range(2, N_BR + 1):
-            live, start = _level_start(x0, h, a, L, CAUSAL, 0)
-            work = work | (live & (a - 1 <= k))
-        if work:
+        if _any_level(x0, h, k, L, N_BR, CAUSAL, 0):
             kp = K + b.to(tl.int64) * skb + h * skh
             vp = V + b.to(tl.int64) * svb + h * svh
             q = tl.load(_rows(Q + b.to(tl.int64) * sqb + h * sqh, qpos, sqt, D))
@@ -346,11 +347,7 @@ if SUPPORTED:
                     BM: tl.constexpr, D: tl.constexpr):
         b, h, row0 = _bh(T, H)
         k, x0, kpos = _class_tile(tl.program_id(1), T, h, BN, N_BR)
-        work = k < 0
-        for a in tl.static_range(2, N_BR + 1):
-            live, start = _level_start(x0, h, a, L, CAUSAL, 1)
-            work = work | (live & (a - 1 <= k))
-        if work:
+        if _any_level(x0, h, k, L, N_BR, CAUSAL, 1):
             kk = tl.load(_rows(K + b.to(tl.int64) * skb + h * skh, kpos, skt, D))
             vv = tl.load(_rows(V + b.to(tl.int64) * svb + h * svh, kpos, svt, D))
             qp = Q + b.to(tl.int64) * sqb + h * sqh
