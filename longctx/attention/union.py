@@ -205,6 +205,11 @@ if SUPPORTED:
         return b, h, b.to(tl.int64) * T * H + h
 
     @triton.jit
+    def _head(ptr, b, h, sb, sh):
+        """ptr moved to (batch b, position 0, head h) of a (B, T, H, D) tensor with strides sb, sh."""
+        return ptr + b.to(tl.int64) * sb + h * sh
+
+    @triton.jit
     def _local_tile(T, L: tl.constexpr, BM: tl.constexpr, CAUSAL: tl.constexpr):
         """Local-pass tile: its segment's first position and its own first position (the
         longest causal rows first, so the heaviest programs start first)."""
@@ -223,9 +228,9 @@ if SUPPORTED:
         b, h, row0 = _bh(T, H)
         seg0, x0 = _local_tile(T, L, BM, CAUSAL)
         qpos = x0 + tl.arange(0, BM)
-        kp = K + b.to(tl.int64) * skb + h * skh
-        vp = V + b.to(tl.int64) * svb + h * svh
-        q = tl.load(_rows(Q + b.to(tl.int64) * sqb + h * sqh, qpos, sqt, D))
+        kp = _head(K, b, h, skb, skh)
+        vp = _head(V, b, h, svb, svh)
+        q = tl.load(_rows(_head(Q, b, h, sqb, sqh), qpos, sqt, D))
         q_w = _wlog(_lam(qpos, h, N_BR), 1)
         acc = tl.zeros([BM, D], tl.float32)
         m_i = tl.full([BM], float("-inf"), tl.float32)
@@ -248,9 +253,9 @@ if SUPPORTED:
         b, h, row0 = _bh(T, H)
         k, x0, qpos = _class_tile(tl.program_id(1), T, h, BM, N_BR)
         if _any_level(x0, h, k, L, N_BR, CAUSAL, 0):
-            kp = K + b.to(tl.int64) * skb + h * skh
-            vp = V + b.to(tl.int64) * svb + h * svh
-            q = tl.load(_rows(Q + b.to(tl.int64) * sqb + h * sqh, qpos, sqt, D))
+            kp = _head(K, b, h, skb, skh)
+            vp = _head(V, b, h, svb, svh)
+            q = tl.load(_rows(_head(Q, b, h, sqb, sqh), qpos, sqt, D))
             o_rows = _rows(O + row0 * D, qpos, H * D, D)
             lse_rows = LSE + row0 + qpos.to(tl.int64) * H
             acc = tl.load(o_rows).to(tl.float32)  # the local pass's softmax: its weight exp2(m_i)
@@ -272,10 +277,10 @@ if SUPPORTED:
         b, h, row0 = _bh(T, H)
         seg0, x0 = _local_tile(T, L, BM, CAUSAL)
         qpos = x0 + tl.arange(0, BM)
-        kp = K + b.to(tl.int64) * skb + h * skh
-        vp = V + b.to(tl.int64) * svb + h * svh
-        q = tl.load(_rows(Q + b.to(tl.int64) * sqb + h * sqh, qpos, sqt, D))
-        do = tl.load(_rows(DO + b.to(tl.int64) * sdb + h * sdh, qpos, sdt, D))
+        kp = _head(K, b, h, skb, skh)
+        vp = _head(V, b, h, svb, svh)
+        q = tl.load(_rows(_head(Q, b, h, sqb, sqh), qpos, sqt, D))
+        do = tl.load(_rows(_head(DO, b, h, sdb, sdh), qpos, sdt, D))
         stat = row0 + qpos.to(tl.int64) * H
         delta = tl.sum(do.to(tl.float32) * tl.load(_rows(O + row0 * D, qpos, H * D, D)).to(tl.float32), 1)
         tl.store(DELTA + stat, delta)
@@ -299,10 +304,10 @@ if SUPPORTED:
         b, h, row0 = _bh(T, H)
         k, x0, qpos = _class_tile(tl.program_id(1), T, h, BM, N_BR)
         if _any_level(x0, h, k, L, N_BR, CAUSAL, 0):
-            kp = K + b.to(tl.int64) * skb + h * skh
-            vp = V + b.to(tl.int64) * svb + h * svh
-            q = tl.load(_rows(Q + b.to(tl.int64) * sqb + h * sqh, qpos, sqt, D))
-            do = tl.load(_rows(DO + b.to(tl.int64) * sdb + h * sdh, qpos, sdt, D))
+            kp = _head(K, b, h, skb, skh)
+            vp = _head(V, b, h, svb, svh)
+            q = tl.load(_rows(_head(Q, b, h, sqb, sqh), qpos, sqt, D))
+            do = tl.load(_rows(_head(DO, b, h, sdb, sdh), qpos, sdt, D))
             stat = row0 + qpos.to(tl.int64) * H
             delta = tl.load(DELTA + stat)
             lse2 = tl.load(LSE + stat) * 1.4426950408889634
@@ -323,10 +328,10 @@ if SUPPORTED:
         b, h, row0 = _bh(T, H)
         seg0, x0 = _local_tile(T, L, BN, False)
         kpos = x0 + tl.arange(0, BN)
-        kk = tl.load(_rows(K + b.to(tl.int64) * skb + h * skh, kpos, skt, D))
-        vv = tl.load(_rows(V + b.to(tl.int64) * svb + h * svh, kpos, svt, D))
-        qp = Q + b.to(tl.int64) * sqb + h * sqh
-        dop = DO + b.to(tl.int64) * sdb + h * sdh
+        kk = tl.load(_rows(_head(K, b, h, skb, skh), kpos, skt, D))
+        vv = tl.load(_rows(_head(V, b, h, svb, svh), kpos, svt, D))
+        qp = _head(Q, b, h, sqb, sqh)
+        dop = _head(DO, b, h, sdb, sdh)
         k_w = _wlog(_lam(kpos, h, N_BR), 1)
         dk = tl.zeros([BN, D], tl.float32)
         dv = tl.zeros([BN, D], tl.float32)
@@ -348,10 +353,10 @@ if SUPPORTED:
         b, h, row0 = _bh(T, H)
         k, x0, kpos = _class_tile(tl.program_id(1), T, h, BN, N_BR)
         if _any_level(x0, h, k, L, N_BR, CAUSAL, 1):
-            kk = tl.load(_rows(K + b.to(tl.int64) * skb + h * skh, kpos, skt, D))
-            vv = tl.load(_rows(V + b.to(tl.int64) * svb + h * svh, kpos, svt, D))
-            qp = Q + b.to(tl.int64) * sqb + h * sqh
-            dop = DO + b.to(tl.int64) * sdb + h * sdh
+            kk = tl.load(_rows(_head(K, b, h, skb, skh), kpos, skt, D))
+            vv = tl.load(_rows(_head(V, b, h, svb, svh), kpos, svt, D))
+            qp = _head(Q, b, h, sqb, sqh)
+            dop = _head(DO, b, h, sdb, sdh)
             dk = tl.zeros([BN, D], tl.float32)
             dv = tl.zeros([BN, D], tl.float32)
             for a in tl.static_range(2, N_BR + 1):
