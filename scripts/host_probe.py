@@ -1,10 +1,11 @@
 """Host time of the fast op, eager: how long Python and the launches take per call, against the
-GPU time of the same call; and what the custom-op dispatch adds (the op's forward, without
-autograd, through `longctx::dilated_attention` and through its Python implementation directly).
+GPU time of the same call; and what the custom-op dispatch adds: forward + backward through the
+module (EagerDilatedAttention) and through the custom op `longctx::dilated_attention`, and the
+forward alone without autograd through the custom op and through `attend` directly.
 
-Usage: python scripts/host_probe.py  (GPU only): the seed layout at 8K (head_split) and the long
-preset at 32K, forward + backward. (cProfile is no help here: run 52 put most of the host time
-in torch's custom-op wrapper, which this comparison showed to be an artefact, run 56.)
+Usage: python scripts/host_probe.py  (GPU only): the seed layout at 8K and 32K (head_split) and
+the long preset at 32K, forward + backward. (cProfile is no help here: run 52 put most of the
+host time in torch's custom-op wrapper, which this comparison showed to be an artefact, run 56.)
 """
 import statistics
 import time
@@ -12,10 +13,11 @@ import time
 import torch
 
 from longctx.attention import ImprovedDilatedAttention
-from longctx.attention.improved import dilated_attention
+from longctx.attention.improved import attend, dilated_attention
 
 CASES = [  # name, T, heads, segments, dilations, head_split, causal
     ("seed 8K", 8192, 8, [1024, 2048, 4096], [1, 2, 4], True, False),
+    ("seed 32K", 32768, 8, [1024, 2048, 4096], [1, 2, 4], True, False),
     ("long 32K", 32768, 12, [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16], False, True),
 ]
 
@@ -56,8 +58,11 @@ def main():
                 gpu.append(a.elapsed_time(b))
         print(f"{name}: host fwd {statistics.median(fwd):.3f} ms, host bwd {statistics.median(bwd):.3f} ms, "
               f"GPU (events, fwd+bwd) {statistics.median(gpu):.3f} ms")
-        args = (q.detach(), k.detach(), v.detach(), ws, rs, split, causal, 0.125)
-        op, direct = host_ms(lambda: dilated_attention(*args)), host_ms(lambda: dilated_attention._init_fn(*args))
+        config = (ws, rs, split, causal, 0.125)
+        op_step = host_ms(lambda: dilated_attention(q, k, v, *config)[0].backward(g))
+        print(f"  forward + backward through the custom op: host {op_step:.3f} ms")
+        args = (q.detach(), k.detach(), v.detach(), *config)
+        op, direct = host_ms(lambda: dilated_attention(*args)), host_ms(lambda: attend(*args))
         print(f"  forward without autograd: custom op {op:.3f} ms, its Python implementation directly {direct:.3f} ms")
 
 

@@ -8,8 +8,11 @@ per-branch path and dense SDPA.
    milliseconds, counted TFLOP/s (branches.dilated_flops, backward = 2.5x forward) and the ratio
    to dense; the union's local and upper passes timed apart.
 The long preset's layout: 12 heads of 64, segments 2048 … 32768, dilations 1 … 16, causal, bf16.
+`seed`: the seed preset's at 8K instead, with head_split (8 heads, segments 1024 … 4096,
+dilations 1 … 4, not causal), at batch 1, 2 and 4.
 
 Usage: python scripts/union_probe.py [lengths...]   (default 65536 131072 262144)
+       python scripts/union_probe.py seed
 """
 import sys
 
@@ -21,11 +24,19 @@ from longctx.attention.branches import dilated_flops
 from longctx.attention.improved import dilated_attention
 from longctx.benchmark import graphed, timed
 
-WS, RS, H, D = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16], 12, 64
+LONG = dict(ws=[2048, 4096, 8192, 16384, 32768], rs=[1, 2, 4, 8, 16], H=12, causal=True, split=False)
+SEED = dict(ws=[1024, 2048, 4096], rs=[1, 2, 4], H=8, causal=False, split=True)
+D = 64
 SWEEP = {  # runs 71-73 swept more (64-row tiles, 8 warps, 2 stages, 16 or 128 columns): slower everywhere
     "fwd": [(128, 64, 4, 4), (128, 64, 4, 3)],
     "dq": [(128, 32, 4, 4), (128, 32, 4, 3)],
     "dkdv": [(128, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3), (128, 32, 4, 5), (128, 16, 4, 3)],
+}
+
+SEED_SWEEP = {  # batch 1 at 8K is ~320 tiles of 128 rows a pass for 132 SMs: 64 rows fill them better
+    "fwd": [(64, 64, 4, 4), (64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 4, 3), (128, 64, 4, 4)],
+    "dq": [(64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (64, 128, 4, 2), (128, 32, 4, 4)],
+    "dkdv": [(64, 32, 4, 3), (64, 32, 4, 4), (64, 64, 4, 3), (64, 16, 4, 3), (128, 32, 4, 3)],
 }
 
 
@@ -34,75 +45,82 @@ def ms(fn):
     return timed(graphed(fn), torch.device("cuda"), 3, 20, 20)[0]
 
 
-def inputs(T):
+def inputs(T, B, H):
     g = torch.Generator(device="cuda").manual_seed(0)
-    return [torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)]
+    return [torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)]
 
 
-def passes(T, which=("local", "upper")):
+def passes(T, B, spec, which=("local", "upper")):
     """Callables for each pass of the union kernels on fresh inputs (`which` of the local and
     upper passes)."""
-    q, k, v, do = inputs(T)
-    L, n, scale = WS[0], len(WS), D ** -0.5
-    out, lse = union.forward(q, k, v, L, n, True, scale)
+    H = spec["H"]
+    q, k, v, do = inputs(T, B, H)
+    lay, scale, causal = union.layout(T, H, D, spec["ws"], spec["rs"], spec["split"]), D ** -0.5, spec["causal"]
+    out, lse = union.forward(q, k, v, lay, causal, scale)
     dq, dk, dv, delta = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q), torch.empty_like(lse)
     strides = union._strides(q, k, v, do)
-    meta = dict(L=L, CAUSAL=True, D=D)
-    dq_args = (q, k, v, do, out, lse, delta, dq, *strides, T, 12, scale * union.LOG2E, scale)
-    dkdv_args = (q, k, v, do, lse, delta, dk, dv, *strides, T, 12, scale * union.LOG2E, scale)
-    fwd_args = (q, k, v, out, lse, *union._strides(q, k, v), T, 12, scale * union.LOG2E)
-    return {
-        "fwd": lambda: union._launch(union._fwd_local, union._fwd_upper, "fwd", q, n, fwd_args, meta, which),
-        "dq": lambda: union._launch(union._dq_local, union._dq_upper, "dq", q, n, dq_args, meta, which),
-        "dkdv": lambda: union._launch(union._dkdv_local, union._dkdv_upper, "dkdv", q, n, dkdv_args, meta, which),
+    args = {
+        "fwd": (q, k, v, out, lse, *union._strides(q, k, v), T, H, scale * union.LOG2E),
+        "dq": (q, k, v, do, out, lse, delta, dq, *strides, T, H, scale * union.LOG2E, scale),
+        "dkdv": (q, k, v, do, lse, delta, dk, dv, *strides, T, H, scale * union.LOG2E, scale),
     }
+    return {name: (lambda name=name: union._launch(name, q, lay, args[name], causal, which)) for name in args}
 
 
-def sweep(T):
-    fns = passes(T)
-    for name, configs in SWEEP.items():
+def sweep(T, B=1, spec=LONG, grid=SWEEP):
+    fns = passes(T, B, spec)
+    for name, configs in grid.items():
         times = []
+        lay = union.layout(T, spec["H"], D, spec["ws"], spec["rs"], spec["split"])
+        config = union.SMALL_CONFIG if union.small(inputs(T, B, spec["H"])[0], lay) else union.CONFIG
         for cfg in configs:
-            union.CONFIG[name] = cfg
+            config[name] = cfg
             try:
                 times.append((ms(fns[name]), cfg))
             except Exception as e:  # e.g. out of shared memory for a tiling
                 print(f"  {name} {cfg}: failed ({type(e).__name__}: {str(e)[:80]})")
         for t, cfg in sorted(times):
             print(f"  T={T} {name:5s} {cfg}: {t:.3f} ms")
-        union.CONFIG[name] = min(times)[1]
-    print("best:", union.CONFIG, flush=True)
+        config[name] = min(times)[1]
+    print("best:", config, flush=True)
 
 
-def compare(T):
-    q, k, v, do = (x.requires_grad_(i < 3) for i, x in enumerate(inputs(T)))
-    counted = 3.5 * dilated_flops(1, T, H, D, tuple(WS), tuple(RS), False, True)
-    dense = 3.5 * 4 * H * D * T * T / 2
+def compare(T, B=1, spec=LONG):
+    H, ws, rs, causal, split = (spec[key] for key in ("H", "ws", "rs", "causal", "split"))
+    q, k, v, do = (x.requires_grad_(i < 3) for i, x in enumerate(inputs(T, B, H)))
+    counted = 3.5 * dilated_flops(B, T, H, D, tuple(ws), tuple(rs), split, causal)
+    dense = 3.5 * 4 * B * H * D * T * T / (2 if causal else 1)
 
     def step(fn):
         def run():
             q.grad = k.grad = v.grad = None
             fn().backward(do)
         return run
-    sdpa = step(lambda: F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=True)
+    sdpa = step(lambda: F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=causal)
                 .transpose(1, 2))
-    op = step(lambda: dilated_attention(q, k, v, WS, RS, False, True, D ** -0.5)[0])
+    op = step(lambda: dilated_attention(q, k, v, ws, rs, split, causal, D ** -0.5)[0])
     t_dense = ms(sdpa)
     union.ENABLED = False
     t_old = ms(op)
     union.ENABLED = True
     t_new = ms(op)
     rate = lambda t: counted / t / 1e9
-    print(f"T={T}: dense {t_dense:.3f} ms ({dense / t_dense / 1e9:.0f} TF/s); per-branch op {t_old:.3f} ms "
+    print(f"T={T} B={B}: dense {t_dense:.3f} ms ({dense / t_dense / 1e9:.0f} TF/s); per-branch op {t_old:.3f} ms "
           f"({rate(t_old):.0f} counted TF/s, {rate(t_old) / (dense / t_dense / 1e9):.0%}); union op {t_new:.3f} ms "
           f"({rate(t_new):.0f}, {rate(t_new) / (dense / t_dense / 1e9):.0%})", flush=True)
-    for which in ("local", "upper"):
-        fns = passes(T, (which,))
+    for which in ("local", "upper")[:1 if split else 2]:
+        fns = passes(T, B, spec, (which,))
         print(f"   {which} passes: " + ", ".join(f"{name} {ms(fn):.3f} ms" for name, fn in fns.items()), flush=True)
 
 
 if __name__ == "__main__":
-    lengths = [int(x) for x in sys.argv[1:]] or [65536, 131072, 262144]
-    sweep(lengths[0])
-    for T in lengths:
-        compare(T)
+    if sys.argv[1:] == ["seed"]:
+        sweep(8192, 4, SEED, SEED_SWEEP)  # CONFIG (from 1,024 tiles of 128 rows)
+        sweep(8192, 1, SEED, SEED_SWEEP)  # SMALL_CONFIG (320)
+        for B in (1, 2, 4):
+            compare(8192, B, SEED)
+    else:
+        lengths = [int(x) for x in sys.argv[1:]] or [65536, 131072, 262144]
+        sweep(lengths[0])
+        for T in lengths:
+            compare(T)

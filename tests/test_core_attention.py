@@ -182,6 +182,24 @@ def test_custom_op_registration(head_split):
         assert results and set(results.values()) == {"SUCCESS"}, results
 
 
+def test_eager_calls_skip_the_custom_op_with_the_same_results():
+    """Eager module calls run `attend` through EagerDilatedAttention (the custom op's dispatch
+    was 10-23% of the op's host time, docs/performance.md run 81); torch.compile sees the custom
+    op. Both give the same output and gradients: they share attend and attend_backward."""
+    T, H, D, ws, rs = 37, 4, 16, [8, 16, 32], [1, 2, 4]
+    q, k, v = make_qkv(2, T, H, D)
+    g = torch.randn(2, T, H, D)
+    out = ImprovedDilatedAttention(ws, rs)(q, k, v, is_causal=True)
+    assert type(out.grad_fn).__name__ == "EagerDilatedAttentionBackward"
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    out_op = dilated_attention(q, k, v, ws, rs, False, True, D ** -0.5)[0]
+    assert "EagerDilatedAttention" not in type(out_op.grad_fn).__name__
+    grads_op = torch.autograd.grad(out_op, (q, k, v), g)
+    torch.testing.assert_close(out, out_op, rtol=0, atol=0)
+    for a, b in zip(grads, grads_op):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_math_fallback_matches_fused_kernel(monkeypatch):
     """The public fallback (explicit matmuls) computes the same as the private fused op."""
     T, H, D, ws, rs = 37, 4, 16, [8, 16, 32], [1, 2, 4]

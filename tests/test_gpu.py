@@ -72,8 +72,11 @@ def test_gpu_fused_qkv_views_batch_two(head_split, backend, monkeypatch):
 def test_gpu_combine_matches_the_piecewise_float32_merge(monkeypatch):
     """The LongNet layout at 32K: the one-pass combine (the default here) against improved.py's
     piece-by-piece float32 merge. Same float32 sums in another order, rounded once; cuDNN's dQ
-    itself varies from run to run (atomics), so the two agree to bf16 rounding in norm."""
-    from longctx.attention import combine, improved
+    itself varies from run to run (atomics), so the two agree to bf16 rounding in norm. (The union
+    kernels, which take this layout by default, are off: both runs take the per-branch path.)"""
+    from longctx.attention import combine, improved, union
+
+    monkeypatch.setattr(union, "ENABLED", False)
 
     T, H, D, ws, rs = 32768, 12, 64, [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 8, 16]
     g = torch.Generator(device="cuda").manual_seed(5)
@@ -91,13 +94,16 @@ def test_gpu_combine_matches_the_piecewise_float32_merge(monkeypatch):
         assert (a - b).norm() <= 2 ** -8 * b.norm(), name  # one branch left out: ~0.05
 
 
-@pytest.mark.parametrize("layout", ["combine", "merged", "disjoint"])
-def test_gpu_forward_backward_capture_in_a_cuda_graph(layout):
+@pytest.mark.parametrize("layout", ["combine", "merged", "disjoint", "union", "union-split"])
+def test_gpu_forward_backward_capture_in_a_cuda_graph(layout, monkeypatch):
     """The op makes no host synchronisation: fwd+bwd captures in a CUDA graph (benchmark
-    --cuda-graph, torch.compile's reduce-overhead) and its replay equals the eager result."""
+    --cuda-graph, torch.compile's reduce-overhead) and its replay equals the eager result.
+    LongNet's layout: the union kernels, or (turned off) the per-branch paths."""
+    from longctx.attention import union
     from longctx.benchmark import graphed
 
-    head_split = layout == "disjoint"
+    monkeypatch.setattr(union, "ENABLED", layout.startswith("union"))
+    head_split = layout in ("disjoint", "union-split")
     T, H, D, ws, rs = 4096, 16, 64, [512, 1024, 2048, 4096], [1, 2, 4, 8]  # strided; gathered for r = 4
     if layout == "combine":  # 12 heads: every piece strided, so the pieces combine in one pass
         H = 12
@@ -199,23 +205,25 @@ UNION_CASES = [  # (B, T, H, D, segment_lengths, dilation_rates): LongNet layout
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("op_cls", [ImprovedDilatedAttention, RingDilatedAttention], ids=lambda c: c.__name__)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_split", [False, True], ids=["all-heads", "head-split"])
 @pytest.mark.parametrize("case", UNION_CASES, ids=[f"B{c[0]}-T{c[1]}-D{c[3]}" for c in UNION_CASES])
-def test_gpu_union_kernels_parity(case, causal, op_cls, dtype):
-    """The op's union kernels (union.py: each distinct pair once, weighted), on q/k/v views of one
-    fused projection: the same error rule against the float64 reference as every other path."""
+def test_gpu_union_kernels_parity(case, head_split, causal, op_cls, dtype):
+    """The op's union kernels (union.py: each distinct pair once, weighted; with head_split, one
+    strided softmax per head), on q/k/v views of one fused projection: the same error rule
+    against the float64 reference as every other path."""
     from longctx.attention import union
     B, T, H, D, ws, rs = case
-    assert union.use(torch.empty(1, device="cuda", dtype=dtype), union.layout(T, H, D, ws, rs, False))
+    assert union.use(torch.empty(1, device="cuda", dtype=dtype), union.layout(T, H, D, ws, rs, head_split))
     g = torch.Generator(device="cuda").manual_seed(T + D)
     qkv, dout = (torch.randn(B, T, *s, D, device="cuda", dtype=torch.float64, generator=g) for s in ((3, H), (H,)))
     low = qkv.to(dtype).requires_grad_()
-    out = op_cls(ws, rs)(*low.unbind(2), is_causal=causal)
+    out = op_cls(ws, rs, head_split=head_split)(*low.unbind(2), is_causal=causal)
     (grad,) = torch.autograd.grad(out, low, dout.to(dtype))
     exact_in = qkv.clone().requires_grad_()
-    exact = reference_attention(*exact_in.unbind(2), ws, rs, causal)
+    exact = reference_attention(*exact_in.unbind(2), ws, rs, causal, head_split=head_split)
     (exact_grad,) = torch.autograd.grad(exact, exact_in, dout)
     ref_in = qkv.to(dtype).requires_grad_()
-    ref = reference_attention(*ref_in.unbind(2), ws, rs, causal, dtype=dtype)
+    ref = reference_attention(*ref_in.unbind(2), ws, rs, causal, head_split=head_split, dtype=dtype)
     (ref_grad,) = torch.autograd.grad(ref, ref_in, dout.to(dtype))
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert err(out, exact) <= 2 * err(ref, exact) + 1e-6

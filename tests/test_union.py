@@ -1,6 +1,8 @@
 """The union kernels (longctx/attention/union.py) against tests/reference.py, which builds the
 multiset of branch pairs from DESIGN §3's masks and shares no code with them. Without a GPU they
 run in Triton's interpreter (tests/conftest.py) in float32; GPU parity in bf16/fp16 is in test_gpu.py."""
+import contextlib
+
 import pytest
 import torch
 
@@ -20,14 +22,17 @@ def layouts(L, n):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("case", [
-    (1, 256, 5, 16, 64, 3),  # three levels, heads beyond every dilation's offsets
-    (2, 512, 3, 16, 64, 2),  # batch 2, eight level-1 segments, four top-level ones
-    (1, 128, 2, 32, 32, 1),  # one branch: plain segmented attention, no weights
-], ids=lambda c: f"B{c[0]}-T{c[1]}-H{c[2]}-L{c[4]}-n{c[5]}")
+    (1, 256, 5, 16, 64, 3, False),  # three levels, heads beyond every dilation's offsets
+    (2, 512, 3, 16, 64, 2, False),  # batch 2, eight level-1 segments, four top-level ones
+    (1, 128, 2, 32, 32, 1, False),  # one branch: plain segmented attention, no weights
+    # head_split: heads 0-2 branch 1, 3-4 branch 2 (offsets 1, 0), 5-6 branch 3 (offsets 1, 2)
+    (2, 256, 7, 16, 32, 3, True),
+], ids=lambda c: f"B{c[0]}-T{c[1]}-H{c[2]}-L{c[4]}-n{c[5]}" + ("-split" if c[6] else ""))
 def test_union_matches_the_reference_output_lse_and_gradients(case, causal):
-    B, T, H, D, L, n = case
+    B, T, H, D, L, n, split = case
     ws, rs = layouts(L, n)
-    assert union.layout(T, H, D, ws, rs, False) == (L, n)
+    lay = union.layout(T, H, D, ws, rs, split)
+    assert lay == (L, n, split)
     g = torch.Generator().manual_seed(T + n)
     # q/k/v as strided views of one fused (B, T, 3, H, D) projection, as the model passes them
     # inputs rounded to the kernels' dtype first, so the reference sees exactly what they see
@@ -35,50 +40,86 @@ def test_union_matches_the_reference_output_lse_and_gradients(case, causal):
     dout = torch.randn(B, T, H, D, generator=g, dtype=torch.float64).to(DTYPE).double()
     q, k, v = (x.to(DEVICE, DTYPE) for x in qkv.unbind(2))
     scale = 0.3  # not 1/sqrt(D): the scale must reach every pass
-    out, lse = union.forward(q, k, v, L, n, causal, scale)
-    dq, dk, dv = union.backward(dout.to(DEVICE, DTYPE), q, k, v, out, lse, L, n, causal, scale)
+    # the kernels write every element themselves, zeros included: fill fresh buffers with NaN
+    with poisoned_empty(DEVICE):
+        out, lse = union.forward(q, k, v, lay, causal, scale)
+        dq, dk, dv = union.backward(dout.to(DEVICE, DTYPE), q, k, v, out, lse, lay, causal, scale)
     exact_in = [x.clone().requires_grad_() for x in qkv.unbind(2)]
-    exact = reference_attention(*exact_in, ws, rs, causal, scale=scale)
+    exact = reference_attention(*exact_in, ws, rs, causal, head_split=split, scale=scale)
     grads = torch.autograd.grad(exact, exact_in, dout)
     tol = 1e-5 if DTYPE == torch.float32 else 3e-2
     for name, got, want in zip(["out", "dq", "dk", "dv"], [out, dq, dk, dv], [exact, *grads]):
         assert (got.double().cpu() - want).abs().max() <= tol * want.abs().max(), name
     # the LSE is log Σ_i Σ_keys exp(score) over every branch's keys: the merged LSE of DESIGN §3
-    counts_lse = reference_lse(qkv.unbind(2)[:2], ws, rs, causal, scale)
-    assert (lse.double().cpu() - counts_lse).abs().max() <= 1e-4
+    # (−inf where a head keeps a position in no branch, which only head_split has here)
+    counts_lse = reference_lse(qkv.unbind(2)[:2], ws, rs, causal, scale, split)
+    assert torch.equal(lse.cpu().isinf(), counts_lse.isinf())
+    kept = counts_lse.isfinite()
+    assert split == (not kept.all())
+    assert (lse.double().cpu()[kept] - counts_lse[kept]).abs().max() <= 1e-4
 
 
-def reference_lse(qk, ws, rs, causal, scale):
+@contextlib.contextmanager
+def poisoned_empty(device):
+    """torch.empty on `device` returns NaN-filled floating tensors inside the block."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() and t.device.type == torch.device(device).type else t
+    torch.empty = empty
+    try:
+        yield
+    finally:
+        torch.empty = real
+
+
+def reference_lse(qk, ws, rs, causal, scale, head_split=False):
     """(B, T, H) log Σ over every branch's kept keys of exp(score), from reference.pair_counts."""
     from reference import pair_counts
     q, k = qk
     B, T, H, _ = q.shape
-    counts = pair_counts(T, H, ws, rs, causal, False)
+    counts = pair_counts(T, H, ws, rs, causal, head_split)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale + torch.log(counts)
     return torch.logsumexp(scores, -1).transpose(1, 2)
 
 
 @pytest.mark.parametrize("ws, rs, T, head_split, why", [
     ([64, 128, 256], [1, 2, 4], 256, False, None),
-    ([64, 128, 256], [1, 2, 4], 256, True, "head_split: branches own disjoint heads, nothing to weight"),
+    ([64, 128, 256], [1, 2, 4], 256, True, None),
     ([64, 128, 256], [1, 2, 4], 384, False, "T not a multiple of the largest segment (a tail segment)"),
+    ([64, 128, 256], [1, 2, 4], 384, True, "T not a multiple of the largest segment (a tail segment)"),
     ([64, 128, 256], [1, 2, 4], 128, False, "the largest segment is clipped"),
     ([64, 192, 256], [1, 3, 4], 768, False, "dilations do not double"),
+    ([64, 192, 256], [1, 3, 4], 768, True, "dilations do not double"),
     ([64, 64, 64], [1, 2, 4], 256, False, "segments do not grow with the dilation (the seed's layout)"),
     ([128, 256], [2, 4], 256, False, "no dilation 1"),
     ([32, 64, 128], [1, 2, 4], 128, False, "L / r_n = 8 rows: below a 16-row tile"),
+    ([32, 64, 128], [1, 2, 4], 128, True, None),  # each head's rows step by r: 32 of them a segment
+    ([8, 16, 32], [1, 2, 4], 128, True, "L = 8 rows a segment: below a 16-row tile"),
 ])
 def test_union_layout_accepts_only_longnets_geometry(ws, rs, T, head_split, why):
     got = union.layout(T, 4, 16, ws, rs, head_split)
     assert (got is None) == (why is not None), why
     if why is None:
-        assert got == (ws[0], len(ws))
+        assert got == (ws[0], len(ws), head_split)
 
 
-def test_union_layout_needs_a_tileable_head_dim():
-    assert union.layout(256, 4, 64, [64, 128, 256], [1, 2, 4], False) == (64, 3)
+def test_union_layout_needs_a_tileable_head_dim_and_a_head_per_branch():
+    assert union.layout(256, 4, 64, [64, 128, 256], [1, 2, 4], False) == (64, 3, False)
     assert union.layout(256, 4, 48, [64, 128, 256], [1, 2, 4], False) is None
     assert union.layout(256, 4, 256, [64, 128, 256], [1, 2, 4], False) is None
+    assert union.layout(256, 3, 64, [64, 128, 256], [1, 2, 4], True) == (64, 3, True)
+    assert union.layout(256, 2, 64, [64, 128, 256], [1, 2, 4], True) is None
+
+
+def test_small_head_split_launches_take_64_row_tiles():
+    """The seed preset at 8K with head_split (8 heads: 3 of r = 1, 3 of r = 2, 2 of r = 4, so
+    5·T rows a batch) on an H100's 132 SMs: 320 and 640 tiles of 128 rows take the small tiles,
+    1,280 (batch 4) the usual ones."""
+    assert [union.few_tiles(B, 8192, 8, 3, 132) for B in (1, 2, 4)] == [True, True, False]
+    assert union.few_tiles(4, 8192, 8, 3, 1000)  # a GPU with many more SMs
+    assert union._tiles("fwd", 1024, 1, True)[0] == union.SMALL_CONFIG["fwd"][0] == 64
 
 
 def test_the_op_uses_union_only_for_compiled_half_precision():

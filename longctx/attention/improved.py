@@ -6,8 +6,9 @@ like the (B, T, H, D) output, a piece's LSE rows are a strided view with batch a
 into one stride (N), as its output rows are; in (B, H, T) they fold only when H = 1.
 
 LongNet's own layouts (r = 1, 2, 4, …, w_i = L·r_i; union.py) run on the GPU as one weighted
-softmax per query in Triton, each distinct (query, key) pair scored once; everything below is
-the path for every other layout (and for `LONGCTX_UNION=0`).
+softmax per query in Triton, each distinct (query, key) pair scored once (with head_split, one
+strided softmax per head); everything below is the path for every other layout (and for
+`LONGCTX_UNION=0`).
 
 Few gathers. A strided piece (branches.py: heads h0, h0 + step, … of one branch whose offsets
 step evenly too, over its full segments or its tail) keeps rows start + s·w + (h mod r) + j·r:
@@ -228,20 +229,13 @@ def _layout(T: int, H: int, segment_lengths: tuple, dilation_rates: tuple, head_
     return pieces, tuple(fresh_flags(pieces))
 
 
-# The op is a torch.library custom op: eager it is one dispatcher call; under torch.compile it
-# is one opaque node with no graph break (Dynamo traced the Python loop as one small graph per
-# piece and recompiled past its limit, docs/performance.md run 13), so a compiled block, and a
-# CUDA-graph-captured one (mode="reduce-overhead"), includes it. Its fake implementations give
-# the real outputs' shapes, dtypes and (contiguous) strides.
-@torch.library.custom_op("longctx::dilated_attention", mutates_args=())
-def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: list[int],
-                      dilation_rates: list[int], head_split: bool, is_causal: bool, scale: float
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: list[int], dilation_rates: list[int],
+           head_split: bool, is_causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention of q/k/v (B, T, H, D): (out (B, T, H, D) in q's dtype, merged LSE (B, T, H))."""
     q, k, v = (unit_last_stride(x) for x in (q, k, v))
     lay = union.layout(*q.shape[1:], segment_lengths, dilation_rates, head_split)
     if union.use(q, lay):
-        return union.forward(q, k, v, *lay, is_causal, scale)
+        return union.forward(q, k, v, lay, is_causal, scale)
     pieces, fresh = _layout(*q.shape[1:3], tuple(segment_lengths), tuple(dilation_rates), head_split)
     if use_combine(q, pieces, fresh):
         return combine.merge_pieces(q, pieces, *attend_pieces(q, k, v, pieces, is_causal, scale))
@@ -251,21 +245,14 @@ def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
     return out.to(q.dtype), lse
 
 
-@dilated_attention.register_fake
-def _(q, k, v, segment_lengths, dilation_rates, head_split, is_causal, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=acc_dtype(q.dtype))
-
-
-@torch.library.custom_op("longctx::dilated_attention_backward", mutates_args=())
-def dilated_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               out: torch.Tensor, lse: torch.Tensor, segment_lengths: list[int],
-                               dilation_rates: list[int], head_split: bool, is_causal: bool, scale: float
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact (dq, dk, dv) of dilated_attention given its merged out and lse."""
+def attend_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor, segment_lengths: list[int], dilation_rates: list[int], head_split: bool,
+                    is_causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact (dq, dk, dv) of attend given its merged out and lse, and dout (all (B, T, H, D))."""
     q, k, v = (unit_last_stride(x) for x in (q, k, v))
     lay = union.layout(*q.shape[1:], segment_lengths, dilation_rates, head_split)
     if union.use(q, lay):
-        return union.backward(unit_last_stride(dout), q, k, v, out, lse, *lay, is_causal, scale)
+        return union.backward(unit_last_stride(dout), q, k, v, out, lse, lay, is_causal, scale)
     pieces, fresh = _layout(*q.shape[1:3], tuple(segment_lengths), tuple(dilation_rates), head_split)
     saved = (unit_last_stride(dout), q, k, v, out)
     if use_combine(q, pieces, fresh):
@@ -275,6 +262,24 @@ def dilated_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Ten
     with index_scope():
         backward_pieces(grads, saved, lse, pieces, fresh, is_causal, scale, dtype)
     return tuple(finish_grads(grads, q))
+
+
+# Two entry points to attend, with the same autograd (it saves q, k, v, out and LSE):
+# - a torch.library custom op, for torch.compile: one opaque node with no graph break (Dynamo
+#   traced the Python loop as one small graph per piece and recompiled past its limit,
+#   docs/performance.md run 13), so a compiled block, and a CUDA-graph-captured one
+#   (mode="reduce-overhead"), includes it. Its fake implementations give the real outputs'
+#   shapes, dtypes and (contiguous) strides;
+# - a torch.autograd.Function, for eager calls: the custom op's dispatch and autograd wrapper
+#   took half of the op's host time (scripts/host_probe.py), which is the whole call at 8K.
+dilated_attention = torch.library.custom_op("longctx::dilated_attention", attend, mutates_args=())
+dilated_attention_backward = torch.library.custom_op("longctx::dilated_attention_backward", attend_backward,
+                                                     mutates_args=())
+
+
+@dilated_attention.register_fake
+def _(q, k, v, segment_lengths, dilation_rates, head_split, is_causal, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=acc_dtype(q.dtype))
 
 
 @dilated_attention_backward.register_fake
@@ -296,6 +301,24 @@ def _backward(ctx, dout, _dlse):
 dilated_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+class EagerDilatedAttention(torch.autograd.Function):
+    """attend with the custom op's autograd, called directly: apply(q, k, v, *config) -> out.
+    Profiler traces name it like the op."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, segment_lengths, dilation_rates, head_split, is_causal, scale):
+        with torch.profiler.record_function("longctx::dilated_attention"):
+            out, lse = attend(q, k, v, segment_lengths, dilation_rates, head_split, is_causal, scale)
+        _setup_context(ctx, (q, k, v, segment_lengths, dilation_rates, head_split, is_causal, scale), (out, lse))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        with torch.profiler.record_function("longctx::dilated_attention_backward"):
+            grads = attend_backward(dout, *ctx.saved_tensors, *ctx.config)
+        return (*grads, *[None] * len(ctx.config))
+
+
 class ImprovedDilatedAttention(DilatedAttentionBase):
     """Fast dilated attention (same function as DilatedAttention). See DilatedAttentionBase.
 
@@ -312,11 +335,13 @@ class ImprovedDilatedAttention(DilatedAttentionBase):
 
 
 def custom_op_forward(module: DilatedAttentionBase, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  is_causal: bool) -> torch.Tensor:
-    """The custom op on `module`'s layout: ImprovedDilatedAttention's forward, and the ring's on
-    one rank (where the ring is the same function, and the op compiles into a block's graph)."""
+                      is_causal: bool) -> torch.Tensor:
+    """The op on `module`'s layout (the custom op under torch.compile, else EagerDilatedAttention):
+    ImprovedDilatedAttention's forward, and the ring's on one rank (where the ring is the same
+    function, and the op compiles into a block's graph)."""
     scale = module._check(query, key, value)
+    config = (list(module.segment_lengths), list(module.dilation_rates), module.head_split, bool(is_causal), scale)
     with module.no_autocast(query):
-        out, _ = dilated_attention(query, key, value, list(module.segment_lengths), list(module.dilation_rates),
-                                   module.head_split, bool(is_causal), scale)
-    return out
+        if torch.compiler.is_compiling():
+            return dilated_attention(query, key, value, *config)[0]
+        return EagerDilatedAttention.apply(query, key, value, *config)

@@ -24,42 +24,67 @@ Two passes per direction:
 Backward is FlashAttention-2's: Δ = rowsum(dO∘O) (in the local dQ pass), then dQ over keys and
 dK/dV over queries, each recomputing P = m·exp(z − LSE) against the exact merged LSE.
 
-Runs on CUDA in fp16/bf16; on CPU tensors through Triton's interpreter (tests only).
+With head_split (each head in one branch, DESIGN §3) the same layouts need no weights: head h of
+branch i keeps the positions ≡ h (mod 2^i) of each segment, L of them, which is the local pass
+with its rows stepping by 2^i, and no upper pass. The pieces path would run one cuDNN call per
+strided head group and branch (four at the seed's 8 heads); this is one launch per direction.
+
+The kernels are in union_kernels.py. They run on CUDA in fp16/bf16, and on CPU tensors through
+Triton's interpreter (tests only).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
+from .branches import head_groups
 from .combine import SUPPORTED, compiled_triton
 
 if SUPPORTED:
-    import triton
-    import triton.language as tl
+    from .union_kernels import KERNELS
 
 # LONGCTX_UNION=0 keeps the per-branch kernels and the combine (for A/B runs).
 ENABLED = os.environ.get("LONGCTX_UNION", "1") != "0"
 
 # (rows, columns, warps, stages) per kernel: rows are the program's own tile (queries for fwd and
-# dq, keys for dkdv), columns the tile it loops over. Measured on an H100 (scripts/union_probe.py).
+# dq, keys for dkdv), columns the tile it loops over. Measured on an H100 (scripts/union_probe.py):
+# CONFIG on the long preset, and the seed preset with head_split at batch 4; SMALL_CONFIG on the
+# latter at batch 1, where 64-row tiles fill the 132 SMs more evenly (640 tiles, not 320). It is
+# for head_split launches that would give an SM fewer than SMALL_TILES tiles of 128 rows.
 CONFIG = {"fwd": (128, 64, 4, 4), "dq": (128, 32, 4, 4), "dkdv": (128, 32, 4, 3)}
+SMALL_CONFIG = {"fwd": (64, 64, 4, 4), "dq": (64, 64, 4, 3), "dkdv": (64, 32, 4, 3)}
+SMALL_TILES = 8
 LOG2E = 1.4426950408889634
 
 
-def layout(T: int, H: int, D: int, segment_lengths, dilation_rates, head_split: bool):
-    """(L, n) when the union kernels compute this layout, else None (see the module docstring;
+class Layout(NamedTuple):
+    """A layout the union kernels take: segment length L a branch, n branches, and whether each
+    head runs one branch (head_split) or all of them."""
+    L: int
+    n: int
+    split: bool
+
+
+def layout(T: int, H: int, D: int, segment_lengths, dilation_rates, head_split: bool) -> Layout | None:
+    """The Layout when the union kernels compute this one, else None (see the module docstring;
     also, for the tiles, D a power of two in [16, 128] and L / r_n a multiple of 16 whose tiles
-    hold whole periods of λ, 2^(n−1) positions)."""
+    hold whole periods of λ, 2^(n−1) positions; under head_split, L a multiple of 16)."""
     ws, rs = list(segment_lengths), list(dilation_rates)
     n, L = len(rs), ws[0]
-    if head_split or rs != [1 << i for i in range(n)] or ws != [L << i for i in range(n)]:
+    if rs != [1 << i for i in range(n)] or ws != [L << i for i in range(n)] or T % ws[-1]:
         return None
+    if D not in (16, 32, 64, 128):
+        return None
+    if head_split:
+        return Layout(L, n, True) if H >= n and L % 16 == 0 else None
     rows = math.gcd(128, L >> (n - 1))  # the tiles' rows (_tiles), which must hold whole periods of λ
-    if T % ws[-1] or L % (16 << (n - 1)) or rows % (1 << (n - 1)) or D not in (16, 32, 64, 128):
+    if L % (16 << (n - 1)) or rows % (1 << (n - 1)):
         return None
-    return L, n
+    return Layout(L, n, False)
 
 
 def use(q: torch.Tensor, lay) -> bool:
@@ -67,318 +92,32 @@ def use(q: torch.Tensor, lay) -> bool:
     return ENABLED and lay is not None and compiled_triton(q.device) and q.dtype in (torch.float16, torch.bfloat16)
 
 
-if SUPPORTED:
-
-    @triton.jit
-    def _lam(pos, h, N_BR: tl.constexpr):
-        """λ of positions pos (vector) for head h: how many of dilations 2 … 2^(N_BR−1) keep them."""
-        lam = tl.zeros(pos.shape, tl.int32)
-        for j in tl.static_range(1, N_BR):
-            lam += (((pos ^ h) & ((1 << j) - 1)) == 0).to(tl.int32)
-        return lam
-
-    @triton.jit
-    def _wlog(lam, LEVEL: tl.constexpr):
-        """log2 of a position's weight term at LEVEL (its λ + 2 − LEVEL), float32."""
-        return tl.log2((lam + 2 - LEVEL).to(tl.float32))
-
-    @triton.jit
-    def _rows(ptr, pos, row_stride, D: tl.constexpr):
-        """Pointers (len(pos), D) to the rows at positions pos of a (T, D) slice with row stride."""
-        return ptr + pos.to(tl.int64)[:, None] * row_stride + tl.arange(0, D)[None, :]
-
-    @triton.jit
-    def _class_tile(pid, T, h, BM: tl.constexpr, N_BR: tl.constexpr):
-        """Upper-pass tile pid: class k (1 … N_BR − 1, heaviest first) and its BM positions."""
-        k = pid * 0
-        j = pid * 0
-        base = pid * 0
-        for i in tl.static_range(N_BR - 1):
-            # class N_BR − 1 − i; the last class (i = 0) steps by 2^(N_BR−1), the others by 2^(c+1)
-            count = T // ((1 << (N_BR - i - (i == 0))) * BM)
-            hit = (pid >= base) & (pid < base + count)
-            k = tl.where(hit, N_BR - 1 - i, k)
-            j = tl.where(hit, pid - base, j)
-            base += count
-        last = k == N_BR - 1
-        stride = tl.where(last, 1 << k, 2 << k)
-        first = tl.where(last, h & ((1 << k) - 1), (h ^ (1 << k)) & ((2 << k) - 1))
-        return k, first + stride * j * BM, first + stride * (j * BM + tl.arange(0, BM))
-
-    @triton.jit
-    def _level_start(x0, h, a: tl.constexpr, L: tl.constexpr, CAUSAL: tl.constexpr, FROM_KEYS: tl.constexpr):
-        """Level a's partners of a tile at x0: (whether any, their first position; they step by 2^(a−1)).
-        Causal, queries take the first half's keys and keys the second half's queries."""
-        half = (x0 // (L << (a - 2))) % 2
-        start = x0 // (L << (a - 1)) * (L << (a - 1)) + (1 - half) * (L << (a - 2)) + (h & ((1 << (a - 1)) - 1))
-        if CAUSAL:
-            return half == 1 - FROM_KEYS, start
-        return half >= 0, start
-
-    @triton.jit
-    def _col_weights(start, step, h, k, LEVEL: tl.constexpr, N_BR: tl.constexpr, BN: tl.constexpr):
-        """log2 weight terms of the BN looped-over positions start + i·step: the same for every
-        block of a loop, since λ has period 2^(N_BR−1) and blocks start BN·step apart, a multiple."""
-        lam = _lam(start + tl.arange(0, BN) * step, h, N_BR)
-        if LEVEL == 1:
-            return _wlog(lam, 1)
-        return _wlog(tl.minimum(lam, k), LEVEL)
-
-    @triton.jit
-    def _any_level(x0, h, k, L: tl.constexpr, N_BR: tl.constexpr, CAUSAL: tl.constexpr, FROM_KEYS: tl.constexpr):
-        """Whether a class-k tile at x0 has partners at any level ≥ 2 (else its program does nothing)."""
-        work = k < 0
-        for a in tl.static_range(2, N_BR + 1):
-            live, start = _level_start(x0, h, a, L, CAUSAL, FROM_KEYS)
-            work = work | (live & (a - 1 <= k))
-        return work
-
-    @triton.jit
-    def _scores(a_rows, b_rows, a_pos, b_pos, a_w, b_w, qk_scale, LEVEL: tl.constexpr, N_BR: tl.constexpr,
-                MASK: tl.constexpr, A_IS_Q: tl.constexpr):
-        """log2-domain weighted scores (len(a_pos), len(b_pos)) of rows a against rows b; a_w, b_w:
-        the two sides' log2 weight terms (level 1: log2 m = min of the two; above: b_w alone)."""
-        s = tl.dot(a_rows, tl.trans(b_rows)) * qk_scale
-        if N_BR > 1:
-            if LEVEL == 1:
-                s += tl.minimum(a_w[:, None], b_w[None, :])
-            else:
-                s += b_w[None, :]
-        if MASK:
-            keep = (b_pos[None, :] <= a_pos[:, None]) if A_IS_Q else (b_pos[None, :] >= a_pos[:, None])
-            s = tl.where(keep, s, float("-inf"))
-        return s
-
-    @triton.jit
-    def _fwd_keys(acc, m_i, l_i, q, qpos, q_w, kp, vp, sk, sv, start, step, n_blocks, h, k, qk_scale,
-                  LEVEL: tl.constexpr, N_BR: tl.constexpr, MASK: tl.constexpr, BN: tl.constexpr, D: tl.constexpr):
-        """Online softmax of a query tile over n_blocks blocks of BN keys at start + i·step."""
-        k_w = _col_weights(start, step, h, k, LEVEL, N_BR, BN)
-        for i in range(n_blocks):
-            kpos = start + (i * BN + tl.arange(0, BN)) * step
-            kk = tl.load(_rows(kp, kpos, sk, D))
-            s = _scores(q, kk, qpos, kpos, q_w, k_w, qk_scale, LEVEL, N_BR, MASK, True)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(kk.dtype), tl.load(_rows(vp, kpos, sv, D)))
-            m_i = m_new
-        return acc, m_i, l_i
-
-    @triton.jit
-    def _dq_keys(dq, q, do, lse2, delta, qpos, q_w, kp, vp, sk, sv, start, step, n_blocks, h, k, qk_scale,
-                 LEVEL: tl.constexpr, N_BR: tl.constexpr, MASK: tl.constexpr, BN: tl.constexpr, D: tl.constexpr):
-        """Σ dS·K of a query tile over n_blocks blocks of BN keys at start + i·step (unscaled)."""
-        k_w = _col_weights(start, step, h, k, LEVEL, N_BR, BN)
-        for i in range(n_blocks):
-            kpos = start + (i * BN + tl.arange(0, BN)) * step
-            kk = tl.load(_rows(kp, kpos, sk, D))
-            p = tl.math.exp2(_scores(q, kk, qpos, kpos, q_w, k_w, qk_scale, LEVEL, N_BR, MASK, True) - lse2[:, None])
-            dp = tl.dot(do, tl.trans(tl.load(_rows(vp, kpos, sv, D))))
-            dq += tl.dot((p * (dp - delta[:, None])).to(kk.dtype), kk)
-        return dq
-
-    @triton.jit
-    def _dkdv_queries(dk, dv, kk, vv, kpos, k_w, qp, dop, lsep, deltap, sq, sdo, H, start, step, n_blocks, h, k,
-                      qk_scale, LEVEL: tl.constexpr, N_BR: tl.constexpr, MASK: tl.constexpr, BM: tl.constexpr,
-                      D: tl.constexpr):
-        """dK (unscaled) and dV of a key tile over n_blocks blocks of BM queries at start + i·step."""
-        q_w = _col_weights(start, step, h, k, LEVEL, N_BR, BM)
-        for i in range(n_blocks):
-            qpos = start + (i * BM + tl.arange(0, BM)) * step
-            qq = tl.load(_rows(qp, qpos, sq, D))
-            do = tl.load(_rows(dop, qpos, sdo, D))
-            row = qpos.to(tl.int64) * H
-            p = tl.math.exp2(_scores(kk, qq, kpos, qpos, k_w, q_w, qk_scale, LEVEL, N_BR, MASK, False)
-                             - tl.load(lsep + row)[None, :] * 1.4426950408889634)
-            dv += tl.dot(p.to(qq.dtype), do)
-            dp = tl.dot(vv, tl.trans(do))
-            dk += tl.dot((p * (dp - tl.load(deltap + row)[None, :])).to(qq.dtype), qq)
-        return dk, dv
-
-    @triton.jit
-    def _bh(T, H):
-        """This program's batch b and head h, and the element offset of (b, 0, h) in a (B, T, H) tensor."""
-        b = tl.program_id(0) // H
-        h = tl.program_id(0) % H
-        return b, h, b.to(tl.int64) * T * H + h
-
-    @triton.jit
-    def _head(ptr, b, h, sb, sh):
-        """ptr moved to (batch b, position 0, head h) of a (B, T, H, D) tensor with strides sb, sh."""
-        return ptr + b.to(tl.int64) * sb + h * sh
-
-    @triton.jit
-    def _local_tile(T, L: tl.constexpr, BM: tl.constexpr, CAUSAL: tl.constexpr):
-        """Local-pass tile: its segment's first position and its own first position (the
-        longest causal rows first, so the heaviest programs start first)."""
-        nseg = T // L
-        i = tl.program_id(1)
-        t = i // nseg
-        if CAUSAL:
-            t = L // BM - 1 - t
-        seg0 = (i % nseg) * L
-        return seg0, seg0 + t * BM
-
-    @triton.jit
-    def _fwd_local(Q, K, V, O, LSE, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, T, H, qk_scale,
-                   L: tl.constexpr, N_BR: tl.constexpr, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                   D: tl.constexpr):
-        b, h, row0 = _bh(T, H)
-        seg0, x0 = _local_tile(T, L, BM, CAUSAL)
-        qpos = x0 + tl.arange(0, BM)
-        kp = _head(K, b, h, skb, skh)
-        vp = _head(V, b, h, svb, svh)
-        q = tl.load(_rows(_head(Q, b, h, sqb, sqh), qpos, sqt, D))
-        q_w = _wlog(_lam(qpos, h, N_BR), 1)
-        acc = tl.zeros([BM, D], tl.float32)
-        m_i = tl.full([BM], float("-inf"), tl.float32)
-        l_i = tl.zeros([BM], tl.float32)
-        if CAUSAL:
-            acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, qpos, q_w, kp, vp, skt, svt, x0, 1, BM // BN, h, 0, qk_scale,
-                                      1, N_BR, True, BN, D)
-            acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, qpos, q_w, kp, vp, skt, svt, seg0, 1, (x0 - seg0) // BN, h, 0,
-                                      qk_scale, 1, N_BR, False, BN, D)
-        else:
-            acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, qpos, q_w, kp, vp, skt, svt, seg0, 1, L // BN, h, 0, qk_scale,
-                                      1, N_BR, False, BN, D)
-        tl.store(_rows(O + row0 * D, qpos, H * D, D), (acc / l_i[:, None]).to(O.dtype.element_ty))
-        tl.store(LSE + row0 + qpos.to(tl.int64) * H, (m_i + tl.log2(l_i)) / 1.4426950408889634)
-
-    @triton.jit
-    def _fwd_upper(Q, K, V, O, LSE, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, T, H, qk_scale,
-                   L: tl.constexpr, N_BR: tl.constexpr, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                   D: tl.constexpr):
-        b, h, row0 = _bh(T, H)
-        k, x0, qpos = _class_tile(tl.program_id(1), T, h, BM, N_BR)
-        if _any_level(x0, h, k, L, N_BR, CAUSAL, 0):
-            kp = _head(K, b, h, skb, skh)
-            vp = _head(V, b, h, svb, svh)
-            q = tl.load(_rows(_head(Q, b, h, sqb, sqh), qpos, sqt, D))
-            o_rows = _rows(O + row0 * D, qpos, H * D, D)
-            lse_rows = LSE + row0 + qpos.to(tl.int64) * H
-            acc = tl.load(o_rows).to(tl.float32)  # the local pass's softmax: its weight exp2(m_i)
-            m_i = tl.load(lse_rows) * 1.4426950408889634
-            l_i = tl.full([BM], 1.0, tl.float32)
-            q_w = tl.zeros([BM], tl.float32)  # unused above level 1, where the class fixes the row term
-            for a in tl.static_range(2, N_BR + 1):
-                live, start = _level_start(x0, h, a, L, CAUSAL, 0)
-                if live & (a - 1 <= k):
-                    acc, m_i, l_i = _fwd_keys(acc, m_i, l_i, q, qpos, q_w, kp, vp, skt, svt, start, 1 << (a - 1),
-                                              L // 2 // BN, h, k, qk_scale, a, N_BR, False, BN, D)
-            tl.store(o_rows, (acc / l_i[:, None]).to(O.dtype.element_ty))
-            tl.store(lse_rows, (m_i + tl.log2(l_i)) / 1.4426950408889634)
-
-    @triton.jit
-    def _dq_local(Q, K, V, DO, O, LSE, DELTA, DQ, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, T, H,
-                  qk_scale, scale, L: tl.constexpr, N_BR: tl.constexpr, CAUSAL: tl.constexpr, BM: tl.constexpr,
-                  BN: tl.constexpr, D: tl.constexpr):
-        b, h, row0 = _bh(T, H)
-        seg0, x0 = _local_tile(T, L, BM, CAUSAL)
-        qpos = x0 + tl.arange(0, BM)
-        kp = _head(K, b, h, skb, skh)
-        vp = _head(V, b, h, svb, svh)
-        q = tl.load(_rows(_head(Q, b, h, sqb, sqh), qpos, sqt, D))
-        do = tl.load(_rows(_head(DO, b, h, sdb, sdh), qpos, sdt, D))
-        stat = row0 + qpos.to(tl.int64) * H
-        delta = tl.sum(do.to(tl.float32) * tl.load(_rows(O + row0 * D, qpos, H * D, D)).to(tl.float32), 1)
-        tl.store(DELTA + stat, delta)
-        lse2 = tl.load(LSE + stat) * 1.4426950408889634
-        q_w = _wlog(_lam(qpos, h, N_BR), 1)
-        dq = tl.zeros([BM, D], tl.float32)
-        if CAUSAL:
-            dq = _dq_keys(dq, q, do, lse2, delta, qpos, q_w, kp, vp, skt, svt, x0, 1, BM // BN, h, 0, qk_scale,
-                          1, N_BR, True, BN, D)
-            dq = _dq_keys(dq, q, do, lse2, delta, qpos, q_w, kp, vp, skt, svt, seg0, 1, (x0 - seg0) // BN, h, 0,
-                          qk_scale, 1, N_BR, False, BN, D)
-        else:
-            dq = _dq_keys(dq, q, do, lse2, delta, qpos, q_w, kp, vp, skt, svt, seg0, 1, L // BN, h, 0, qk_scale,
-                          1, N_BR, False, BN, D)
-        tl.store(_rows(DQ + row0 * D, qpos, H * D, D), (dq * scale).to(DQ.dtype.element_ty))
-
-    @triton.jit
-    def _dq_upper(Q, K, V, DO, O, LSE, DELTA, DQ, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, T, H,
-                  qk_scale, scale, L: tl.constexpr, N_BR: tl.constexpr, CAUSAL: tl.constexpr, BM: tl.constexpr,
-                  BN: tl.constexpr, D: tl.constexpr):
-        b, h, row0 = _bh(T, H)
-        k, x0, qpos = _class_tile(tl.program_id(1), T, h, BM, N_BR)
-        if _any_level(x0, h, k, L, N_BR, CAUSAL, 0):
-            kp = _head(K, b, h, skb, skh)
-            vp = _head(V, b, h, svb, svh)
-            q = tl.load(_rows(_head(Q, b, h, sqb, sqh), qpos, sqt, D))
-            do = tl.load(_rows(_head(DO, b, h, sdb, sdh), qpos, sdt, D))
-            stat = row0 + qpos.to(tl.int64) * H
-            delta = tl.load(DELTA + stat)
-            lse2 = tl.load(LSE + stat) * 1.4426950408889634
-            dq = tl.zeros([BM, D], tl.float32)
-            for a in tl.static_range(2, N_BR + 1):
-                live, start = _level_start(x0, h, a, L, CAUSAL, 0)
-                if live & (a - 1 <= k):
-                    dq = _dq_keys(dq, q, do, lse2, delta, qpos, tl.zeros([BM], tl.float32), kp, vp, skt, svt, start,
-                                  1 << (a - 1),
-                                  L // 2 // BN, h, k, qk_scale, a, N_BR, False, BN, D)
-            dq_rows = _rows(DQ + row0 * D, qpos, H * D, D)
-            tl.store(dq_rows, (tl.load(dq_rows).to(tl.float32) + dq * scale).to(DQ.dtype.element_ty))
-
-    @triton.jit
-    def _dkdv_local(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
-                    T, H, qk_scale, scale, L: tl.constexpr, N_BR: tl.constexpr, CAUSAL: tl.constexpr, BN: tl.constexpr,
-                    BM: tl.constexpr, D: tl.constexpr):
-        b, h, row0 = _bh(T, H)
-        seg0, x0 = _local_tile(T, L, BN, False)
-        kpos = x0 + tl.arange(0, BN)
-        kk = tl.load(_rows(_head(K, b, h, skb, skh), kpos, skt, D))
-        vv = tl.load(_rows(_head(V, b, h, svb, svh), kpos, svt, D))
-        qp = _head(Q, b, h, sqb, sqh)
-        dop = _head(DO, b, h, sdb, sdh)
-        k_w = _wlog(_lam(kpos, h, N_BR), 1)
-        dk = tl.zeros([BN, D], tl.float32)
-        dv = tl.zeros([BN, D], tl.float32)
-        if CAUSAL:
-            dk, dv = _dkdv_queries(dk, dv, kk, vv, kpos, k_w, qp, dop, LSE + row0, DELTA + row0, sqt, sdt, H, x0, 1,
-                                   BN // BM, h, 0, qk_scale, 1, N_BR, True, BM, D)
-            dk, dv = _dkdv_queries(dk, dv, kk, vv, kpos, k_w, qp, dop, LSE + row0, DELTA + row0, sqt, sdt, H, x0 + BN,
-                                   1, (seg0 + L - x0 - BN) // BM, h, 0, qk_scale, 1, N_BR, False, BM, D)
-        else:
-            dk, dv = _dkdv_queries(dk, dv, kk, vv, kpos, k_w, qp, dop, LSE + row0, DELTA + row0, sqt, sdt, H, seg0, 1,
-                                   L // BM, h, 0, qk_scale, 1, N_BR, False, BM, D)
-        tl.store(_rows(DK + row0 * D, kpos, H * D, D), (dk * scale).to(DK.dtype.element_ty))
-        tl.store(_rows(DV + row0 * D, kpos, H * D, D), dv.to(DV.dtype.element_ty))
-
-    @triton.jit
-    def _dkdv_upper(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
-                    T, H, qk_scale, scale, L: tl.constexpr, N_BR: tl.constexpr, CAUSAL: tl.constexpr, BN: tl.constexpr,
-                    BM: tl.constexpr, D: tl.constexpr):
-        b, h, row0 = _bh(T, H)
-        k, x0, kpos = _class_tile(tl.program_id(1), T, h, BN, N_BR)
-        if _any_level(x0, h, k, L, N_BR, CAUSAL, 1):
-            kk = tl.load(_rows(_head(K, b, h, skb, skh), kpos, skt, D))
-            vv = tl.load(_rows(_head(V, b, h, svb, svh), kpos, svt, D))
-            qp = _head(Q, b, h, sqb, sqh)
-            dop = _head(DO, b, h, sdb, sdh)
-            dk = tl.zeros([BN, D], tl.float32)
-            dv = tl.zeros([BN, D], tl.float32)
-            for a in tl.static_range(2, N_BR + 1):
-                live, start = _level_start(x0, h, a, L, CAUSAL, 1)
-                if live & (a - 1 <= k):
-                    dk, dv = _dkdv_queries(dk, dv, kk, vv, kpos, tl.zeros([BN], tl.float32), qp, dop, LSE + row0,
-                                           DELTA + row0, sqt, sdt, H, start, 1 << (a - 1), L // 2 // BM, h, k,
-                                           qk_scale, a, N_BR, False, BM, D)
-            dk_rows = _rows(DK + row0 * D, kpos, H * D, D)
-            dv_rows = _rows(DV + row0 * D, kpos, H * D, D)
-            tl.store(dk_rows, (tl.load(dk_rows).to(tl.float32) + dk * scale).to(DK.dtype.element_ty))
-            tl.store(dv_rows, (tl.load(dv_rows).to(tl.float32) + dv).to(DV.dtype.element_ty))
-
-
-def _tiles(name: str, L: int, n: int) -> tuple[int, int, int, int]:
-    """CONFIG[name] fitted to the layout: the rows tile the class positions of one L-segment
-    (rows·2^(n−1) divides L) and the columns tile the rows (diagonal blocks) and L / 2."""
-    rows, cols, warps, stages = CONFIG[name]
+def _tiles(name: str, L: int, n: int, small: bool = False) -> tuple[int, int, int, int]:
+    """CONFIG[name] (or SMALL_CONFIG's) fitted to the layout: the rows tile the class positions
+    of one L-segment (rows·2^(n−1) divides L) and the columns tile the rows (diagonal blocks)
+    and L / 2."""
+    rows, cols, warps, stages = (SMALL_CONFIG if small else CONFIG)[name]
     rows = math.gcd(rows, L >> (n - 1))
     cols = math.gcd(max(cols, 1 << (n - 1)), rows)
     assert cols % (1 << (n - 1)) == 0, "column blocks must span whole periods of λ (layout() checks)"
     return rows, cols, warps, stages
+
+
+def small(x: torch.Tensor, lay: Layout) -> bool:
+    """Whether a launch on x (B, T, H, D) takes SMALL_CONFIG (few_tiles on x's GPU)."""
+    return lay.split and x.device.type == "cuda" and few_tiles(*x.shape[:3], lay.n, _sms(x.device.index))
+
+
+def few_tiles(B: int, T: int, H: int, n: int, sms: int) -> bool:
+    """Whether head_split over n branches gives an SM fewer than SMALL_TILES tiles of 128 rows
+    (head h of branch i keeps T / 2^i rows)."""
+    rows = sum(len(heads) * T >> i for i, heads in enumerate(head_groups(H, n, True)))
+    return B * rows // 128 < SMALL_TILES * sms
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(index) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _strides(*xs: torch.Tensor) -> list[int]:
@@ -387,38 +126,37 @@ def _strides(*xs: torch.Tensor) -> list[int]:
     return [s for x in xs for s in x.stride()[:3]]
 
 
-def _launch(local, upper, name, x, n, args, meta, passes=("local", "upper")):
-    """The local pass over (B·H, T / rows) tiles, then the upper one over the class tiles (a
-    probe may time them apart with `passes`)."""
-    B, T, H, _ = x.shape
-    rows, cols, warps, stages = _tiles(name, meta["L"], n)
+def _launch(name: str, x: torch.Tensor, lay: Layout, args, causal: bool, passes=("local", "upper")) -> None:
+    """Direction `name`'s local pass over (B·H, T / rows) tiles, then (all heads running every
+    branch) its upper one over the class tiles; a probe may time them apart with `passes`.
+    Under head_split each head runs one branch (no weights, no upper levels): N_BR = 1."""
+    B, T, H, D = x.shape
+    n = 1 if lay.split else lay.n
+    rows, cols, warps, stages = _tiles(name, lay.L, n, small(x, lay))
     tile = {"BM": rows, "BN": cols} if name != "dkdv" else {"BN": rows, "BM": cols}
-    opts = dict(meta, N_BR=n, num_warps=warps, num_stages=stages, **tile)
+    opts = dict(L=lay.L, CAUSAL=causal, D=D, N_BR=n, num_warps=warps, num_stages=stages, **tile)
+    local, upper = KERNELS[name]
     if "local" in passes:
-        local[(B * H, T // rows)](*args, **opts)
+        local[(B * H, T // rows)](*args, SPLIT=lay.n if lay.split else 0, **opts)
     if n > 1 and "upper" in passes:
         upper[(B * H, T // 2 // rows)](*args, **opts)
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, L: int, n: int, is_causal: bool, scale: float):
-    """(out (B, T, H, D) in q's dtype, LSE (B, T, H) float32) of q/k/v (B, T, H, D) on layout (L, n)."""
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, is_causal: bool, scale: float):
+    """(out (B, T, H, D) in q's dtype, LSE (B, T, H) float32) of q/k/v (B, T, H, D) on `lay`."""
     B, T, H, D = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = q.new_empty((B, T, H), dtype=torch.float32)
-    args = (q, k, v, out, lse, *_strides(q, k, v), T, H, scale * LOG2E)
-    _launch(_fwd_local, _fwd_upper, "fwd", q, n, args, dict(L=L, CAUSAL=is_causal, D=D))
+    lse = torch.empty((B, T, H), dtype=torch.float32, device=q.device)
+    _launch("fwd", q, lay, (q, k, v, out, lse, *_strides(q, k, v), T, H, scale * LOG2E), is_causal)
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, L: int, n: int, is_causal: bool, scale: float):
+def backward(dout, q, k, v, out, lse, lay: Layout, is_causal: bool, scale: float):
     """Exact (dq, dk, dv) (B, T, H, D) of forward, given its out and lse and dout (B, T, H, D)."""
     B, T, H, D = q.shape
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
-    delta = torch.empty_like(lse)
-    meta = dict(L=L, CAUSAL=is_causal, D=D)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     strides = _strides(q, k, v, dout)
-    _launch(_dq_local, _dq_upper, "dq", q, n,
-            (q, k, v, dout, out, lse, delta, dq, *strides, T, H, scale * LOG2E, scale), meta)
-    _launch(_dkdv_local, _dkdv_upper, "dkdv", q, n,
-            (q, k, v, dout, lse, delta, dk, dv, *strides, T, H, scale * LOG2E, scale), meta)
+    _launch("dq", q, lay, (q, k, v, dout, out, lse, delta, dq, *strides, T, H, scale * LOG2E, scale), is_causal)
+    _launch("dkdv", q, lay, (q, k, v, dout, lse, delta, dk, dv, *strides, T, H, scale * LOG2E, scale), is_causal)
     return dq, dk, dv
