@@ -34,9 +34,9 @@ SWEEP = {  # runs 71-73 swept more (64-row tiles, 8 warps, 2 stages, 16 or 128 c
 }
 
 SEED_SWEEP = {  # batch 1 at 8K is ~320 tiles of 128 rows a pass for 132 SMs: 64 rows fill them better
-    "fwd": [(64, 64, 4, 4), (64, 64, 4, 3), (64, 64, 4, 2), (64, 128, 4, 3), (128, 64, 4, 4)],
-    "dq": [(64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (64, 128, 4, 2), (128, 32, 4, 4)],
-    "dkdv": [(64, 32, 4, 3), (64, 32, 4, 4), (64, 64, 4, 3), (64, 16, 4, 3), (128, 32, 4, 3)],
+    "fwd": [(64, 64, 4, 4), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 4, 2)],
+    "dq": [(64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 4), (128, 64, 4, 3), (128, 64, 8, 3)],
+    "dkdv": [(64, 32, 4, 3), (64, 32, 4, 4), (64, 64, 4, 3), (128, 32, 4, 3)],
 }
 
 
@@ -72,7 +72,7 @@ def sweep(T, B=1, spec=LONG, grid=SWEEP):
     for name, configs in grid.items():
         times = []
         lay = union.layout(T, spec["H"], D, spec["ws"], spec["rs"], spec["split"])
-        config = union.SMALL_CONFIG if union.small(inputs(T, B, spec["H"])[0], lay) else union.CONFIG
+        config = union.config_for(inputs(T, B, spec["H"])[0], lay)
         for cfg in configs:
             config[name] = cfg
             try:
@@ -115,7 +115,7 @@ def compare(T, B=1, spec=LONG):
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["seed"]:
-        sweep(8192, 4, SEED, SEED_SWEEP)  # CONFIG (from 1,024 tiles of 128 rows)
+        sweep(8192, 4, SEED, SEED_SWEEP)  # SPLIT_CONFIG (from 1,056 tiles of 128 rows on 132 SMs)
         sweep(8192, 1, SEED, SEED_SWEEP)  # SMALL_CONFIG (320)
         for B in (1, 2, 4):
             compare(8192, B, SEED)

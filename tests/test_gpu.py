@@ -214,6 +214,24 @@ def test_gpu_union_kernels_parity(case, head_split, causal, op_cls, dtype):
     from longctx.attention import union
     B, T, H, D, ws, rs = case
     assert union.use(torch.empty(1, device="cuda", dtype=dtype), union.layout(T, H, D, ws, rs, head_split))
+    check_union_parity(case, head_split, causal, op_cls, dtype)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", UNION_CASES, ids=[f"B{c[0]}-T{c[1]}-D{c[3]}" for c in UNION_CASES])
+def test_gpu_union_split_config_parity(case, causal, monkeypatch):
+    """head_split launches with many tiles take SPLIT_CONFIG (the cases above, few tiles, take
+    SMALL_CONFIG): the same parity with SMALL_TILES = 0."""
+    from longctx.attention import union
+    monkeypatch.setattr(union, "SMALL_TILES", 0)
+    B, T, H, D, ws, rs = case
+    lay = union.layout(T, H, D, ws, rs, True)
+    assert union.config_for(torch.empty(B, T, H, D, device="cuda"), lay) is union.SPLIT_CONFIG
+    check_union_parity(case, True, causal, ImprovedDilatedAttention, torch.bfloat16)
+
+
+def check_union_parity(case, head_split, causal, op_cls, dtype):
+    B, T, H, D, ws, rs = case
     g = torch.Generator(device="cuda").manual_seed(T + D)
     qkv, dout = (torch.randn(B, T, *s, D, device="cuda", dtype=torch.float64, generator=g) for s in ((3, H), (H,)))
     low = qkv.to(dtype).requires_grad_()

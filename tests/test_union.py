@@ -116,10 +116,13 @@ def test_union_layout_needs_a_tileable_head_dim_and_a_head_per_branch():
 def test_small_head_split_launches_take_64_row_tiles():
     """The seed preset at 8K with head_split (8 heads: 3 of r = 1, 3 of r = 2, 2 of r = 4, so
     5·T rows a batch) on an H100's 132 SMs: 320 and 640 tiles of 128 rows take the small tiles,
-    1,280 (batch 4) the usual ones."""
+    1,280 (batch 4) SPLIT_CONFIG's; without head_split every launch takes CONFIG's."""
     assert [union.few_tiles(B, 8192, 8, 3, 132) for B in (1, 2, 4)] == [True, True, False]
     assert union.few_tiles(4, 8192, 8, 3, 1000)  # a GPU with many more SMs
-    assert union._tiles("fwd", 1024, 1, True)[0] == union.SMALL_CONFIG["fwd"][0] == 64
+    assert union._tiles("fwd", 1024, 1, union.SMALL_CONFIG)[0] == union.SMALL_CONFIG["fwd"][0] == 64
+    cpu = torch.empty(4, 8192, 8, 64)
+    assert union.config_for(cpu, union.Layout(1024, 3, True)) is union.SPLIT_CONFIG
+    assert union.config_for(cpu, union.Layout(1024, 3, False)) is union.CONFIG
 
 
 def test_the_op_uses_union_only_for_compiled_half_precision():

@@ -51,11 +51,14 @@ if SUPPORTED:
 ENABLED = os.environ.get("LONGCTX_UNION", "1") != "0"
 
 # (rows, columns, warps, stages) per kernel: rows are the program's own tile (queries for fwd and
-# dq, keys for dkdv), columns the tile it loops over. Measured on an H100 (scripts/union_probe.py):
-# CONFIG on the long preset, and the seed preset with head_split at batch 4; SMALL_CONFIG on the
-# latter at batch 1, where 64-row tiles fill the 132 SMs more evenly (640 tiles, not 320). It is
-# for head_split launches that would give an SM fewer than SMALL_TILES tiles of 128 rows.
+# dq, keys for dkdv), columns the tile it loops over. Measured on an H100 (scripts/union_probe.py;
+# docs/performance.md runs 71-77, 85): CONFIG on the long preset; with head_split (the seed preset
+# at 8K), SPLIT_CONFIG at batch 4, where dq without weights takes 64 columns (8% faster; 31%
+# slower with the long preset's weights), and SMALL_CONFIG at batch 1, where 64-row tiles fill
+# the 132 SMs more evenly (640 tiles, not 320): it is for head_split launches that would give an
+# SM fewer than SMALL_TILES tiles of 128 rows.
 CONFIG = {"fwd": (128, 64, 4, 4), "dq": (128, 32, 4, 4), "dkdv": (128, 32, 4, 3)}
+SPLIT_CONFIG = {"fwd": (128, 64, 4, 4), "dq": (128, 64, 4, 3), "dkdv": (64, 32, 4, 3)}
 SMALL_CONFIG = {"fwd": (64, 64, 4, 4), "dq": (64, 64, 4, 3), "dkdv": (64, 32, 4, 3)}
 SMALL_TILES = 8
 LOG2E = 1.4426950408889634
@@ -92,20 +95,24 @@ def use(q: torch.Tensor, lay) -> bool:
     return ENABLED and lay is not None and compiled_triton(q.device) and q.dtype in (torch.float16, torch.bfloat16)
 
 
-def _tiles(name: str, L: int, n: int, small: bool = False) -> tuple[int, int, int, int]:
-    """CONFIG[name] (or SMALL_CONFIG's) fitted to the layout: the rows tile the class positions
-    of one L-segment (rows·2^(n−1) divides L) and the columns tile the rows (diagonal blocks)
-    and L / 2."""
-    rows, cols, warps, stages = (SMALL_CONFIG if small else CONFIG)[name]
+def _tiles(name: str, L: int, n: int, config: dict = CONFIG) -> tuple[int, int, int, int]:
+    """config[name] fitted to the layout: the rows tile the class positions of one L-segment
+    (rows·2^(n−1) divides L) and the columns tile the rows (diagonal blocks) and L / 2."""
+    rows, cols, warps, stages = config[name]
     rows = math.gcd(rows, L >> (n - 1))
     cols = math.gcd(max(cols, 1 << (n - 1)), rows)
     assert cols % (1 << (n - 1)) == 0, "column blocks must span whole periods of λ (layout() checks)"
     return rows, cols, warps, stages
 
 
-def small(x: torch.Tensor, lay: Layout) -> bool:
-    """Whether a launch on x (B, T, H, D) takes SMALL_CONFIG (few_tiles on x's GPU)."""
-    return lay.split and x.device.type == "cuda" and few_tiles(*x.shape[:3], lay.n, _sms(x.device.index))
+def config_for(x: torch.Tensor, lay: Layout) -> dict:
+    """The tiles for a launch on x (B, T, H, D): CONFIG, or with head_split SPLIT_CONFIG, or
+    SMALL_CONFIG where few_tiles on x's GPU."""
+    if not lay.split:
+        return CONFIG
+    if x.device.type == "cuda" and few_tiles(*x.shape[:3], lay.n, _sms(x.device.index)):
+        return SMALL_CONFIG
+    return SPLIT_CONFIG
 
 
 def few_tiles(B: int, T: int, H: int, n: int, sms: int) -> bool:
@@ -132,7 +139,7 @@ def _launch(name: str, x: torch.Tensor, lay: Layout, args, causal: bool, passes=
     Under head_split each head runs one branch (no weights, no upper levels): N_BR = 1."""
     B, T, H, D = x.shape
     n = 1 if lay.split else lay.n
-    rows, cols, warps, stages = _tiles(name, lay.L, n, small(x, lay))
+    rows, cols, warps, stages = _tiles(name, lay.L, n, config_for(x, lay))
     tile = {"BM": rows, "BN": cols} if name != "dkdv" else {"BN": rows, "BM": cols}
     opts = dict(L=lay.L, CAUSAL=causal, D=D, N_BR=n, num_warps=warps, num_stages=stages, **tile)
     local, upper = KERNELS[name]
