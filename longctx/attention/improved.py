@@ -271,7 +271,7 @@ def attend_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
 #   (mode="reduce-overhead"), includes it. Its fake implementations give the real outputs'
 #   shapes, dtypes and (contiguous) strides;
 # - a torch.autograd.Function, for eager calls: the custom op's dispatch and autograd wrapper
-#   took 5-36% of the op's host time a forward+backward (scripts/host_probe.py, docs/
+#   took 4-36% of the op's host time a forward+backward (scripts/host_probe.py, docs/
 #   performance.md runs 81 and 87), and eager calls at 8K-32K are bound by host time.
 dilated_attention = torch.library.custom_op("longctx::dilated_attention", attend, mutates_args=())
 dilated_attention_backward = torch.library.custom_op("longctx::dilated_attention_backward", attend_backward,
