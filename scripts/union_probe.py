@@ -72,7 +72,7 @@ def sweep(T, B=1, spec=LONG, grid=SWEEP):
     for name, configs in grid.items():
         times = []
         lay = union.layout(T, spec["H"], D, spec["ws"], spec["rs"], spec["split"])
-        config = union.config_for(inputs(T, B, spec["H"])[0], lay)
+        config = union.config_for(torch.empty(B, T, spec["H"], D, device="cuda"), lay)
         for cfg in configs:
             config[name] = cfg
             try:

@@ -332,11 +332,11 @@ class ImprovedDilatedAttention(DilatedAttentionBase):
     supports_dropout = False
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
-        return custom_op_forward(self, query, key, value, is_causal)
+        return op_forward(self, query, key, value, is_causal)
 
 
-def custom_op_forward(module: DilatedAttentionBase, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      is_causal: bool) -> torch.Tensor:
+def op_forward(module: DilatedAttentionBase, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               is_causal: bool) -> torch.Tensor:
     """The op on `module`'s layout (the custom op under torch.compile, else EagerDilatedAttention):
     ImprovedDilatedAttention's forward, and the ring's on one rank (where the ring is the same
     function, and the op compiles into a block's graph)."""

@@ -33,11 +33,11 @@ from .improved import (
     backward_pieces,
     finish_grads,
     fresh_flags,
-    custom_op_forward,
     kernel_rows,
     merge_into,
     merge_piece,
     new_output,
+    op_forward,
     piece_grads,
     read_rows,
     sum_grads,
@@ -239,10 +239,10 @@ class RingDilatedAttention(DilatedAttentionBase):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         if self.group_info()[1] == 1:
-            # One rank: every piece is local, so this is ImprovedDilatedAttention's custom op,
-            # which a compiled block keeps in its graph (the ring below breaks it in two and runs
+            # One rank: every piece is local, so this is ImprovedDilatedAttention's op, whose custom
+            # op a compiled block keeps in its graph (the ring below breaks it in two and runs
             # eagerly: 97 against 79 ms a 32K step under CUDA graphs, docs/performance.md run 59).
-            return custom_op_forward(self, query, key, value, is_causal)
+            return op_forward(self, query, key, value, is_causal)
         return self._ring_forward(query, key, value, is_causal)
 
     # Eager inside a compiled model: the ring takes a process group, which a custom op (as

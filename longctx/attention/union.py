@@ -115,6 +115,7 @@ def config_for(x: torch.Tensor, lay: Layout) -> dict:
     return SPLIT_CONFIG
 
 
+@functools.lru_cache(maxsize=256)  # asked at every head_split launch, three a forward+backward
 def few_tiles(B: int, T: int, H: int, n: int, sms: int) -> bool:
     """Whether head_split over n branches gives an SM fewer than SMALL_TILES tiles of 128 rows
     (head h of branch i keeps T / 2^i rows)."""
