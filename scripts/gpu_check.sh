@@ -85,6 +85,16 @@ for s in $stages; do
       done ;;
     dedup) python3 scripts/dedup_probe.py ${DEDUP_LENGTHS:-65536 131072 262144} 2>&1 | tee "$OUT/dedup_probe.txt" ;;
     host) python3 scripts/host_probe.py 2>&1 | tee "$OUT/host_probe.txt" ;;
+    hostab)  # target 3 eager: host time and the eager seed cells of this tree against an older one, interleaved.
+      # HOSTAB_OLD: a folder holding an older longctx/ (e.g. `git archive <commit> longctx | tar -x -C .old`).
+      ROOT=$PWD
+      for round in 1 2; do for tree in "$PWD" ${HOSTAB_OLD:+$PWD/$HOSTAB_OLD}; do
+        echo "--- round $round, longctx from $tree"
+        (cd "$tree" && PYTHONPATH=$tree:${PYTHONPATH#*:} python3 "$ROOT/scripts/host_probe.py" 2>&1 | grep -v -i warn
+         PYTHONPATH=$tree:${PYTHONPATH#*:} python3 -m longctx.benchmark --preset seed --batch 1 --lengths 8192 32768 \
+           --head-split on --modes fwd+bwd --variants sdpa improved_dilated ring_dilated --warmup 10 --repeats 50 \
+           --out "$OUT/hostab" 2>&1 | grep -E "^\s+(sdpa|improved|ring)")
+      done; done 2>&1 | tee "$OUT/hostab.txt" ;;
     bias) python3 scripts/bias_probe.py 2>&1 | tee "$OUT/bias_probe.txt" ;;
     union)  # the union kernels: GPU parity, then scripts/union_probe.py (tile sweep, against the per-branch op)
       [ "${UNION_TESTS:-1}" = 0 ] || python3 -m pytest -q -x tests/test_gpu.py -k union 2>&1 | tail -4

@@ -182,6 +182,24 @@ def test_custom_op_registration(head_split):
         assert results and set(results.values()) == {"SUCCESS"}, results
 
 
+def test_eager_calls_turn_autocast_off_inside_the_op(monkeypatch):
+    """The eager entry point enters no_autocast only when autocast is on (host time): the op's
+    body must still run with autocast off (its float32 merge stays float32), and give the same
+    result as without autocast."""
+    from longctx.attention import improved
+    seen = []
+    attend = improved.attend
+    monkeypatch.setattr(improved, "attend", lambda *a: seen.append(torch.is_autocast_enabled("cpu")) or attend(*a))
+    q, k, v = make_qkv(2, 37, 4, 16)
+    attn = ImprovedDilatedAttention([8, 16, 32], [1, 2, 4])
+    plain = attn(q, k, v, is_causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = attn(q, k, v, is_causal=True)
+    assert seen == [False, False]
+    assert cast.dtype == torch.float32
+    torch.testing.assert_close(cast, plain, rtol=0, atol=0)
+
+
 def test_eager_calls_skip_the_custom_op_with_the_same_results():
     """Eager module calls run `attend` through EagerDilatedAttention (the custom op's dispatch
     was 10-23% of the op's host time, docs/performance.md run 81); torch.compile sees the custom

@@ -125,6 +125,14 @@ def test_small_head_split_launches_take_64_row_tiles():
     assert union.config_for(cpu, union.Layout(1024, 3, False)) is union.CONFIG
 
 
+def test_few_tiles_follows_small_tiles_after_a_first_call(monkeypatch):
+    """The GPU test that forces SPLIT_CONFIG sets SMALL_TILES = 0 after other tests asked the
+    same shape: the answer must follow the threshold, not a cached one (it did not, 2026-12-04)."""
+    assert union.few_tiles(1, 8192, 8, 3, 132)
+    monkeypatch.setattr(union, "SMALL_TILES", 0)
+    assert not union.few_tiles(1, 8192, 8, 3, 132)
+
+
 def test_the_op_uses_union_only_for_compiled_half_precision():
     """The op takes the union path on a GPU in fp16/bf16 only: float32 would run tl.dot in TF32,
     and on the CPU the interpreter is for tests, far too slow to train."""

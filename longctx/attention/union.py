@@ -115,12 +115,17 @@ def config_for(x: torch.Tensor, lay: Layout) -> dict:
     return SPLIT_CONFIG
 
 
-@functools.lru_cache(maxsize=256)  # asked at every head_split launch, three a forward+backward
 def few_tiles(B: int, T: int, H: int, n: int, sms: int) -> bool:
     """Whether head_split over n branches gives an SM fewer than SMALL_TILES tiles of 128 rows
     (head h of branch i keeps T / 2^i rows)."""
-    rows = sum(len(heads) * T >> i for i, heads in enumerate(head_groups(H, n, True)))
-    return B * rows // 128 < SMALL_TILES * sms
+    return B * _split_rows(T, H, n) // 128 < SMALL_TILES * sms
+
+
+@functools.lru_cache(maxsize=256)  # asked at every head_split launch, three a forward+backward
+def _split_rows(T: int, H: int, n: int) -> int:
+    """Rows a batch element keeps under head_split: Σ over heads of T / 2^(its branch). (The
+    threshold stays outside the cache, so SMALL_TILES can change: tests set it to 0.)"""
+    return sum(len(heads) * T >> i for i, heads in enumerate(head_groups(H, n, True)))
 
 
 @functools.lru_cache(maxsize=None)
