@@ -1,6 +1,8 @@
 """Reliability (issue 8): bad input fails fast and clearly, resume is exact, checkpoints are
 atomic, non-finite losses stop cleanly, faults on one rank end every rank."""
+import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -83,6 +85,43 @@ def train(args, cwd, env=None, timeout=180):
         proc.communicate()
         raise
     return proc.returncode, out
+
+
+@pytest.fixture(scope="module")
+def forked():
+    """train() through tests/forkserver.py: train.py's imports paid once for the module's runs."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]))
+    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "forkserver.py")], env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    pending = b""
+
+    def answer(deadline):
+        nonlocal pending
+        while b"\n" not in pending:
+            if not select.select([server.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                return None
+            chunk = os.read(server.stdout.fileno(), 4096)
+            assert chunk, "the fork server died"
+            pending += chunk
+        line, pending = pending.split(b"\n", 1)
+        return json.loads(line)
+
+    def run(args, cwd, env=None, timeout=180):
+        deadline = time.monotonic() + timeout
+        out = os.path.join(cwd, "train.out")
+        request = {"args": ["fit", "--config", TINY, *args], "cwd": str(cwd), "env": env or {}, "out": out}
+        server.stdin.write((json.dumps(request) + "\n").encode())
+        pid = answer(deadline)["pid"]
+        done = answer(deadline)
+        if done is None:
+            os.killpg(pid, 9)
+            answer(time.monotonic() + 60)
+            raise subprocess.TimeoutExpired(request["args"], timeout)
+        return done["rc"], open(out).read()
+
+    yield run
+    server.stdin.close()
+    server.wait(timeout=60)
 
 
 def leftover(marker: str) -> list[str]:
@@ -170,13 +209,13 @@ BAD = [
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
-def test_bad_configuration_fails_fast_and_clearly(case, corpus, tmp_path):
+def test_bad_configuration_fails_fast_and_clearly(case, corpus, forked, tmp_path):
     import re
 
     name, args, code, pattern = case
     args = args(corpus, tmp_path) if callable(args) else [f"--data.cache_dir={corpus}", *args]
     start = time.monotonic()
-    rc, out = train([*args, f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks+=helpers.LogLosses"],
+    rc, out = forked([*args, f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks+=helpers.LogLosses"],
                     cwd=tmp_path, env={"LOSS_LOG": str(tmp_path / "losses")}, timeout=150)
     assert rc != 0 if code is None else rc == code, out[-2000:]
     assert re.search(pattern, out), out[-2000:]

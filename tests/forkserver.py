@@ -1,0 +1,65 @@
+"""Runs train.py many times without paying its imports each time (~8 s of a ~10 s failing run on
+CI's 2 cores): this process imports what train.py imports, once, then forks a child per request
+that runs train.py as `python train.py ...` would, in its own session, its own folder and its own
+environment, with stdout and stderr in one file.
+
+Protocol, one JSON line each way: the client sends {"args", "cwd", "env", "out"}; the server
+answers {"pid"} once the child runs, then {"rc"} once it has exited (as a shell would report it:
+the exit code, or 128 + the signal). Used by test_reliability's bad-configuration cases; the runs
+that must start from a fresh interpreter (resume, crash, DDP faults) still use a subprocess.
+"""
+import json
+import os
+import runpy
+import sys
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "train.py")
+
+
+def child(request) -> int:
+    """Run train.py with request's arguments; the exit code `python train.py` would give."""
+    os.setsid()
+    os.chdir(request["cwd"])
+    os.environ.update(request["env"])
+    fd = os.open(request["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.argv = [TRAIN, *request["args"]]
+    try:
+        runpy.run_path(TRAIN, run_name="__main__")
+        return 0
+    except SystemExit as e:  # as the interpreter treats it: None is 0, a message is 1
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def serve() -> None:
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    sys.path.insert(0, ROOT)
+    import lightning.pytorch  # noqa: F401  (the imports every run shares)
+    import longctx.cli  # noqa: F401
+    import helpers  # noqa: F401
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            os._exit(child(request))
+        print(json.dumps({"pid": pid}), flush=True)
+        _, status = os.waitpid(pid, 0)
+        rc = os.waitstatus_to_exitcode(status)
+        print(json.dumps({"rc": rc if rc >= 0 else 128 - rc}), flush=True)
+
+
+if __name__ == "__main__":
+    serve()
