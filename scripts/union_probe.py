@@ -11,12 +11,8 @@ The long preset's layout: 12 heads of 64, segments 2048 … 32768, dilations 1 �
 `seed`: the seed preset's at 8K instead, with head_split (8 heads, segments 1024 … 4096,
 dilations 1 … 4, not causal), at batch 1, 2 and 4.
 
-3. `dqadd`: the backward with dQ added (float32 atomics) by the dK/dV passes (union.DQ_ADD)
-   against the dQ pass: a dK/dV tile sweep in that mode, then both at each length.
-
 Usage: python scripts/union_probe.py [lengths...]   (default 65536 131072 262144)
        python scripts/union_probe.py seed
-       python scripts/union_probe.py dqadd [lengths...]   (also the seed preset at 8K, batch 1 and 4)
 """
 import sys
 
@@ -42,8 +38,6 @@ SEED_SWEEP = {  # batch 1 at 8K is ~320 tiles of 128 rows a pass for 132 SMs: 64
     "dq": [(64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 4), (128, 64, 4, 3), (128, 64, 8, 3)],
     "dkdv": [(64, 32, 4, 3), (64, 32, 4, 4), (64, 64, 4, 3), (128, 32, 4, 3)],
 }
-ADD_SWEEP = {"dkdv": [(128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3),
-                      (64, 32, 4, 3), (128, 16, 4, 3)]}
 
 
 def ms(fn):
@@ -56,28 +50,25 @@ def inputs(T, B, H):
     return [torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)]
 
 
-def passes(T, B, spec, which=("local", "upper"), dq_add=False):
+def passes(T, B, spec, which=("local", "upper")):
     """Callables for each pass of the union kernels on fresh inputs (`which` of the local and
-    upper passes; dq_add: the dK/dV passes add dQ into a float32 buffer, as union.DQ_ADD)."""
+    upper passes)."""
     H = spec["H"]
     q, k, v, do = inputs(T, B, H)
     lay, scale, causal = union.layout(T, H, D, spec["ws"], spec["rs"], spec["split"]), D ** -0.5, spec["causal"]
     out, lse = union.forward(q, k, v, lay, causal, scale)
-    dq, dk, dv, delta = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q), torch.zeros_like(lse)
-    dq32 = torch.zeros(q.shape, device="cuda")
+    dq, dk, dv, delta = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q), torch.empty_like(lse)
     strides = union._strides(q, k, v, do)
     args = {
         "fwd": (q, k, v, out, lse, *union._strides(q, k, v), T, H, scale * union.LOG2E),
         "dq": (q, k, v, do, out, lse, delta, dq, *strides, T, H, scale * union.LOG2E, scale),
-        "dkdv": (q, k, v, do, lse, delta, dk, dv, dq32 if dq_add else dk, *strides, T, H, scale * union.LOG2E, scale),
+        "dkdv": (q, k, v, do, lse, delta, dk, dv, *strides, T, H, scale * union.LOG2E, scale),
     }
-    extra = {"fwd": {}, "dq": {}, "dkdv": {"DQ_ADD": dq_add}}
-    return {name: (lambda name=name: union._launch(name, q, lay, args[name], causal, which, **extra[name]))
-            for name in args}
+    return {name: (lambda name=name: union._launch(name, q, lay, args[name], causal, which)) for name in args}
 
 
-def sweep(T, B=1, spec=LONG, grid=SWEEP, dq_add=False):
-    fns = passes(T, B, spec, dq_add=dq_add)
+def sweep(T, B=1, spec=LONG, grid=SWEEP):
+    fns = passes(T, B, spec)
     for name, configs in grid.items():
         times = []
         lay = union.layout(T, spec["H"], D, spec["ws"], spec["rs"], spec["split"])
@@ -113,36 +104,17 @@ def compare(T, B=1, spec=LONG):
     t_old = ms(op)
     union.ENABLED = True
     t_new = ms(op)
-    union.DQ_ADD = True
-    t_add = ms(op)
-    union.DQ_ADD = False
     rate = lambda t: counted / t / 1e9
     print(f"T={T} B={B}: dense {t_dense:.3f} ms ({dense / t_dense / 1e9:.0f} TF/s); per-branch op {t_old:.3f} ms "
           f"({rate(t_old):.0f} counted TF/s, {rate(t_old) / (dense / t_dense / 1e9):.0%}); union op {t_new:.3f} ms "
-          f"({rate(t_new):.0f}, {rate(t_new) / (dense / t_dense / 1e9):.0%}); with DQ_ADD {t_add:.3f} ms "
-          f"({rate(t_add):.0f}, {rate(t_add) / (dense / t_dense / 1e9):.0%})", flush=True)
+          f"({rate(t_new):.0f}, {rate(t_new) / (dense / t_dense / 1e9):.0%})", flush=True)
     for which in ("local", "upper")[:1 if split else 2]:
         fns = passes(T, B, spec, (which,))
-        add = passes(T, B, spec, (which,), dq_add=True)["dkdv"]
-        print(f"   {which} passes: " + ", ".join(f"{name} {ms(fn):.3f} ms" for name, fn in fns.items())
-              + f"; dkdv adding dq {ms(add):.3f} ms", flush=True)
+        print(f"   {which} passes: " + ", ".join(f"{name} {ms(fn):.3f} ms" for name, fn in fns.items()), flush=True)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["dqadd"]:
-        lengths = [int(x) for x in sys.argv[2:]] or [65536, 262144]
-        saved = dict(union.CONFIG)
-        sweep(lengths[0], grid=ADD_SWEEP, dq_add=True)
-        add_best, union.CONFIG["dkdv"] = union.CONFIG["dkdv"], saved["dkdv"]
-        print("DQ_ADD dkdv tiles:", add_best, "(the dq-pass mode keeps", saved["dkdv"], ")", flush=True)
-        for T in lengths:
-            compare(T)  # both modes at the dq-pass mode's tiles
-        union.CONFIG["dkdv"] = add_best
-        for T in lengths:
-            compare(T)  # both modes at the DQ_ADD mode's tiles
-        for B in (1, 4):
-            compare(8192, B, SEED)
-    elif sys.argv[1:] == ["seed"]:
+    if sys.argv[1:] == ["seed"]:
         sweep(8192, 4, SEED, SEED_SWEEP)  # SPLIT_CONFIG (from 1,056 tiles of 128 rows on 132 SMs)
         sweep(8192, 1, SEED, SEED_SWEEP)  # SMALL_CONFIG (320)
         for B in (1, 2, 4):

@@ -45,12 +45,10 @@ from .branches import head_groups
 from .combine import SUPPORTED, compiled_triton
 
 if SUPPORTED:
-    from .union_kernels import KERNELS, _delta
+    from .union_kernels import KERNELS
 
 # LONGCTX_UNION=0 keeps the per-branch kernels and the combine (for A/B runs).
 ENABLED = os.environ.get("LONGCTX_UNION", "1") != "0"
-# Whether the dK/dV passes also add dQ into a float32 buffer (atomically), instead of a dQ pass.
-DQ_ADD = os.environ.get("LONGCTX_UNION_DQ_ADD", "0") == "1"
 
 # (rows, columns, warps, stages) per kernel: rows are the program's own tile (queries for fwd and
 # dq, keys for dkdv), columns the tile it loops over. Measured on an H100 (scripts/union_probe.py;
@@ -141,7 +139,7 @@ def _strides(*xs: torch.Tensor) -> list[int]:
     return [s for x in xs for s in x.stride()[:3]]
 
 
-def _launch(name: str, x: torch.Tensor, lay: Layout, args, causal: bool, passes=("local", "upper"), **extra) -> None:
+def _launch(name: str, x: torch.Tensor, lay: Layout, args, causal: bool, passes=("local", "upper")) -> None:
     """Direction `name`'s local pass over (B·H, T / rows) tiles, then (all heads running every
     branch) its upper one over the class tiles; a probe may time them apart with `passes`.
     Under head_split each head runs one branch (no weights, no upper levels): N_BR = 1."""
@@ -149,7 +147,7 @@ def _launch(name: str, x: torch.Tensor, lay: Layout, args, causal: bool, passes=
     n = 1 if lay.split else lay.n
     rows, cols, warps, stages = _tiles(name, lay.L, n, config_for(x, lay))
     tile = {"BM": rows, "BN": cols} if name != "dkdv" else {"BN": rows, "BM": cols}
-    opts = dict(L=lay.L, CAUSAL=causal, D=D, N_BR=n, num_warps=warps, num_stages=stages, **tile, **extra)
+    opts = dict(L=lay.L, CAUSAL=causal, D=D, N_BR=n, num_warps=warps, num_stages=stages, **tile)
     local, upper = KERNELS[name]
     if "local" in passes:
         local[(B * H, T // rows)](*args, SPLIT=lay.n if lay.split else 0, **opts)
@@ -169,18 +167,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, is_c
 def backward(dout, q, k, v, out, lse, lay: Layout, is_causal: bool, scale: float):
     """Exact (dq, dk, dv) (B, T, H, D) of forward, given its out and lse and dout (B, T, H, D)."""
     B, T, H, D = q.shape
-    dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(2))
+    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     strides = _strides(q, k, v, dout)
-    if DQ_ADD:
-        dq32 = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        rows = math.gcd(T, 128)
-        _delta[(B * H, T // rows)](out, dout, delta, dq32, *strides[9:], T, H, BM=rows, D=D, num_warps=4)
-        _launch("dkdv", q, lay, (q, k, v, dout, lse, delta, dk, dv, dq32, *strides, T, H, scale * LOG2E, scale),
-                is_causal, DQ_ADD=True)
-        return dq32.to(q.dtype), dk, dv
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _launch("dq", q, lay, (q, k, v, dout, out, lse, delta, dq, *strides, T, H, scale * LOG2E, scale), is_causal)
-    _launch("dkdv", q, lay, (q, k, v, dout, lse, delta, dk, dv, dk, *strides, T, H, scale * LOG2E, scale),
-            is_causal, DQ_ADD=False)
+    _launch("dkdv", q, lay, (q, k, v, dout, lse, delta, dk, dv, *strides, T, H, scale * LOG2E, scale), is_causal)
     return dq, dk, dv

@@ -134,11 +134,10 @@ def _dq_keys(dq, q, do, lse2, delta, qpos, q_w, kp, vp, sk, sv, start, step, n_b
 
 
 @triton.jit
-def _dkdv_queries(dk, dv, kk, vv, kpos, k_w, qp, dop, lsep, deltap, dqp, sq, sdo, H, start, step, n_blocks, h, k,
-                  qk_scale, scale, LEVEL: tl.constexpr, N_BR: tl.constexpr, MASK: tl.constexpr, BM: tl.constexpr,
-                  D: tl.constexpr, DQ_ADD: tl.constexpr):
-    """dK (unscaled) and dV of a key tile over n_blocks blocks of BM queries at start + i·step;
-    with DQ_ADD, each block's dS^T·K (scaled) also added into the float32 rows at dqp."""
+def _dkdv_queries(dk, dv, kk, vv, kpos, k_w, qp, dop, lsep, deltap, sq, sdo, H, start, step, n_blocks, h, k,
+                  qk_scale, LEVEL: tl.constexpr, N_BR: tl.constexpr, MASK: tl.constexpr, BM: tl.constexpr,
+                  D: tl.constexpr):
+    """dK (unscaled) and dV of a key tile over n_blocks blocks of BM queries at start + i·step."""
     q_w = _col_weights(start, step, h, k, LEVEL, N_BR, BM)
     for i in range(n_blocks):
         qpos = start + (i * BM + tl.arange(0, BM)) * step
@@ -149,10 +148,7 @@ def _dkdv_queries(dk, dv, kk, vv, kpos, k_w, qp, dop, lsep, deltap, dqp, sq, sdo
                          - tl.load(lsep + row)[None, :] * 1.4426950408889634)
         dv += tl.dot(p.to(qq.dtype), do)
         dp = tl.dot(vv, tl.trans(do))
-        ds = (p * (dp - tl.load(deltap + row)[None, :])).to(qq.dtype)
-        dk += tl.dot(ds, qq)
-        if DQ_ADD:
-            tl.atomic_add(_rows(dqp, qpos, H * D, D), tl.dot(tl.trans(ds), kk) * scale, sem="relaxed")
+        dk += tl.dot((p * (dp - tl.load(deltap + row)[None, :])).to(qq.dtype), qq)
     return dk, dv
 
 
@@ -319,9 +315,9 @@ def _dq_upper(Q, K, V, DO, O, LSE, DELTA, DQ, sqb, sqt, sqh, skb, skt, skh, svb,
 
 
 @triton.jit
-def _dkdv_local(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
+def _dkdv_local(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
                 T, H, qk_scale, scale, L: tl.constexpr, N_BR: tl.constexpr, CAUSAL: tl.constexpr,
-                SPLIT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, DQ_ADD: tl.constexpr):
+                SPLIT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr):
     b, h, row0 = _bh(T, H)
     seg0, x0, r, live = _local_tile(T, H, h, L, BN, False, SPLIT)
     if live:
@@ -334,14 +330,14 @@ def _dkdv_local(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, sqb, sqt, sqh, skb, skt, sk
         dk = tl.zeros([BN, D], tl.float32)
         dv = tl.zeros([BN, D], tl.float32)
         if CAUSAL:
-            dk, dv = _dkdv_queries(dk, dv, kk, vv, kpos, k_w, qp, dop, LSE + row0, DELTA + row0, DQ + row0 * D, sqt,
-                                   sdt, H, x0, r, BN // BM, h, 0, qk_scale, scale, 1, N_BR, True, BM, D, DQ_ADD)
-            dk, dv = _dkdv_queries(dk, dv, kk, vv, kpos, k_w, qp, dop, LSE + row0, DELTA + row0, DQ + row0 * D, sqt,
-                                   sdt, H, x0 + BN * r, r, (L - (x0 - seg0) // r - BN) // BM, h, 0, qk_scale, scale,
-                                   1, N_BR, False, BM, D, DQ_ADD)
+            dk, dv = _dkdv_queries(dk, dv, kk, vv, kpos, k_w, qp, dop, LSE + row0, DELTA + row0, sqt, sdt, H, x0, r,
+                                   BN // BM, h, 0, qk_scale, 1, N_BR, True, BM, D)
+            dk, dv = _dkdv_queries(dk, dv, kk, vv, kpos, k_w, qp, dop, LSE + row0, DELTA + row0, sqt, sdt, H,
+                                   x0 + BN * r, r, (L - (x0 - seg0) // r - BN) // BM, h, 0, qk_scale, 1, N_BR, False,
+                                   BM, D)
         else:
-            dk, dv = _dkdv_queries(dk, dv, kk, vv, kpos, k_w, qp, dop, LSE + row0, DELTA + row0, DQ + row0 * D, sqt,
-                                   sdt, H, seg0, r, L // BM, h, 0, qk_scale, scale, 1, N_BR, False, BM, D, DQ_ADD)
+            dk, dv = _dkdv_queries(dk, dv, kk, vv, kpos, k_w, qp, dop, LSE + row0, DELTA + row0, sqt, sdt, H, seg0,
+                                   r, L // BM, h, 0, qk_scale, 1, N_BR, False, BM, D)
         tl.store(_rows(DK + row0 * D, kpos, H * D, D), (dk * scale).to(DK.dtype.element_ty))
         tl.store(_rows(DV + row0 * D, kpos, H * D, D), dv.to(DV.dtype.element_ty))
     elif SPLIT > 0:
@@ -351,9 +347,9 @@ def _dkdv_local(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, sqb, sqt, sqh, skb, skt, sk
 
 
 @triton.jit
-def _dkdv_upper(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
+def _dkdv_upper(Q, K, V, DO, LSE, DELTA, DK, DV, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
                 T, H, qk_scale, scale, L: tl.constexpr, N_BR: tl.constexpr, CAUSAL: tl.constexpr, BN: tl.constexpr,
-                BM: tl.constexpr, D: tl.constexpr, DQ_ADD: tl.constexpr):
+                BM: tl.constexpr, D: tl.constexpr):
     b, h, row0 = _bh(T, H)
     k, x0, kpos = _class_tile(tl.program_id(1), T, h, BN, N_BR)
     if _any_level(x0, h, k, L, N_BR, CAUSAL, 1):
@@ -367,23 +363,12 @@ def _dkdv_upper(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, sqb, sqt, sqh, skb, skt, sk
             live, start = _level_start(x0, h, a, L, CAUSAL, 1)
             if live & (a - 1 <= k):
                 dk, dv = _dkdv_queries(dk, dv, kk, vv, kpos, tl.zeros([BN], tl.float32), qp, dop, LSE + row0,
-                                       DELTA + row0, DQ + row0 * D, sqt, sdt, H, start, 1 << (a - 1), L // 2 // BM,
-                                       h, k, qk_scale, scale, a, N_BR, False, BM, D, DQ_ADD)
+                                       DELTA + row0, sqt, sdt, H, start, 1 << (a - 1), L // 2 // BM, h, k,
+                                       qk_scale, a, N_BR, False, BM, D)
         dk_rows = _rows(DK + row0 * D, kpos, H * D, D)
         dv_rows = _rows(DV + row0 * D, kpos, H * D, D)
         tl.store(dk_rows, (tl.load(dk_rows).to(tl.float32) + dk * scale).to(DK.dtype.element_ty))
         tl.store(dv_rows, (tl.load(dv_rows).to(tl.float32) + dv).to(DV.dtype.element_ty))
-
-
-@triton.jit
-def _delta(O, DO, DELTA, DQ, sdb, sdt, sdh, T, H, BM: tl.constexpr, D: tl.constexpr):
-    """Δ = rowsum(dO∘O) of BM rows of a head, and the rows of the float32 dQ that the dK/dV
-    passes add into set to zero (for union.backward with DQ_ADD)."""
-    b, h, row0 = _bh(T, H)
-    pos = tl.program_id(1) * BM + tl.arange(0, BM)
-    do = tl.load(_rows(_head(DO, b, h, sdb, sdh), pos, sdt, D)).to(tl.float32)
-    tl.store(DELTA + row0 + pos.to(tl.int64) * H, tl.sum(do * tl.load(_rows(O + row0 * D, pos, H * D, D)), 1))
-    tl.store(_rows(DQ + row0 * D, pos, H * D, D), tl.zeros([BM, D], tl.float32))
 
 
 # Each direction's (local, upper) kernels, by the name union.CONFIG tunes them under.
