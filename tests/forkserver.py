@@ -4,9 +4,11 @@ that runs train.py as `python train.py ...` would, in its own session, its own f
 environment, with stdout and stderr in one file.
 
 Protocol, one JSON line each way: the client sends {"args", "cwd", "env", "out"}; the server
-answers {"pid"} once the child runs, then {"rc"} once it has exited (as a shell would report it:
-the exit code, or 128 + the signal). Used by test_reliability's bad-configuration cases; the runs
-that must start from a fresh interpreter (resume, crash, DDP faults) still use a subprocess.
+answers {"pid"} once the child runs, then {"rc"} once it has exited (as Popen reports it: the
+exit code, or minus the signal that ended it). The server itself runs nothing but imports, so a
+child starts with no state but those modules: no RNG used, no threads, no CUDA. Used by
+test_reliability for every train.py run (bad configurations, resume after SIGKILL, DDP faults:
+Lightning's launcher starts the other ranks as fresh `python train.py` processes).
 """
 import json
 import os
@@ -57,8 +59,7 @@ def serve() -> None:
             os._exit(child(request))
         print(json.dumps({"pid": pid}), flush=True)
         _, status = os.waitpid(pid, 0)
-        rc = os.waitstatus_to_exitcode(status)
-        print(json.dumps({"rc": rc if rc >= 0 else 128 - rc}), flush=True)
+        print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -72,24 +72,14 @@ def test_a_folder_of_one_file_is_split_by_bytes(tmp_path):
     assert len(dm.train_set) > 0 and len(dm.val_set) > 0
 
 
-def train(args, cwd, env=None, timeout=180):
-    """Run train.py in its own process group; kill the whole group on timeout (no orphans)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]), **(env or {}))
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "fit", "--config", TINY, *args],
-                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.communicate()
-        raise
-    return proc.returncode, out
-
-
 @pytest.fixture(scope="module")
-def forked():
-    """train() through tests/forkserver.py: train.py's imports paid once for the module's runs."""
+def forked(tmp_path_factory):
+    """run(args, cwd, env, timeout) -> (exit code, output) of `python train.py fit --config TINY
+    *args` in cwd, through tests/forkserver.py: train.py's imports are paid once for the module's
+    runs (~8 s each on 2 cores). The code is Popen's: negative for a signal. On timeout the run's
+    session is killed (no orphans) and TimeoutExpired raised."""
+    logs = tmp_path_factory.mktemp("forked")
+    count = 0
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]))
     server = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "forkserver.py")], env=env,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
@@ -107,8 +97,9 @@ def forked():
         return json.loads(line)
 
     def run(args, cwd, env=None, timeout=180):
-        deadline = time.monotonic() + timeout
-        out = os.path.join(cwd, "train.out")
+        nonlocal count
+        deadline, count = time.monotonic() + timeout, count + 1
+        out = str(logs / f"run{count}.out")
         request = {"args": ["fit", "--config", TINY, *args], "cwd": str(cwd), "env": env or {}, "out": out}
         server.stdin.write((json.dumps(request) + "\n").encode())
         pid = answer(deadline)["pid"]
@@ -239,15 +230,15 @@ def losses(path):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(corpus, tmp_path_factory):
+def uninterrupted(corpus, forked, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("full")
-    rc, out = train(ckpt_args(tmp, "run", corpus), cwd=tmp, env={"LOSS_LOG": str(tmp / "losses")})
+    rc, out = forked(ckpt_args(tmp, "run", corpus), cwd=tmp, env={"LOSS_LOG": str(tmp / "losses")})
     assert rc == 0, out[-2000:]
     return losses(tmp / "losses")
 
 
 @pytest.mark.parametrize("kill", ["mid-epoch", "while-saving"])
-def test_resume_after_sigkill_is_exact(kill, corpus, uninterrupted, tmp_path):
+def test_resume_after_sigkill_is_exact(kill, corpus, forked, uninterrupted, tmp_path):
     """8 batches an epoch, checkpoints every 4 steps: killed at step 6 (mid-epoch, after the
     step-4 checkpoint), or while writing last.ckpt at step 8; resumed with --ckpt_path last,
     every later step's loss equals the uninterrupted run's."""
@@ -257,13 +248,13 @@ def test_resume_after_sigkill_is_exact(kill, corpus, uninterrupted, tmp_path):
         crash = ["--trainer.callbacks+=helpers.KillAtStep", "--trainer.callbacks.step=6"]
     else:  # saves: step-4 file, last (4), step-8 file, last (8) <- killed half-way through
         crash = ['--trainer.plugins=[{"class_path": "helpers.KillWhileSaving", "init_args": {"nth": 4}}]']
-    rc, out = train([*args, *crash], cwd=tmp_path, env=env)
+    rc, out = forked([*args, *crash], cwd=tmp_path, env=env)
     assert rc == -9, out[-2000:]
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 4  # the previous checkpoint survived intact
     if kill == "while-saving":
         assert (tmp_path / "run" / "checkpoints" / "last.ckpt.tmp").exists()
-    rc, out = train([*args, "--ckpt_path=last"], cwd=tmp_path, env=env)
+    rc, out = forked([*args, "--ckpt_path=last"], cwd=tmp_path, env=env)
     assert rc == 0, out[-2000:]
     assert "not resumable" not in out
     resumed = {}
@@ -274,8 +265,8 @@ def test_resume_after_sigkill_is_exact(kill, corpus, uninterrupted, tmp_path):
     assert resumed == {s: uninterrupted[s] for s in range(5, 13)}
 
 
-def test_nonfinite_loss_stops_and_names_the_step(corpus, tmp_path):
-    rc, out = train([*ckpt_args(tmp_path, "run", corpus)[:-4], "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+def test_nonfinite_loss_stops_and_names_the_step(corpus, forked, tmp_path):
+    rc, out = forked([*ckpt_args(tmp_path, "run", corpus)[:-4], "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
                      "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_last=true",
                      "--trainer.callbacks+=helpers.PoisonEmbedding", "--trainer.callbacks.step=3"],
                     cwd=tmp_path, env={"LOSS_LOG": str(tmp_path / "losses")})
@@ -288,10 +279,10 @@ def test_nonfinite_loss_stops_and_names_the_step(corpus, tmp_path):
         assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point()), ckpt
 
 
-def test_nonfinite_loss_can_be_skipped_and_counted(corpus, tmp_path):
+def test_nonfinite_loss_can_be_skipped_and_counted(corpus, forked, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    rc, out = train([f"--data.cache_dir={corpus}", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=true",
+    rc, out = forked([f"--data.cache_dir={corpus}", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=true",
                      "--trainer.log_every_n_steps=1", "--model.skip_nonfinite=true",
                      "--trainer.callbacks+=helpers.PoisonEmbedding", "--trainer.callbacks.step=2",
                      "--trainer.callbacks.once=true"], cwd=tmp_path)
@@ -316,9 +307,9 @@ def test_checkpoint_with_nonfinite_weights_is_refused():
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_a_failing_rank_ends_every_rank(rank, corpus, tmp_path):
+def test_a_failing_rank_ends_every_rank(rank, corpus, forked, tmp_path):
     start = time.monotonic()
-    rc, out = train([f"--data.cache_dir={corpus}", f"--trainer.default_root_dir={tmp_path}", "--trainer.strategy=ddp",
+    rc, out = forked([f"--data.cache_dir={corpus}", f"--trainer.default_root_dir={tmp_path}", "--trainer.strategy=ddp",
                      "--trainer.devices=2", "--trainer.callbacks+=helpers.RaiseOnRank", f"--trainer.callbacks.rank={rank}",
                      "--trainer.callbacks.step=2"], cwd=tmp_path, timeout=120)
     assert rc != 0
@@ -354,8 +345,8 @@ def test_out_of_memory_hints_only_what_the_run_does_not_use():
     assert "offload_checkpoints=true" not in message(compile=False, offload_checkpoints=True)
 
 
-def test_out_of_memory_names_the_run_and_hints(corpus, tmp_path):
-    rc, out = train([f"--data.cache_dir={corpus}", f"--trainer.default_root_dir={tmp_path}",
+def test_out_of_memory_names_the_run_and_hints(corpus, forked, tmp_path):
+    rc, out = forked([f"--data.cache_dir={corpus}", f"--trainer.default_root_dir={tmp_path}",
                      "--trainer.callbacks+=helpers.RaiseOnRank", "--trainer.callbacks.rank=0",
                      "--trainer.callbacks.step=1", "--trainer.callbacks.oom=true"], cwd=tmp_path)
     assert rc == 1
