@@ -11,8 +11,12 @@ The long preset's layout: 12 heads of 64, segments 2048 … 32768, dilations 1 �
 `seed`: the seed preset's at 8K instead, with head_split (8 heads, segments 1024 … 4096,
 dilations 1 … 4, not causal), at batch 1, 2 and 4.
 
+3. `local`: each direction's local pass alone at 64K under tilings that union.CONFIG cannot
+   take (256-row tiles, which the upper pass's class tiles do not allow on the long preset).
+
 Usage: python scripts/union_probe.py [lengths...]   (default 65536 131072 262144)
        python scripts/union_probe.py seed
+       python scripts/union_probe.py local [T]   (T a multiple of 32768, the largest segment; default 65536)
 """
 import sys
 
@@ -50,21 +54,61 @@ def inputs(T, B, H):
     return [torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)]
 
 
-def passes(T, B, spec, which=("local", "upper")):
-    """Callables for each pass of the union kernels on fresh inputs (`which` of the local and
-    upper passes)."""
+def pass_args(T, B, spec):
+    """(q, layout, causal, each pass's kernel arguments) on fresh inputs, out and lse from the op's
+    forward; the dQ pass writes the Δ that the dK/dV pass reads."""
     H = spec["H"]
     q, k, v, do = inputs(T, B, H)
     lay, scale, causal = union.layout(T, H, D, spec["ws"], spec["rs"], spec["split"]), D ** -0.5, spec["causal"]
     out, lse = union.forward(q, k, v, lay, causal, scale)
     dq, dk, dv, delta = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q), torch.empty_like(lse)
     strides = union._strides(q, k, v, do)
-    args = {
+    return q, lay, causal, {
         "fwd": (q, k, v, out, lse, *union._strides(q, k, v), T, H, scale * union.LOG2E),
         "dq": (q, k, v, do, out, lse, delta, dq, *strides, T, H, scale * union.LOG2E, scale),
         "dkdv": (q, k, v, do, lse, delta, dk, dv, *strides, T, H, scale * union.LOG2E, scale),
     }
+
+
+def passes(T, B, spec, which=("local", "upper")):
+    """Callables for each pass of the union kernels on fresh inputs (`which` of the local and
+    upper passes)."""
+    q, lay, causal, args = pass_args(T, B, spec)
     return {name: (lambda name=name: union._launch(name, q, lay, args[name], causal, which)) for name in args}
+
+
+LOCAL_SWEEP = {  # (rows, cols, warps, stages); the first is union.CONFIG's
+    "fwd": [(128, 64, 4, 4), (128, 128, 8, 3), (256, 64, 8, 3), (128, 64, 8, 4), (256, 32, 8, 4)],
+    "dq": [(128, 32, 4, 4), (128, 64, 8, 3), (256, 32, 8, 3), (256, 64, 8, 2), (128, 64, 4, 3)],
+    "dkdv": [(128, 32, 4, 3), (256, 32, 8, 3), (256, 32, 8, 2), (256, 16, 8, 3), (128, 32, 4, 4), (128, 64, 8, 2),
+             (256, 64, 8, 2)],
+}
+
+
+def local_sweep(T=65536, B=1, spec=LONG):
+    """The long preset's local passes launched with explicit tiles, each graphed (ms and real TF/s
+    of the level-1 pairs: causal, L(L+1)/2 pairs a segment, 2 matmul units fwd, 3 dq, 4 dkdv)."""
+    H, L = spec["H"], spec["ws"][0]
+    _, lay, _, args = pass_args(T, B, spec)
+    pairs = B * H * T // L * L * (L + 1) / 2
+    results = {"fwd": args["fwd"][3:4], "dq": args["dq"][7:8], "dkdv": args["dkdv"][6:8]}
+    for name, configs in LOCAL_SWEEP.items():
+        kernel = union.KERNELS[name][0]
+        first = None
+        for rows, cols, warps, stages in configs:
+            tile = {"BM": rows, "BN": cols} if name != "dkdv" else {"BN": rows, "BM": cols}
+            opts = dict(L=L, CAUSAL=True, D=D, N_BR=lay.n, SPLIT=0, num_warps=warps, num_stages=stages, **tile)
+            try:
+                t = ms(lambda: kernel[(B * H, T // rows)](*args[name], **opts))
+            except Exception as e:  # e.g. out of shared memory for a tiling
+                print(f"  {name} {(rows, cols, warps, stages)}: failed ({type(e).__name__}: {str(e)[:80]})")
+                continue
+            got = [x.float() for x in results[name]]
+            first = first or [x.clone() for x in got]  # the first tiling's result: the others must agree
+            err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, first))
+            units = {"fwd": 2, "dq": 3, "dkdv": 4}[name]
+            print(f"  T={T} local {name:5s} {(rows, cols, warps, stages)}: {t:.3f} ms "
+                  f"({units * 2 * D * pairs / t / 1e9:.0f} real TF/s; max diff to the first {err:.1e})", flush=True)
 
 
 def sweep(T, B=1, spec=LONG, grid=SWEEP):
@@ -114,7 +158,9 @@ def compare(T, B=1, spec=LONG):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["seed"]:
+    if sys.argv[1:2] == ["local"]:
+        local_sweep(*[int(x) for x in sys.argv[2:3]])
+    elif sys.argv[1:] == ["seed"]:
         sweep(8192, 4, SEED, SEED_SWEEP)  # SPLIT_CONFIG (from 1,056 tiles of 128 rows on 132 SMs)
         sweep(8192, 1, SEED, SEED_SWEEP)  # SMALL_CONFIG (320)
         for B in (1, 2, 4):
