@@ -4,10 +4,12 @@ module (EagerDilatedAttention) and through the custom op `longctx::dilated_atten
 forward alone without autograd through the custom op and through `attend` directly.
 
 Usage: python scripts/host_probe.py  (GPU only): the seed layout at 8K and 32K (head_split) and
-the long preset at 32K, forward + backward. (cProfile is no help here: run 52 put most of the
+the long preset at 32K, forward + backward; `breakdown`: instead, the host µs of each layer of
+the eager path at seed 32K, from torch.empty up to autograd, and a Triton launch. (cProfile is no help here: run 52 put most of the
 host time in torch's custom-op wrapper, which this comparison showed to be an artefact, run 56.)
 """
 import statistics
+import sys
 import time
 
 import torch
@@ -72,7 +74,114 @@ def launch_cost(reps=100):
     print(f"  same output both ways: {same}")
 
 
+def breakdown(T=32768, H=8, ws=(1024, 2048, 4096), rs=(1, 2, 4)):
+    """Host µs of each layer of the eager path, seed layout with head_split, each call started
+    on an idle GPU: where a forward+backward's host time goes, from torch.empty up to autograd."""
+    from longctx.attention import union
+    from longctx.attention.improved import EagerDilatedAttention, attend_backward
+
+    q, k, v, g = (torch.randn(1, T, H, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    config = (list(ws), list(rs), True, False, 0.125)
+    lay = union.layout(T, H, 64, ws, rs, True)
+    out, lse = attend(q, k, v, *config)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    y = EagerDilatedAttention.apply(*leaves, config)
+    plain = leaves[0] * 2
+    rows = [
+        ("torch.empty (1, T, H, 64) bf16", lambda: torch.empty(q.shape, dtype=q.dtype, device=q.device)),
+        ("union.layout", lambda: union.layout(T, H, 64, ws, rs, True)),
+        ("union.use", lambda: union.use(q, lay)),
+        ("union.forward (1 launch, 2 empties)", lambda: union.forward(q, k, v, lay, False, 0.125)),
+        ("union.backward (2 launches, 4 empties)", lambda: union.backward(g, q, k, v, out, lse, lay, False, 0.125)),
+        ("attend (the forward's dispatch)", lambda: attend(q, k, v, *config)),
+        ("attend_backward", lambda: attend_backward(g, q, k, v, out, lse, *config)),
+        ("EagerDilatedAttention.apply, grad on", lambda: EagerDilatedAttention.apply(*leaves, config)),
+        ("autograd.grad through it", lambda: torch.autograd.grad(y, leaves, g, retain_graph=True)),
+        ("autograd.grad through x * 2 (the engine alone)", lambda: torch.autograd.grad(plain, leaves[0], g,
+                                                                                       retain_graph=True)),
+    ]
+    for name, fn in rows:
+        print(f"  {name:48s} {host_ms(fn, 50) * 1e3:7.1f} µs host", flush=True)
+    engine_split(leaves, g, config)
+
+
+def engine_split(leaves, g, config):
+    """autograd.grad through the op, cut where the engine enters and leaves the op's backward:
+    the time to reach it, its body (on the engine's device thread), and the return; against a
+    Python Function whose backward is one multiply."""
+    from longctx.attention.improved import EagerDilatedAttention
+
+    marks, inside = [], []
+
+    def cut(dout, saved, config):
+        """µs of 10 torch.empty calls (each) and of union.backward on the calling thread."""
+        from longctx.attention import union
+        T, H = dout.shape[1:3]
+        t0 = time.perf_counter()
+        for _ in range(10):
+            torch.empty(dout.shape, dtype=dout.dtype, device=dout.device)
+        t1 = time.perf_counter()
+        union.backward(dout, *saved, union.layout(T, H, 64, *config[:3]), config[3], config[4])
+        t2 = time.perf_counter()
+        return (t1 - t0) * 1e5, (t2 - t1) * 1e6
+
+    class Timed(EagerDilatedAttention):
+        @staticmethod
+        def backward(ctx, dout):
+            marks.append(time.perf_counter())
+            grads = EagerDilatedAttention.backward(ctx, dout)
+            marks.append(time.perf_counter())
+            return grads
+
+    class Inner(EagerDilatedAttention):
+        @staticmethod
+        def backward(ctx, dout):
+            inside.append(cut(dout, ctx.saved_tensors, ctx.config))
+            return EagerDilatedAttention.backward(ctx, dout)
+
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, config):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, dout):
+            marks.append(time.perf_counter())
+            grad = dout * 2
+            marks.append(time.perf_counter())
+            return grad, None
+
+    for name, y, inputs in (("the op", Timed.apply(*leaves, config), leaves),
+                            ("x * 2 in a Python Function", Double.apply(leaves[0], config), leaves[:1])):
+        parts = []
+        for i in range(60):
+            marks.clear()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            torch.autograd.grad(y, inputs, g, retain_graph=True)
+            t3 = time.perf_counter()
+            if i >= 10:
+                parts.append(((marks[0] - t0) * 1e6, (marks[1] - marks[0]) * 1e6, (t3 - marks[1]) * 1e6))
+        enter, body, leave = (statistics.median(p[j] for p in parts) for j in range(3))
+        print(f"  autograd.grad through {name}: to its backward {enter:.1f} µs, the backward {body:.1f} µs, "
+              f"back to the caller {leave:.1f} µs", flush=True)
+    y = Inner.apply(*leaves, config)
+    saved = (*(x.detach() for x in leaves), y.detach(), torch.zeros(y.shape[:3], device=y.device))
+    here = []
+    for _ in range(50):
+        torch.cuda.synchronize()
+        torch.autograd.grad(y, leaves, g, retain_graph=True)
+        torch.cuda.synchronize()
+        here.append(cut(g, saved, config))
+    for name, rows in (("the engine's thread", inside[10:]), ("the caller's thread", here[10:])):
+        print(f"  on {name}: torch.empty {statistics.median(r[0] for r in rows):.1f} µs, "
+              f"union.backward {statistics.median(r[1] for r in rows):.1f} µs", flush=True)
+
+
 def main():
+    if sys.argv[1:] == ["breakdown"]:
+        launch_cost()
+        return breakdown()
     print("Triton launch, seed 32K forward kernel:")
     launch_cost()
     for name, T, H, ws, rs, split, causal in CASES:
