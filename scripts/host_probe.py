@@ -5,8 +5,9 @@ forward alone without autograd through the custom op and through `attend` direct
 
 Usage: python scripts/host_probe.py  (GPU only): the seed layout at 8K and 32K (head_split) and
 the long preset at 32K, forward + backward; `breakdown`: instead, the host µs of each layer of
-the eager path at seed 32K, from torch.empty up to autograd, and a Triton launch. (cProfile is no help here: run 52 put most of the
-host time in torch's custom-op wrapper, which this comparison showed to be an artefact, run 56.)
+the eager path at seed 32K, from torch.empty up to autograd, and a Triton launch. (cProfile is
+no help here: run 52 put most of the host time in torch's custom-op wrapper, which this
+comparison showed to be an artefact, run 56.)
 """
 import statistics
 import sys

@@ -80,8 +80,8 @@ def forked(tmp_path_factory):
     session is killed (no orphans) and TimeoutExpired raised."""
     logs = tmp_path_factory.mktemp("forked")
     count = 0
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]))
-    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "forkserver.py")], env=env,
+    server_env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]))
+    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "forkserver.py")], env=server_env,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
     pending = b""
 
