@@ -5,7 +5,8 @@ forward alone without autograd through the custom op and through `attend` direct
 
 Usage: python scripts/host_probe.py  (GPU only): the seed layout at 8K and 32K (head_split) and
 the long preset at 32K, forward + backward; `breakdown`: instead, the host µs of each layer of
-the eager path at seed 32K, from torch.empty up to autograd, and a Triton launch. (cProfile is
+the eager path at seed 32K, from torch.empty up to autograd, and a Triton launch; `timeline`: one
+eager call's host calls, runtime calls and kernels under torch.profiler, in order. (cProfile is
 no help here: run 52 put most of the host time in torch's custom-op wrapper, which this
 comparison showed to be an artefact, run 56.)
 """
@@ -179,7 +180,58 @@ def engine_split(leaves, g, config):
               f"union.backward {statistics.median(r[1] for r in rows):.1f} µs", flush=True)
 
 
+def timeline(T=32768, device="cuda", reps=3):
+    """One eager forward+backward of the benchmark's own cell (seed layout, head_split, batch 1),
+    under torch.profiler: every top-level host call, CUDA runtime call and GPU kernel of the last
+    of `reps` calls, as µs from the call's start, so the GPU's idle gaps show with what the host
+    was doing then (the profiler adds its own host time: read the order and the gaps)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from longctx.benchmark import make_call
+
+    attn = ImprovedDilatedAttention([1024, 2048, 4096], [1, 2, 4], head_split=True)
+    fn = make_call("improved_dilated", attn, 1, T, {"heads": 8, "head_dim": 64}, False, torch.device(device),
+                   torch.bfloat16, True)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(10):
+        fn()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(reps):
+            sync()
+            with record_function("call"):
+                fn()
+            sync()
+    events = prof.events()
+
+    def depth(e):
+        return 0 if e.cpu_parent is None else 1 + depth(e.cpu_parent)
+    call = [e for e in events if e.name == "call" and e.device_type == DeviceType.CPU][-1]
+    t0, t1 = call.time_range.start, call.time_range.end
+    gpu_end = t1
+    rows = []
+    for e in events:
+        start = e.time_range.start
+        if e.device_type == DeviceType.CUDA and t0 <= start <= t1 + 5000:
+            kind, gpu_end = "GPU", max(gpu_end, e.time_range.end)
+        elif e.device_type == DeviceType.CPU and t0 <= start <= t1 and e.name.startswith(("cuda", "cu")):
+            kind = "runtime"
+        elif e.device_type == DeviceType.CPU and e is not call and t0 <= start <= t1 and depth(e) <= 2:
+            kind = "host"  # the caller's calls and the autograd engine's (its own thread), two levels
+        else:
+            continue
+        rows.append((start - t0, e.time_range.end - start, kind, e.name[:70]))
+    print(f"one eager call, seed {T // 1024}K head_split: host {t1 - t0:.0f} µs, last kernel ends at "
+          f"{gpu_end - t0:.0f} µs")
+    for start, dur, kind, name in sorted(rows):
+        print(f"  {start:8.1f} µs {dur:8.1f} µs  {kind:7s} {name}")
+
+
 def main():
+    if sys.argv[1:] == ["timeline"]:
+        return timeline()
     if sys.argv[1:] == ["breakdown"]:
         launch_cost()
         return breakdown()
