@@ -77,11 +77,10 @@ def passes(T, B, spec, which=("local", "upper")):
     return {name: (lambda name=name: union._launch(name, q, lay, args[name], causal, which)) for name in args}
 
 
-LOCAL_SWEEP = {  # (rows, cols, warps, stages); the first is union.CONFIG's
-    "fwd": [(128, 64, 4, 4), (128, 128, 8, 3), (256, 64, 8, 3), (128, 64, 8, 4), (256, 32, 8, 4)],
-    "dq": [(128, 32, 4, 4), (128, 64, 8, 3), (256, 32, 8, 3), (256, 64, 8, 2), (128, 64, 4, 3)],
-    "dkdv": [(128, 32, 4, 3), (256, 32, 8, 3), (256, 32, 8, 2), (256, 16, 8, 3), (128, 32, 4, 4), (128, 64, 8, 2),
-             (256, 64, 8, 2)],
+LOCAL_SWEEP = {  # (rows, cols, warps, stages), each after union.CONFIG's own, which the others are compared with
+    "fwd": [(128, 128, 8, 3), (256, 64, 8, 3), (128, 64, 8, 4), (256, 32, 8, 4)],
+    "dq": [(128, 64, 8, 3), (256, 32, 8, 3), (256, 64, 8, 2), (128, 64, 4, 3)],
+    "dkdv": [(256, 32, 8, 3), (256, 32, 8, 2), (256, 16, 8, 3), (128, 32, 4, 4), (128, 64, 8, 2), (256, 64, 8, 2)],
 }
 
 
@@ -89,15 +88,15 @@ def local_sweep(T=65536, B=1, spec=LONG):
     """The long preset's local passes launched with explicit tiles, each graphed (ms and real TF/s
     of the level-1 pairs: causal, L(L+1)/2 pairs a segment, 2 matmul units fwd, 3 dq, 4 dkdv)."""
     H, L = spec["H"], spec["ws"][0]
-    _, lay, _, args = pass_args(T, B, spec)
+    _, lay, causal, args = pass_args(T, B, spec)
     pairs = B * H * T // L * L * (L + 1) / 2
     results = {"fwd": args["fwd"][3:4], "dq": args["dq"][7:8], "dkdv": args["dkdv"][6:8]}
     for name, configs in LOCAL_SWEEP.items():
         kernel = union.KERNELS[name][0]
         first = None
-        for rows, cols, warps, stages in configs:
+        for rows, cols, warps, stages in [union.CONFIG[name], *configs]:
             tile = {"BM": rows, "BN": cols} if name != "dkdv" else {"BN": rows, "BM": cols}
-            opts = dict(L=L, CAUSAL=True, D=D, N_BR=lay.n, SPLIT=0, num_warps=warps, num_stages=stages, **tile)
+            opts = dict(L=L, CAUSAL=causal, D=D, N_BR=lay.n, SPLIT=0, num_warps=warps, num_stages=stages, **tile)
             try:
                 t = ms(lambda: kernel[(B * H, T // rows)](*args[name], **opts))
             except Exception as e:  # e.g. out of shared memory for a tiling
