@@ -99,6 +99,8 @@ for s in $stages; do
     union)  # the union kernels: GPU parity, then scripts/union_probe.py (tile sweep, against the per-branch op)
       [ "${UNION_TESTS:-1}" = 0 ] || python3 -m pytest -q -x tests/test_gpu.py -k union 2>&1 | tail -4
       python3 scripts/union_probe.py ${UNION_LENGTHS:-} 2>&1 | grep -v -i warn | tee "$OUT/union_probe.txt" ;;
+    ab)  # the union kernels of this tree against other trees' (AB_TREES: NAME=folder holding a longctx/ ...), in turns
+      python3 scripts/ab_probe.py ${AB_TREES:-} 2>&1 | grep -v -i warn | tee "$OUT/ab_probe.txt" ;;
     localsweep) python3 scripts/union_probe.py local ${LOCAL_T:-65536} 2>&1 | grep -v -i warn | tee "$OUT/local_sweep.txt" ;;
     flex) python3 scripts/flex_probe.py ${FLEX_LENGTHS:-65536} 2>&1 | grep -v -i warn | tee "$OUT/flex_probe.txt" ;;
     defaults)  # the GPU presets as shipped (compiled, CUDA graphs): validation and checkpoints included

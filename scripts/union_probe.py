@@ -61,12 +61,13 @@ def pass_args(T, B, spec):
     q, k, v, do = inputs(T, B, H)
     lay, scale, causal = union.layout(T, H, D, spec["ws"], spec["rs"], spec["split"]), D ** -0.5, spec["causal"]
     out, lse = union.forward(q, k, v, lay, causal, scale)
-    dq, dk, dv, delta = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q), torch.empty_like(lse)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
+    stats = torch.empty((2, B * H, T), dtype=torch.float32, device=q.device)
     strides = union._strides(q, k, v, do)
     return q, lay, causal, {
         "fwd": (q, k, v, out, lse, *union._strides(q, k, v), T, H, scale * union.LOG2E),
-        "dq": (q, k, v, do, out, lse, delta, dq, *strides, T, H, scale * union.LOG2E, scale),
-        "dkdv": (q, k, v, do, lse, delta, dk, dv, *strides, T, H, scale * union.LOG2E, scale),
+        "dq": (q, k, v, do, out, lse, stats, dq, *strides, T, H, scale * union.LOG2E, scale),
+        "dkdv": (q, k, v, do, stats, dk, dv, *strides, T, H, scale * union.LOG2E, scale),
     }
 
 
@@ -90,7 +91,7 @@ def local_sweep(T=65536, B=1, spec=LONG):
     H, L = spec["H"], spec["ws"][0]
     _, lay, causal, args = pass_args(T, B, spec)
     pairs = B * H * T // L * L * (L + 1) / 2
-    results = {"fwd": args["fwd"][3:4], "dq": args["dq"][7:8], "dkdv": args["dkdv"][6:8]}
+    results = {"fwd": args["fwd"][3:4], "dq": args["dq"][7:8], "dkdv": args["dkdv"][5:7]}
     for name, configs in LOCAL_SWEEP.items():
         kernel = union.KERNELS[name][0]
         first = None

@@ -2,6 +2,7 @@
 multiset of branch pairs from DESIGN §3's masks and shares no code with them. Without a GPU they
 run in Triton's interpreter (tests/conftest.py) in float32; GPU parity in bf16/fp16 is in test_gpu.py."""
 import contextlib
+import os
 
 import pytest
 import torch
@@ -140,3 +141,27 @@ def test_the_op_uses_union_only_for_compiled_half_precision():
     assert not union.use(torch.empty(1, dtype=torch.float32), lay)
     assert not union.use(torch.empty(1, dtype=torch.bfloat16), lay)  # CPU
     assert not union.use(torch.empty(1, dtype=torch.bfloat16), None)
+
+
+def test_sass_probe_counts_the_dkdv_loops_matmuls():
+    """scripts/sass_probe.py compiles the dK/dV local kernel for sm_90 without a GPU (in a fresh
+    process: the interpreter that conftest.py selects has no compiler). Its tile (64 keys, 32
+    queries, D = 64) is one m64 block a warpgroup, so each loop iteration's four matmuls issue
+    k-steps of 16: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ 64 / 16 = 4 each, dV += Pᵀ·dO and dK += dSᵀ·Q 32 / 16 =
+    2 each, 12 wgmma instructions, in both loops (the causal diagonal's and the rest)."""
+    import re
+    import subprocess
+    import sys
+    from conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT
+    out = subprocess.run([sys.executable, f"{ROOT}/scripts/sass_probe.py", "dkdv", "local", "long", "64", "32", "4",
+                          "3"], capture_output=True, text=True, env=env, timeout=300)
+    if "cuobjdump" in out.stderr and "No such file" in out.stderr:
+        pytest.skip("this Triton wheel carries no cuobjdump")
+    assert out.returncode == 0, out.stderr[-2000:]
+    loops = re.findall(r"loop at 0x[0-9a-f]+: (\d+) instructions an iteration; (.*)", out.stdout)
+    assert len(loops) == 2, out.stdout
+    for _, counts in loops:
+        assert re.search(r"\bHGMMA 12\b", counts), counts

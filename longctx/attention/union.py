@@ -1,6 +1,6 @@
 """Dilated attention as one weighted softmax per query, in Triton: each distinct pair scored once.
 
-Shapes: B batch, T sequence length, H heads, D head dim; LSE and Δ tensors are (B, T, H) float32.
+Shapes: B batch, T sequence length, H heads, D head dim; LSE (B, T, H) float32.
 
 Which layouts. LongNet's: r = 1, 2, 4, …, 2^(n−1) and w_i = L·r_i (every branch keeps L rows a
 segment), T a multiple of w_n, every head running every branch (no head_split). Then:
@@ -52,12 +52,14 @@ ENABLED = os.environ.get("LONGCTX_UNION", "1") != "0"
 
 # (rows, columns, warps, stages) per kernel: rows are the program's own tile (queries for fwd and
 # dq, keys for dkdv), columns the tile it loops over. Measured on an H100 (scripts/union_probe.py;
-# docs/performance.md runs 71-77, 85): CONFIG on the long preset; with head_split (the seed preset
+# docs/performance.md runs 71-77, 85): CONFIG on the long preset, where dkdv takes 64 rows since
+# its loop lost ~100 instructions a block (H200, runs 96-97: 165 registers and 3 programs an SM,
+# against 255 and spills at 128 rows; 1.66 against 1.74 ms at 64K); with head_split (the seed preset
 # at 8K), SPLIT_CONFIG at batch 4, where dq without weights takes 64 columns (8% faster; 31%
 # slower with the long preset's weights), and SMALL_CONFIG at batch 1, where 64-row tiles fill
 # the 132 SMs more evenly (640 tiles, not 320): it is for head_split launches that would give an
 # SM fewer than SMALL_TILES tiles of 128 rows.
-CONFIG = {"fwd": (128, 64, 4, 4), "dq": (128, 32, 4, 4), "dkdv": (128, 32, 4, 3)}
+CONFIG = {"fwd": (128, 64, 4, 4), "dq": (128, 32, 4, 4), "dkdv": (64, 32, 4, 3)}
 SPLIT_CONFIG = {"fwd": (128, 64, 4, 4), "dq": (128, 64, 4, 3), "dkdv": (64, 32, 4, 3)}
 SMALL_CONFIG = {"fwd": (64, 64, 4, 4), "dq": (64, 64, 4, 3), "dkdv": (64, 32, 4, 3)}
 SMALL_TILES = 8
@@ -168,8 +170,8 @@ def backward(dout, q, k, v, out, lse, lay: Layout, is_causal: bool, scale: float
     """Exact (dq, dk, dv) (B, T, H, D) of forward, given its out and lse and dout (B, T, H, D)."""
     B, T, H, D = q.shape
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
-    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    stats = torch.empty((2, B * H, T), dtype=torch.float32, device=q.device)  # log2 LSE and Δ, by the dQ pass
     strides = _strides(q, k, v, dout)
-    _launch("dq", q, lay, (q, k, v, dout, out, lse, delta, dq, *strides, T, H, scale * LOG2E, scale), is_causal)
-    _launch("dkdv", q, lay, (q, k, v, dout, lse, delta, dk, dv, *strides, T, H, scale * LOG2E, scale), is_causal)
+    _launch("dq", q, lay, (q, k, v, dout, out, lse, stats, dq, *strides, T, H, scale * LOG2E, scale), is_causal)
+    _launch("dkdv", q, lay, (q, k, v, dout, stats, dk, dv, *strides, T, H, scale * LOG2E, scale), is_causal)
     return dq, dk, dv

@@ -1,0 +1,80 @@
+"""The union kernels of this tree against another tree's, on the GPU, in one process.
+
+Each NAME=PATH names a directory that holds another copy of the `longctx` package (e.g. one
+`git archive` of an older commit); its union module is loaded under its own name, so its kernels
+compile apart from ours. For each layout and each copy: the union forward, and the backward
+(dQ then dK/dV passes), each captured in a CUDA graph, timed in turns (ours, theirs, ours, …) so
+that the host's drift falls on both; the gradients must agree with ours to bf16's rounding.
+
+The layouts: the long preset (12 heads of 64, segments 2048 … 32768, causal) at 64K, 128K and
+256K, batch 1; the seed preset with head_split (8 heads, segments 1024 … 4096, full) at 8K,
+batch 1, 2 and 4.
+
+Usage: python scripts/ab_probe.py [NAME=PATH ...]   (none: this tree's timings alone)
+       AB_CASES=256K …: only the cases whose label holds one of these words
+"""
+import importlib
+import statistics
+import sys
+import types
+from pathlib import Path
+
+import os
+
+import torch
+
+from longctx.attention import union
+from longctx.benchmark import graphed, timed
+
+D = 64
+CASES = [  # (label, B, T, H, segments, dilations, head_split, causal)
+    *[(f"long {T // 1024}K", 1, T, 12, [2048 << i for i in range(5)], [1 << i for i in range(5)], False, True)
+      for T in (65536, 131072, 262144)],
+    *[(f"seed 8K B={B}", B, 8192, 8, [1024, 2048, 4096], [1, 2, 4], True, False) for B in (1, 2, 4)],
+]
+
+
+def load(name: str, path: str):
+    """The union module of the longctx package under path, imported as package `name`."""
+    package = types.ModuleType(name)  # longctx is a namespace package: no __init__ to run
+    package.__path__ = [str(Path(path) / "longctx")]
+    sys.modules[name] = package
+    return importlib.import_module(f"{name}.attention.union")
+
+
+def main(others: dict[str, str]) -> None:
+    modules = {"this": union, **{name: load(name, path) for name, path in others.items()}}
+    words = os.environ.get("AB_CASES", "").split()
+    for label, B, T, H, ws, rs, split, causal in CASES:
+        if words and not any(w in label for w in words):
+            continue
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
+        lay, scale = union.layout(T, H, D, ws, rs, split), D ** -0.5
+        fns, grads, saved = {}, {}, {}
+        for name, mod in modules.items():
+            # out and lse must outlive the backward's graph, which reads them at their addresses (a
+            # later capture's empty_cache would unmap them: illegal accesses in runs 96 and 98)
+            saved[name] = out, lse = mod.forward(q, k, v, lay, causal, scale)
+            grads[name] = mod.backward(do, q, k, v, out, lse, lay, causal, scale)
+            fns[name] = (graphed(lambda mod=mod: mod.forward(q, k, v, lay, causal, scale)),
+                         graphed(lambda mod=mod, out=out, lse=lse: mod.backward(do, q, k, v, out, lse, lay, causal,
+                                                                                   scale)))
+        times = {name: ([], []) for name in modules}
+        for _ in range(5):  # in turns
+            for name, (fwd, bwd) in fns.items():
+                times[name][0].append(timed(fwd, q.device, 2, 10, 10)[0])
+                times[name][1].append(timed(bwd, q.device, 2, 10, 10)[0])
+        base_f, base_b = (statistics.median(t) for t in times["this"])
+        for name in modules:
+            f, b = (statistics.median(t) for t in times[name])
+            err = max(((a.float() - r.float()).abs().max() / r.float().abs().max()).item()
+                      for a, r in zip(grads[name], grads["this"]))
+            print(f"{label:14s} {name:8s} fwd {f:.3f} ms  bwd {b:.3f} ms  fwd+bwd {f + b:.3f} ms "
+                  f"({(f + b) / (base_f + base_b):.3f}x this; gradients' max diff to this {err:.1e})", flush=True)
+
+
+if __name__ == "__main__":
+    if not all("=" in a for a in sys.argv[1:]):
+        sys.exit(__doc__)
+    main(dict(a.split("=", 1) for a in sys.argv[1:]))

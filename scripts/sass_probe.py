@@ -1,0 +1,100 @@
+"""Count a union kernel's instructions for Hopper on a machine without a GPU.
+
+Compiles one of union_kernels.py's kernels for sm_90 with triton.compile (the launch's own
+specialisation: pointers and strides divisible by 16), disassembles it with the cuobjdump that
+Triton's wheel carries, and prints each loop's instructions a thread an iteration by opcode,
+with the kernel's registers and stack (spills). Counting before timing: a loop that loses
+instructions between two wgmma waits is shorter on the critical path (docs/performance.md,
+run 96). Use the Triton the GPU runs (the device image's torch 2.11 has Triton 3.6; newer ones
+compile differently), e.g. in a venv over this one: `pip install --no-deps triton==3.6.0`.
+
+Usage: python scripts/sass_probe.py KERNEL [local|upper] [long|seed] [rows cols warps stages]
+  KERNEL: fwd, dq or dkdv; tiles default to union.CONFIG (long) or union.SMALL_CONFIG (seed);
+  long: the long preset's layout (L = 2048, 5 branches, causal); seed: head_split's (L = 1024,
+  3 branches, one a head, full).
+"""
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from longctx.attention import union
+from longctx.attention.union_kernels import KERNELS
+
+POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
+            "DV": "*bf16", "LSE": "*fp32", "STATS": "*fp32"}
+LAYOUTS = {"long": dict(L=2048, N_BR=5, CAUSAL=True, SPLIT=0), "seed": dict(L=1024, N_BR=1, CAUSAL=False, SPLIT=3)}
+
+
+def compile_sm90(name: str, which: str, preset: str, rows: int, cols: int, warps: int, stages: int):
+    """The kernel compiled for sm_90 as a launch on `preset`'s layout would specialise it."""
+    fn = KERNELS[name][which == "upper"]
+    constants = dict(LAYOUTS[preset], D=64, **({"BN": rows, "BM": cols} if name == "dkdv" else {"BM": rows, "BN": cols}))
+    if which == "upper":
+        constants.pop("SPLIT")
+    signature, attrs = {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        if arg in constants:
+            signature[arg] = "constexpr"
+        elif arg in POINTERS:
+            signature[arg] = POINTERS[arg]
+        else:
+            signature[arg] = "fp32" if arg in ("qk_scale", "scale") else "i32"
+        if arg in POINTERS or re.fullmatch(r"s[a-z]{2}", arg) or arg == "T":  # strides, T: multiples of 16
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=signature, attrs=attrs,
+                    constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def loops(sass: str):
+    """(first address, instructions) of each loop: the code between a backward branch and its target."""
+    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    index = {address: i for i, (address, _) in enumerate(code)}
+    for i, (address, text) in enumerate(code):
+        target = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < address and int(target.group(1), 16) in index:
+            start = index[int(target.group(1), 16)]
+            yield code[start][0], [t for _, t in code[start:i + 1]]
+
+
+def opcode(instruction: str) -> str:
+    words = instruction.split()
+    return (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
+
+
+def main(argv):
+    name = argv[0] if argv else sys.exit(__doc__)
+    which = argv[1] if len(argv) > 1 else "local"
+    preset = argv[2] if len(argv) > 2 else "long"
+    config = union.CONFIG if preset == "long" else union.SMALL_CONFIG
+    rows, cols, warps, stages = [int(x) for x in argv[3:7]] or config[name]
+    kernel = compile_sm90(name, which, preset, rows, cols, warps, stages)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        sass = subprocess.run([tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    print(f"{name} {which} ({preset}; rows {rows}, cols {cols}, {warps} warps, {stages} stages), Triton "
+          f"{triton.__version__}: {regs.group(1)} registers, {regs.group(2)} bytes of stack, "
+          f"{kernel.metadata.shared} bytes of shared memory")
+    for address, body in loops(sass):
+        counts = collections.Counter(opcode(t) for t in body)
+        print(f"  loop at {address:#x}: {len(body)} instructions an iteration; "
+              + ", ".join(f"{op} {n}" for op, n in counts.most_common(14)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
