@@ -14,23 +14,20 @@ Usage: python scripts/ab_probe.py [NAME=PATH ...]   (none: this tree's timings a
        AB_CASES=256K …: only the cases whose label holds one of these words
 """
 import importlib
+import os
 import statistics
 import sys
 import types
 from pathlib import Path
 
-import os
-
-import torch
-
 from longctx.attention import union
 from longctx.benchmark import graphed, timed
 
-D = 64
-CASES = [  # (label, B, T, H, segments, dilations, head_split, causal)
-    *[(f"long {T // 1024}K", 1, T, 12, [2048 << i for i in range(5)], [1 << i for i in range(5)], False, True)
-      for T in (65536, 131072, 262144)],
-    *[(f"seed 8K B={B}", B, 8192, 8, [1024, 2048, 4096], [1, 2, 4], True, False) for B in (1, 2, 4)],
+from union_probe import D, LONG, SEED, inputs  # the presets' layouts and inputs, as union_probe times them
+
+CASES = [  # (label, B, T, layout)
+    *[(f"long {T // 1024}K", 1, T, LONG) for T in (65536, 131072, 262144)],
+    *[(f"seed 8K B={B}", B, 8192, SEED) for B in (1, 2, 4)],
 ]
 
 
@@ -45,12 +42,12 @@ def load(name: str, path: str):
 def main(others: dict[str, str]) -> None:
     modules = {"this": union, **{name: load(name, path) for name, path in others.items()}}
     words = os.environ.get("AB_CASES", "").split()
-    for label, B, T, H, ws, rs, split, causal in CASES:
+    for label, B, T, spec in CASES:
         if words and not any(w in label for w in words):
             continue
-        g = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
-        lay, scale = union.layout(T, H, D, ws, rs, split), D ** -0.5
+        q, k, v, do = inputs(T, B, spec["H"])
+        lay = union.layout(T, spec["H"], D, spec["ws"], spec["rs"], spec["split"])
+        causal, scale = spec["causal"], D ** -0.5
         fns, grads, saved = {}, {}, {}
         for name, mod in modules.items():
             # out and lse must outlive the backward's graph, which reads them at their addresses (a

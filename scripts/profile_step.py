@@ -27,7 +27,7 @@ FAMILIES = [  # first match wins
     ("SwiGLU and RoPE (fused.py)", ("_swiglu", "_rope")),
     ("optimizer and clipping", ("multi_tensor_apply", "fused_adam")),
     ("union kernels (union_kernels.py)", ("_fwd_local", "_fwd_upper", "_dq_local", "_dq_upper", "_dkdv_local",
-                                          "_dkdv_upper", "_delta")),
+                                          "_dkdv_upper")),
     ("compiled (triton)", ("triton",)),
     ("reduce", ("reduce",)),
     ("elementwise / copy", ("elementwise", "copy", "cat", "fill", "index")),
