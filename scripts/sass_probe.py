@@ -3,9 +3,11 @@
 Compiles one of union_kernels.py's kernels for sm_90 with triton.compile (the launch's own
 specialisation: pointers and strides divisible by 16), disassembles it with the cuobjdump that
 Triton's wheel carries, and prints each loop's instructions a thread an iteration by opcode,
-with the kernel's registers and stack (spills). Counting before timing: a loop that loses
+with the kernel's registers and stack (spills), and how many of them run while the warpgroup
+has no wgmma in flight (after a wait for all, before the next issue: the tensor cores idle for
+it unless another program's matmuls fill them). Counting before timing: a loop that loses
 instructions between two wgmma waits is shorter on the critical path (docs/performance.md,
-run 96). Use the Triton the GPU runs (the device image's torch 2.11 has Triton 3.6; newer ones
+run 96); on the H200 the local passes' rates went with that share (performance.md, session 15). Use the Triton the GPU runs (the device image's torch 2.11 has Triton 3.6; newer ones
 compile differently), e.g. in a venv over this one: `pip install --no-deps triton==3.6.0`.
 
 Usage: python scripts/sass_probe.py KERNEL [local|upper] [long|seed] [rows cols warps stages]
@@ -68,6 +70,20 @@ def loops(sass: str):
             yield code[start][0], [t for _, t in code[start:i + 1]]
 
 
+def exposed(body) -> int:
+    """Instructions of one iteration that run while this warpgroup has no wgmma in flight: from a
+    wait for all of them (WARPGROUP.DEPBAR.LE gsb0, 0x0) to the next HGMMA, the loop taken as a
+    cycle (a second pass, so the state at the back edge carries over)."""
+    busy, count = False, 0
+    for n, text in enumerate(body + body):
+        if "HGMMA" in text:
+            busy = True
+        elif re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", text):
+            busy = False
+        count += n >= len(body) and not busy
+    return count
+
+
 def opcode(instruction: str) -> str:
     words = instruction.split()
     return (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
@@ -92,8 +108,8 @@ def main(argv):
           f"{kernel.metadata.shared} bytes of shared memory")
     for address, body in loops(sass):
         counts = collections.Counter(opcode(t) for t in body)
-        print(f"  loop at {address:#x}: {len(body)} instructions an iteration; "
-              + ", ".join(f"{op} {n}" for op, n in counts.most_common(14)))
+        print(f"  loop at {address:#x}: {len(body)} instructions an iteration, {exposed(body)} with no wgmma "
+              "in flight; " + ", ".join(f"{op} {n}" for op, n in counts.most_common(14)))
 
 
 if __name__ == "__main__":

@@ -161,7 +161,31 @@ def test_sass_probe_counts_the_dkdv_loops_matmuls():
     if "cuobjdump" in out.stderr and "No such file" in out.stderr:
         pytest.skip("this Triton wheel carries no cuobjdump")
     assert out.returncode == 0, out.stderr[-2000:]
-    loops = re.findall(r"loop at 0x[0-9a-f]+: (\d+) instructions an iteration; (.*)", out.stdout)
+    loops = re.findall(r"loop at 0x[0-9a-f]+: (\d+) instructions an iteration, (\d+) with no wgmma in flight; (.*)",
+                       out.stdout)
     assert len(loops) == 2, out.stdout
-    for _, counts in loops:
+    for total, idle, counts in loops:
         assert re.search(r"\bHGMMA 12\b", counts), counts
+        # P's exponentials need Sᵀ, so some of each iteration waits on nothing; the issue of dV's
+        # and dK's matmuls overlaps at least their own operand conversions
+        assert 0 < int(idle) < int(total), (total, idle)
+
+
+def test_sass_probe_counts_what_runs_with_no_wgmma_in_flight():
+    """sass_probe.exposed on a hand-written loop body: the wait for all wgmma groups and what
+    follows it up to the next issue are exposed, counted over one pass of the cycle."""
+    import importlib.util
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("sass_probe", f"{ROOT}/scripts/sass_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    body = ["HGMMA.64x32x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT, gsb0", "FADD R1, R2, R3",
+            "WARPGROUP.DEPBAR.LE gsb0, 0x0", "MUFU.EX2 R4, R5", "FMUL R6, R4, R7",
+            "HGMMA.64x64x16.F32.BF16 R56, R88, gdesc[UR12], R56, gsb0", "IMAD R8, R9, R10, R11"]
+    assert probe.exposed(body) == 3  # the wait, MUFU and FMUL
+    assert probe.exposed(body[:2] + body[5:]) == 0  # never waited on: always in flight
+    # a wait with one group still pending is not idle, and the back edge carries the state:
+    # the body starts after the wait, so its first two instructions are exposed
+    assert probe.exposed(["WARPGROUP.DEPBAR.LE gsb0, 0x1", "FADD R1, R2, R3"] + body[:1]) == 0
+    assert probe.exposed(body[3:5] + body[5:] + body[:3]) == 3
