@@ -101,6 +101,21 @@ for s in $stages; do
       python3 scripts/union_probe.py ${UNION_LENGTHS:-} 2>&1 | grep -v -i warn | tee "$OUT/union_probe.txt" ;;
     ab)  # the union kernels of this tree against other trees' (AB_TREES: NAME=folder holding a longctx/ ...), in turns
       python3 scripts/ab_probe.py ${AB_TREES:-} 2>&1 | grep -v -i warn | tee "$OUT/ab_probe.txt" ;;
+    exp)  # docs/experiments' patches, each applied to a copy of this tree (EXP: names, "a+b" for both;
+      # default each alone and all together): its GPU union tests and tile sweep, then ab_probe against this tree
+      trees=(); ROOT=$PWD; : > "$OUT/exp.txt"
+      names=$(cd docs/experiments && ls *.patch | sed 's/\.patch$//')
+      for spec in ${EXP:-$names $(echo $names | tr ' ' +)}; do
+        dir=/tmp/exp-${spec//+/-}; rm -rf "$dir"; mkdir -p "$dir"; cp -r longctx scripts tests "$dir"
+        ok=1; for p in ${spec//+/ }; do f=$ROOT/docs/experiments/$p.patch
+          (cd "$dir" && { git apply "$f" 2>/dev/null || patch -s -p1 < "$f"; }) || ok=0; done
+        [ $ok = 1 ] || { echo "$spec: does not apply" | tee -a "$OUT/exp.txt"; continue; }
+        trees+=("$spec=$dir")
+        (echo "--- $spec"; cd "$dir" && export PYTHONPATH=$dir:${PYTHONPATH#*:}
+         python3 -m pytest -q -x tests/test_gpu.py -k union 2>&1 | tail -2
+         python3 scripts/union_probe.py 65536 2>&1 | grep -v -i warn | grep -E "best|union op|passes") 2>&1 | tee -a "$OUT/exp.txt"
+      done
+      python3 scripts/ab_probe.py "${trees[@]}" 2>&1 | grep -v -i warn | tee -a "$OUT/exp.txt" ;;
     localsweep) python3 scripts/union_probe.py local ${LOCAL_T:-65536} 2>&1 | grep -v -i warn | tee "$OUT/local_sweep.txt" ;;
     flex) python3 scripts/flex_probe.py ${FLEX_LENGTHS:-65536} 2>&1 | grep -v -i warn | tee "$OUT/flex_probe.txt" ;;
     defaults)  # the GPU presets as shipped (compiled, CUDA graphs): validation and checkpoints included
@@ -138,7 +153,7 @@ for s in $stages; do
       for order in fresh eager eager-sync; do for b in cudnn flash; do
         LONGCTX_CUDA_ATTENTION=$b python3 scripts/capture_probe.py $order 2>&1 | tail -n 1
       done; done ;;
-    ab)  # strided pieces against gathers for the r = 4 branch (3 views, or 1 gather), one GPU
+    strided)  # strided pieces against gathers for the r = 4 branch (3 views, or 1 gather), one GPU
       for n in 3 2; do
         LONGCTX_MAX_STRIDED_PIECES=$n python3 -m longctx.benchmark --preset long --lengths 65536 262144 1048576 \
           --modes fwd+bwd --variants improved_dilated --warmup 1 --repeats 5 --out "$OUT/ab$n" > "$OUT/ab$n.log" 2>&1

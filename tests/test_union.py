@@ -3,6 +3,7 @@ multiset of branch pairs from DESIGN §3's masks and shares no code with them. W
 run in Triton's interpreter (tests/conftest.py) in float32; GPU parity in bf16/fp16 is in test_gpu.py."""
 import contextlib
 import os
+import pathlib
 
 import pytest
 import torch
@@ -189,3 +190,49 @@ def test_sass_probe_counts_what_runs_with_no_wgmma_in_flight():
     # the body starts after the wait, so its first two instructions are exposed
     assert probe.exposed(["WARPGROUP.DEPBAR.LE gsb0, 0x1", "FADD R1, R2, R3"] + body[:1]) == 0
     assert probe.exposed(body[3:5] + body[5:] + body[:3]) == 3
+
+
+EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "experiments"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXPERIMENTS.glob("*.patch")))
+def test_the_prepared_experiments_still_apply(name, tmp_path):
+    """docs/experiments' patches (kernel changes prepared without a GPU, which scripts/gpu_check.sh
+    exp times) apply to this tree, alone and after the others: a change to the kernels that breaks
+    one must update or drop it."""
+    import shutil
+    import subprocess
+    from conftest import ROOT
+
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    for part in ("longctx", "scripts", "tests"):
+        shutil.copytree(f"{ROOT}/{part}", tmp_path / part)
+    others = sorted(p.name for p in EXPERIMENTS.glob("*.patch") if p.name != name)
+    for patch in [name, *others]:
+        out = subprocess.run(["git", "apply", str(EXPERIMENTS / patch)], cwd=tmp_path, capture_output=True, text=True)
+        assert out.returncode == 0, (patch, out.stderr)
+    assert (tmp_path / "longctx/attention/union_kernels.py").read_text() != open(
+        f"{ROOT}/longctx/attention/union_kernels.py").read()
+
+
+def test_the_prepared_experiments_match_the_reference(tmp_path):
+    """With every docs/experiments patch applied, the union kernels still match the reference
+    (two of the parity cases above, run on the patched copy in a fresh process)."""
+    import shutil
+    import subprocess
+    import sys
+    from conftest import ROOT
+
+    patches = sorted(EXPERIMENTS.glob("*.patch"))
+    if shutil.which("git") is None or not patches:
+        pytest.skip("needs git and a patch")
+    for part in ("longctx", "scripts", "tests"):
+        shutil.copytree(f"{ROOT}/{part}", tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for patch in patches:
+        subprocess.run(["git", "apply", str(patch)], cwd=tmp_path, check=True)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_union.py", "-k",
+                          "B1-T256-H5-L64-n3-causal or B2-T256-H7-L32-n3-split-full"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "2 passed" in out.stdout, out.stdout[-3000:]
