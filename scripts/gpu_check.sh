@@ -102,8 +102,10 @@ for s in $stages; do
     ab)  # the union kernels of this tree against other trees' (AB_TREES: NAME=folder holding a longctx/ ...), in turns
       python3 scripts/ab_probe.py ${AB_TREES:-} 2>&1 | grep -v -i warn | tee "$OUT/ab_probe.txt" ;;
     exp)  # docs/experiments' patches, each applied to a copy of this tree (EXP: names, "a+b" for both;
-      # default each alone and all together): its GPU union tests and tile sweep, then ab_probe against this tree
+      # default each alone and all together): this tree's local-pass sweep, then each copy's GPU union tests,
+      # local-pass sweep (the same tilings) and whole-pass sweep with the op against dense, then ab_probe of all
       trees=(); ROOT=$PWD; : > "$OUT/exp.txt"
+      (echo "--- this tree"; python3 scripts/union_probe.py local 2>&1 | grep -v -i warn) | tee -a "$OUT/exp.txt"
       names=$(cd docs/experiments && ls *.patch | sed 's/\.patch$//')
       for spec in ${EXP:-$names $(echo $names | tr ' ' +)}; do
         dir=/tmp/exp-${spec//+/-}; rm -rf "$dir"; mkdir -p "$dir"; cp -r longctx scripts tests "$dir"
@@ -112,7 +114,8 @@ for s in $stages; do
         [ $ok = 1 ] || { echo "$spec: does not apply" | tee -a "$OUT/exp.txt"; continue; }
         trees+=("$spec=$dir")
         (echo "--- $spec"; cd "$dir" && export PYTHONPATH=$dir:${PYTHONPATH#*:}
-         python3 -m pytest -q -x tests/test_gpu.py -k union 2>&1 | tail -2
+         [ "${EXP_TESTS:-1}" = 0 ] || python3 -m pytest -q -x tests/test_gpu.py -k union 2>&1 | tail -2
+         python3 scripts/union_probe.py local 2>&1 | grep -v -i warn
          python3 scripts/union_probe.py 65536 2>&1 | grep -v -i warn | grep -E "best|union op|passes") 2>&1 | tee -a "$OUT/exp.txt"
       done
       python3 scripts/ab_probe.py "${trees[@]}" 2>&1 | grep -v -i warn | tee -a "$OUT/exp.txt" ;;
