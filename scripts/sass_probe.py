@@ -84,6 +84,14 @@ def exposed(body) -> int:
     return count
 
 
+def programs_per_sm(registers: int, warps: int, shared: int) -> int:
+    """How many programs of a kernel an H100/H200 SM holds at once: 65,536 registers, given out a
+    warp at a time in units of 256 (a thread's count rounded up to 8); 228 KB of shared memory,
+    1 KB of it reserved a program; at most 64 warps and 32 programs."""
+    by_registers = 65536 // (-(-registers // 8) * 8 * 32 * warps)
+    return min(by_registers, 233472 // (shared + 1024), 64 // warps, 32)
+
+
 def opcode(instruction: str) -> str:
     words = instruction.split()
     return (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
@@ -105,7 +113,8 @@ def main(argv):
     regs = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     print(f"{name} {which} ({preset}; rows {rows}, cols {cols}, {warps} warps, {stages} stages), Triton "
           f"{triton.__version__}: {regs.group(1)} registers, {regs.group(2)} bytes of stack, "
-          f"{kernel.metadata.shared} bytes of shared memory")
+          f"{kernel.metadata.shared} bytes of shared memory: "
+          f"{programs_per_sm(int(regs.group(1)), warps, kernel.metadata.shared)} programs an SM")
     for address, body in loops(sass):
         counts = collections.Counter(opcode(t) for t in body)
         print(f"  loop at {address:#x}: {len(body)} instructions an iteration, {exposed(body)} with no wgmma "

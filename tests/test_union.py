@@ -190,6 +190,12 @@ def test_sass_probe_counts_what_runs_with_no_wgmma_in_flight():
     # the body starts after the wait, so its first two instructions are exposed
     assert probe.exposed(["WARPGROUP.DEPBAR.LE gsb0, 0x1", "FADD R1, R2, R3"] + body[:1]) == 0
     assert probe.exposed(body[3:5] + body[5:] + body[:3]) == 3
+    # occupancy: 165 registers round to 168 (3 × 168 × 128 = 64,512 of 65,536), 171 to 176 (2);
+    # 255 at 4 warps (2) or 8 (1); shared memory: 72 KB + 1 KB three times in 228 KB, 80 KB twice
+    assert [probe.programs_per_sm(r, w, 40_000) for r, w in [(165, 4), (168, 4), (171, 4), (255, 4), (255, 8)]] == \
+        [3, 3, 2, 2, 1]
+    assert [probe.programs_per_sm(100, 4, m) for m in (73_728, 81_920)] == [3, 2]
+    assert probe.programs_per_sm(32, 1, 0) == 32  # the limit on programs
 
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "experiments"
