@@ -7,8 +7,9 @@ with the kernel's registers and stack (spills), and how many of them run while t
 has no wgmma in flight (after a wait for all, before the next issue: the tensor cores idle for
 it unless another program's matmuls fill them). Counting before timing: a loop that loses
 instructions between two wgmma waits is shorter on the critical path (docs/performance.md,
-run 96); on the H200 the local passes' rates went with that share (performance.md, session 15). Use the Triton the GPU runs (the device image's torch 2.11 has Triton 3.6; newer ones
-compile differently), e.g. in a venv over this one: `pip install --no-deps triton==3.6.0`.
+run 96); on the H200 the local passes' rates went with that share (performance.md, session 15).
+Use the Triton the GPU runs (the device image's torch 2.11 has Triton 3.6; newer ones compile
+differently), e.g. in a venv over this one: `pip install --no-deps triton==3.6.0`.
 
 Usage: python scripts/sass_probe.py KERNEL [local|upper] [long|seed] [rows cols warps stages]
   KERNEL: fwd, dq or dkdv; tiles default to union.CONFIG (long) or union.SMALL_CONFIG (seed);

@@ -167,8 +167,8 @@ def test_sass_probe_counts_the_dkdv_loops_matmuls():
     assert len(loops) == 2, out.stdout
     for total, idle, counts in loops:
         assert re.search(r"\bHGMMA 12\b", counts), counts
-        # P's exponentials need Sᵀ, so some of each iteration waits on nothing; the issue of dV's
-        # and dK's matmuls overlaps at least their own operand conversions
+        # P's exponentials need Sᵀ, so part of each iteration has nothing in flight, and part of
+        # it runs while a matmul is
         assert 0 < int(idle) < int(total), (total, idle)
 
 
@@ -186,9 +186,9 @@ def test_sass_probe_counts_what_runs_with_no_wgmma_in_flight():
             "HGMMA.64x64x16.F32.BF16 R56, R88, gdesc[UR12], R56, gsb0", "IMAD R8, R9, R10, R11"]
     assert probe.exposed(body) == 3  # the wait, MUFU and FMUL
     assert probe.exposed(body[:2] + body[5:]) == 0  # never waited on: always in flight
-    # a wait with one group still pending is not idle, and the back edge carries the state:
-    # the body starts after the wait, so its first two instructions are exposed
+    # a wait with one group still pending is not idle
     assert probe.exposed(["WARPGROUP.DEPBAR.LE gsb0, 0x1", "FADD R1, R2, R3"] + body[:1]) == 0
+    # the back edge carries the state: a body that starts after the wait still counts its first two
     assert probe.exposed(body[3:5] + body[5:] + body[:3]) == 3
     # occupancy: 165 registers round to 168 (3 × 168 × 128 = 64,512 of 65,536), 171 to 176 (2);
     # 255 at 4 warps (2) or 8 (1); shared memory: 72 KB + 1 KB three times in 228 KB, 80 KB twice
@@ -201,11 +201,9 @@ def test_sass_probe_counts_what_runs_with_no_wgmma_in_flight():
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "experiments"
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in EXPERIMENTS.glob("*.patch")))
-def test_the_prepared_experiments_still_apply(name, tmp_path):
-    """docs/experiments' patches (kernel changes prepared without a GPU, which scripts/gpu_check.sh
-    exp times) apply to this tree, alone and after the others: a change to the kernels that breaks
-    one must update or drop it."""
+def patched_copy(dest, patches):
+    """A copy of this tree's longctx/, scripts/ and tests/ under dest with the patches applied in
+    order; the return codes of `git apply`, one a patch."""
     import shutil
     import subprocess
     from conftest import ROOT
@@ -213,11 +211,20 @@ def test_the_prepared_experiments_still_apply(name, tmp_path):
     if shutil.which("git") is None:
         pytest.skip("needs git")
     for part in ("longctx", "scripts", "tests"):
-        shutil.copytree(f"{ROOT}/{part}", tmp_path / part)
-    others = sorted(p.name for p in EXPERIMENTS.glob("*.patch") if p.name != name)
-    for patch in [name, *others]:
-        out = subprocess.run(["git", "apply", str(EXPERIMENTS / patch)], cwd=tmp_path, capture_output=True, text=True)
-        assert out.returncode == 0, (patch, out.stderr)
+        shutil.copytree(f"{ROOT}/{part}", dest / part, ignore=shutil.ignore_patterns("__pycache__"))
+    return [subprocess.run(["git", "apply", str(p)], cwd=dest, capture_output=True, text=True) for p in patches]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXPERIMENTS.glob("*.patch")))
+def test_the_prepared_experiments_still_apply(name, tmp_path):
+    """docs/experiments' patches (kernel changes prepared without a GPU, which scripts/gpu_check.sh
+    exp times) apply to this tree, alone and after the others: a change to the kernels that breaks
+    one must update or drop it."""
+    from conftest import ROOT
+
+    patches = [EXPERIMENTS / name, *sorted(p for p in EXPERIMENTS.glob("*.patch") if p.name != name)]
+    for patch, out in zip(patches, patched_copy(tmp_path, patches)):
+        assert out.returncode == 0, (patch.name, out.stderr)
     assert (tmp_path / "longctx/attention/union_kernels.py").read_text() != open(
         f"{ROOT}/longctx/attention/union_kernels.py").read()
 
@@ -225,18 +232,13 @@ def test_the_prepared_experiments_still_apply(name, tmp_path):
 def test_the_prepared_experiments_match_the_reference(tmp_path):
     """With every docs/experiments patch applied, the union kernels still match the reference
     (two of the parity cases above, run on the patched copy in a fresh process)."""
-    import shutil
     import subprocess
     import sys
-    from conftest import ROOT
 
     patches = sorted(EXPERIMENTS.glob("*.patch"))
-    if shutil.which("git") is None or not patches:
-        pytest.skip("needs git and a patch")
-    for part in ("longctx", "scripts", "tests"):
-        shutil.copytree(f"{ROOT}/{part}", tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
-    for patch in patches:
-        subprocess.run(["git", "apply", str(patch)], cwd=tmp_path, check=True)
+    if not patches:
+        pytest.skip("no patch in docs/experiments")
+    assert all(out.returncode == 0 for out in patched_copy(tmp_path, patches))
     env = dict(os.environ, PYTHONPATH=str(tmp_path))
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_union.py", "-k",
                           "B1-T256-H5-L64-n3-causal or B2-T256-H7-L32-n3-split-full"],
