@@ -106,7 +106,8 @@ for s in $stages; do
       # local-pass sweep (the same tilings) and whole-pass sweep with the op against dense, then ab_probe of all
       trees=(); ROOT=$PWD; : > "$OUT/exp.txt"
       (echo "--- this tree"; python3 scripts/union_probe.py local 2>&1 | grep -v -i warn) | tee -a "$OUT/exp.txt"
-      names=$(cd docs/experiments && ls *.patch | sed 's/\.patch$//')
+      names=$(cd docs/experiments 2>/dev/null && ls *.patch 2>/dev/null | sed 's/\.patch$//')
+      [ -n "${EXP:-$names}" ] || echo "no patch in docs/experiments" | tee -a "$OUT/exp.txt"
       for spec in ${EXP:-$names $(echo $names | tr ' ' +)}; do
         dir=/tmp/exp-${spec//+/-}; rm -rf "$dir"; mkdir -p "$dir"; cp -r longctx scripts tests "$dir"
         ok=1; for p in ${spec//+/ }; do f=$ROOT/docs/experiments/$p.patch
@@ -183,6 +184,19 @@ for s in $stages; do
       IFS=';' read -ra runs <<< "${STEPPROF:-32768 dilated compile;32768 dilated graphs;32768 dense compile;32768 dense graphs}"
       for a in "${runs[@]}"; do
         python3 scripts/profile_step.py $a 2>&1 | tee -a "$OUT/stepprof.txt" | grep -v Warning
+      done ;;
+    ncu)  # Nsight Compute on each local pass of the union kernels (64K, long preset): where the warps stall
+      # (details and raw metrics of all passes in two files, each pass's SASS with its stall samples as CSV)
+      for k in ${NCU_PASSES:-fwd dq dkdv}; do
+        ncu --clock-control none -k regex:_${k}_local --launch-skip 1 --launch-count 1 --import-source no \
+          --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+          --section Occupancy --section LaunchStats --section InstructionStats --section SourceCounters \
+          -f -o /tmp/ncu-$k python3 scripts/ncu_union.py $k > /tmp/ncu-$k.log 2>&1 || tail -n 5 /tmp/ncu-$k.log
+        ncu -i /tmp/ncu-$k.ncu-rep --page details >> "$OUT/ncu_details.txt" 2>&1
+        ncu -i /tmp/ncu-$k.ncu-rep --page raw >> "$OUT/ncu_raw.txt" 2>&1
+        ncu -i /tmp/ncu-$k.ncu-rep --page source --csv --print-source sass > "$OUT/ncu-$k-sass.csv" 2>&1
+        grep -E "Duration|Issue Slots Busy|Warp Cycles Per Issued|No Eligible|Registers Per|Achieved Occ" \
+          "$OUT/ncu_details.txt" | tail -n 6
       done ;;
     *) echo "unknown stage $s" ;;
   esac
