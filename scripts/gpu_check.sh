@@ -192,11 +192,10 @@ for s in $stages; do
           --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
           --section Occupancy --section LaunchStats --section InstructionStats --section SourceCounters \
           -f -o /tmp/ncu-$k python3 scripts/ncu_union.py $k > /tmp/ncu-$k.log 2>&1 || tail -n 5 /tmp/ncu-$k.log
-        ncu -i /tmp/ncu-$k.ncu-rep --page details >> "$OUT/ncu_details.txt" 2>&1
+        ncu -i /tmp/ncu-$k.ncu-rep --page details 2>&1 | tee -a "$OUT/ncu_details.txt" \
+          | grep -E "Duration|Issue Slots Busy|Warp Cycles Per Issued|No Eligible|Registers Per|Achieved Occ"
         ncu -i /tmp/ncu-$k.ncu-rep --page raw >> "$OUT/ncu_raw.txt" 2>&1
         ncu -i /tmp/ncu-$k.ncu-rep --page source --csv --print-source sass > "$OUT/ncu-$k-sass.csv" 2>&1
-        grep -E "Duration|Issue Slots Busy|Warp Cycles Per Issued|No Eligible|Registers Per|Achieved Occ" \
-          "$OUT/ncu_details.txt" | tail -n 6
       done ;;
     *) echo "unknown stage $s" ;;
   esac
