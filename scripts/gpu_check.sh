@@ -103,7 +103,8 @@ for s in $stages; do
       python3 scripts/ab_probe.py ${AB_TREES:-} 2>&1 | grep -v -i warn | tee "$OUT/ab_probe.txt" ;;
     exp)  # docs/experiments' patches, each applied to a copy of this tree (EXP: names, "a+b" for both;
       # default each alone and all together): this tree's local-pass sweep, then each copy's GPU union tests,
-      # local-pass sweep (the same tilings) and whole-pass sweep with the op against dense, then ab_probe of all
+      # local-pass sweep (the same tilings) and whole-pass sweep with the op against dense (EXP_TESTS=0,
+      # EXP_SWEEP=0 leave those out), then ab_probe of all
       trees=(); ROOT=$PWD; : > "$OUT/exp.txt"
       (echo "--- this tree"; python3 scripts/union_probe.py local 2>&1 | grep -v -i warn) | tee -a "$OUT/exp.txt"
       names=$(cd docs/experiments 2>/dev/null && ls *.patch 2>/dev/null | sed 's/\.patch$//')
@@ -117,7 +118,7 @@ for s in $stages; do
         (echo "--- $spec"; cd "$dir" && export PYTHONPATH=$dir:${PYTHONPATH#*:}
          [ "${EXP_TESTS:-1}" = 0 ] || python3 -m pytest -q -x tests/test_gpu.py -k union 2>&1 | tail -2
          python3 scripts/union_probe.py local 2>&1 | grep -v -i warn
-         python3 scripts/union_probe.py 65536 2>&1 | grep -v -i warn | grep -E "best|union op|passes") 2>&1 | tee -a "$OUT/exp.txt"
+         [ "${EXP_SWEEP:-1}" = 0 ] || python3 scripts/union_probe.py 65536 2>&1 | grep -v -i warn | grep -E "best|union op|passes") 2>&1 | tee -a "$OUT/exp.txt"
       done
       python3 scripts/ab_probe.py "${trees[@]}" 2>&1 | grep -v -i warn | tee -a "$OUT/exp.txt" ;;
     localsweep) python3 scripts/union_probe.py local ${LOCAL_T:-65536} 2>&1 | grep -v -i warn | tee "$OUT/local_sweep.txt" ;;

@@ -53,7 +53,8 @@ def compile_sm90(name: str, which: str, preset: str, rows: int, cols: int, warps
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, attrs=attrs,
                     constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=stages, **union.register_cap(name, rows, warps)))
 
 
 def tool(name: str) -> str:

@@ -53,12 +53,12 @@ ENABLED = os.environ.get("LONGCTX_UNION", "1") != "0"
 # (rows, columns, warps, stages) per kernel: rows are the program's own tile (queries for fwd and
 # dq, keys for dkdv), columns the tile it loops over. Measured on an H100 (scripts/union_probe.py;
 # docs/performance.md runs 71-77, 85): CONFIG on the long preset, where dkdv takes 64 rows since
-# its loop lost ~100 instructions a block (H200, runs 96-97: 165 registers and 3 programs an SM,
-# against 255 and spills at 128 rows; 1.66 against 1.74 ms at 64K); with head_split (the seed preset
-# at 8K), SPLIT_CONFIG at batch 4, where dq without weights takes 64 columns (8% faster; 31%
-# slower with the long preset's weights), and SMALL_CONFIG at batch 1, where 64-row tiles fill
-# the 132 SMs more evenly (640 tiles, not 320): it is for head_split launches that would give an
-# SM fewer than SMALL_TILES tiles of 128 rows.
+# its loop lost ~100 instructions a block (H200, runs 96-97: 3 programs an SM, with register_cap
+# since run 104, against 255 registers and spills at 128 rows; 1.66 against 1.74 ms at 64K); with
+# head_split (the seed preset at 8K), SPLIT_CONFIG at batch 4, where dq without weights takes 64
+# columns (8% faster; 31% slower with the long preset's weights), and SMALL_CONFIG at batch 1,
+# where 64-row tiles fill the 132 SMs more evenly (640 tiles, not 320): it is for head_split
+# launches that would give an SM fewer than SMALL_TILES tiles of 128 rows.
 CONFIG = {"fwd": (128, 64, 4, 4), "dq": (128, 32, 4, 4), "dkdv": (64, 32, 4, 3)}
 SPLIT_CONFIG = {"fwd": (128, 64, 4, 4), "dq": (128, 64, 4, 3), "dkdv": (64, 32, 4, 3)}
 SMALL_CONFIG = {"fwd": (64, 64, 4, 4), "dq": (64, 64, 4, 3), "dkdv": (64, 32, 4, 3)}
@@ -107,6 +107,15 @@ def _tiles(name: str, L: int, n: int, config: dict = CONFIG) -> tuple[int, int, 
     return rows, cols, warps, stages
 
 
+def register_cap(name: str, rows: int, warps: int) -> dict:
+    """Launch options capping a kernel's registers where that fits one more program an SM: the
+    local dK/dV pass at 64 rows and 4 warps takes 181 registers since its tiles run by segment
+    (sass_probe; two programs an SM), 168 three, with 40 bytes of stack outside its loops (the upper
+    pass and head_split's need no more): the op 1-6% faster on an H100 (runs 104-105). Across
+    every tiling the cap made the 8-warp ones 2-3x slower (run 100)."""
+    return {"maxnreg": 168} if name == "dkdv" and (rows, warps) == (64, 4) else {}
+
+
 def config_for(x: torch.Tensor, lay: Layout) -> dict:
     """The tiles for a launch on x (B, T, H, D): CONFIG, or with head_split SPLIT_CONFIG, or
     SMALL_CONFIG where few_tiles on x's GPU."""
@@ -150,6 +159,7 @@ def _launch(name: str, x: torch.Tensor, lay: Layout, args, causal: bool, passes=
     rows, cols, warps, stages = _tiles(name, lay.L, n, config_for(x, lay))
     tile = {"BM": rows, "BN": cols} if name != "dkdv" else {"BN": rows, "BM": cols}
     opts = dict(L=lay.L, CAUSAL=causal, D=D, N_BR=n, num_warps=warps, num_stages=stages, **tile)
+    opts.update(register_cap(name, rows, warps))
     local, upper = KERNELS[name]
     if "local" in passes:
         local[(B * H, T // rows)](*args, SPLIT=lay.n if lay.split else 0, **opts)
