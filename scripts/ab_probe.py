@@ -5,6 +5,8 @@ Each NAME=PATH names a directory that holds another copy of the `longctx` packag
 compile apart from ours. For each layout and each copy: the union forward, and the backward
 (dQ then dK/dV passes), each captured in a CUDA graph, timed in turns (ours, theirs, ours, …) so
 that the host's drift falls on both; the gradients must agree with ours to bf16's rounding.
+The sums of the two graphs run 5-9% above one graph of forward and backward (docs/performance.md
+run 106): read the ratios between trees, not the times against dense SDPA measured elsewhere.
 
 The layouts: the long preset (12 heads of 64, segments 2048 … 32768, causal) at 64K, 128K and
 256K, batch 1; the seed preset with head_split (8 heads, segments 1024 … 4096, full) at 8K,
