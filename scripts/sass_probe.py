@@ -38,7 +38,8 @@ LAYOUTS = {"long": dict(L=2048, N_BR=5, CAUSAL=True, SPLIT=0), "seed": dict(L=10
 def compile_sm90(name: str, which: str, preset: str, rows: int, cols: int, warps: int, stages: int):
     """The kernel compiled for sm_90 as a launch on `preset`'s layout would specialise it."""
     fn = KERNELS[name][which == "upper"]
-    constants = dict(LAYOUTS[preset], D=64, **({"BN": rows, "BM": cols} if name == "dkdv" else {"BM": rows, "BN": cols}))
+    options = union.tile_options(name, rows, cols, warps, stages)  # BM and BN are constexprs here
+    constants = dict(LAYOUTS[preset], D=64, BM=options.pop("BM"), BN=options.pop("BN"))
     if which == "upper":
         constants.pop("SPLIT")
     signature, attrs = {}, {}
@@ -53,8 +54,7 @@ def compile_sm90(name: str, which: str, preset: str, rows: int, cols: int, warps
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, attrs=attrs,
                     constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=warps, num_stages=stages, **union.register_cap(name, rows, warps)))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def tool(name: str) -> str:

@@ -98,9 +98,8 @@ def local_sweep(T=65536, B=1, spec=LONG):
         kernel = union.KERNELS[name][0]
         first = None
         for rows, cols, warps, stages in [union.CONFIG[name], *configs]:
-            tile = {"BM": rows, "BN": cols} if name != "dkdv" else {"BN": rows, "BM": cols}
-            opts = dict(L=L, CAUSAL=causal, D=D, N_BR=lay.n, SPLIT=0, num_warps=warps, num_stages=stages, **tile,
-                        **union.register_cap(name, rows, warps))
+            opts = dict(L=L, CAUSAL=causal, D=D, N_BR=lay.n, SPLIT=0,
+                        **union.tile_options(name, rows, cols, warps, stages))
             try:
                 t = ms(lambda: kernel[(B * H, T // rows)](*args[name], **opts))
             except Exception as e:  # e.g. out of shared memory for a tiling

@@ -116,6 +116,12 @@ def register_cap(name: str, rows: int, warps: int) -> dict:
     return {"maxnreg": 168} if name == "dkdv" and (rows, warps) == (64, 4) else {}
 
 
+def tile_options(name: str, rows: int, cols: int, warps: int, stages: int) -> dict:
+    """A launch's tile constants (dkdv's rows are keys: its BN) and options, register_cap's included."""
+    tile = {"BM": rows, "BN": cols} if name != "dkdv" else {"BN": rows, "BM": cols}
+    return dict(num_warps=warps, num_stages=stages, **tile, **register_cap(name, rows, warps))
+
+
 def config_for(x: torch.Tensor, lay: Layout) -> dict:
     """The tiles for a launch on x (B, T, H, D): CONFIG, or with head_split SPLIT_CONFIG, or
     SMALL_CONFIG where few_tiles on x's GPU."""
@@ -157,9 +163,7 @@ def _launch(name: str, x: torch.Tensor, lay: Layout, args, causal: bool, passes=
     B, T, H, D = x.shape
     n = 1 if lay.split else lay.n
     rows, cols, warps, stages = _tiles(name, lay.L, n, config_for(x, lay))
-    tile = {"BM": rows, "BN": cols} if name != "dkdv" else {"BN": rows, "BM": cols}
-    opts = dict(L=lay.L, CAUSAL=causal, D=D, N_BR=n, num_warps=warps, num_stages=stages, **tile)
-    opts.update(register_cap(name, rows, warps))
+    opts = dict(L=lay.L, CAUSAL=causal, D=D, N_BR=n, **tile_options(name, rows, cols, warps, stages))
     local, upper = KERNELS[name]
     if "local" in passes:
         local[(B * H, T // rows)](*args, SPLIT=lay.n if lay.split else 0, **opts)
