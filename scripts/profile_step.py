@@ -1,7 +1,11 @@
 """Where one training step of the LongNet-size LM (12 × 768, 12 heads) spends its GPU time.
 
-python scripts/profile_step.py [T] [dilated|dense] [compile|graphs] [ckpt] [sync] [foreach] — defaults:
-32768 dilated, eager, no activation checkpointing; graphs = compile with mode="reduce-overhead";
+python scripts/profile_step.py [T] [dilated|dense] [compile|graphs|autotune] [whole] [tune] [ckpt] [sync] [foreach]
+— defaults: 32768 dilated, eager, no activation checkpointing; graphs = compile with
+mode="reduce-overhead", autotune with mode="max-autotune" (CUDA graphs and Inductor's own matmul
+templates, timed against cuBLAS); whole = compile the loss (embedding, blocks, head,
+cross-entropy) as one function, where train.py compiles each block; tune = Inductor's
+coordinate-descent tuning of its generated kernels' launch configs;
 sync = read the loss's finiteness on the host after the forward, as train.py's step does;
 foreach = AdamW's default multi-tensor step instead of the fused one train.py takes.
 dense = one branch w = T, r = 1 (exact dense causal attention through the same op). The step
@@ -10,9 +14,11 @@ time (CUDA events, no profiler), the GPU-busy time per step (kernels, profiler) 
 time by family.
 """
 import collections
+import os
 import sys
 
 import torch
+import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
@@ -43,15 +49,25 @@ def family(name: str) -> str:
 def main():
     T = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
     dense = len(sys.argv) > 2 and sys.argv[2] == "dense"
-    graphs = "graphs" in sys.argv[3:]
+    mode = "max-autotune" if "autotune" in sys.argv[3:] else "reduce-overhead"
+    graphs = "graphs" in sys.argv[3:] or mode == "max-autotune"
+    if "tune" in sys.argv[3:]:
+        inductor_config.coordinate_descent_tuning = True
     compiled, ckpt, sync = graphs or "compile" in sys.argv[3:], "ckpt" in sys.argv[3:], "sync" in sys.argv[3:]
     ws = [T] if dense else [w for w in (2048 << i for i in range(12)) if w <= T]
     rs = [1] if dense else [1 << i for i in range(len(ws))]
     model = LongNetLM(256, 768, 12, 12, ImprovedDilatedAttention, dict(segment_lengths=ws, dilation_rates=rs),
                       activation_checkpointing=ckpt).cuda()
-    if compiled:
+    whole = "whole" in sys.argv[3:]
+
+    def loss_of(tokens):
+        return F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[0, 1:])
+
+    if compiled and whole:
+        loss_of = torch.compile(loss_of, mode=mode if graphs else None)
+    elif compiled:
         for block in model.blocks:
-            block.compile(mode="reduce-overhead" if graphs else None)
+            block.compile(mode=mode if graphs else None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=None if "foreach" in sys.argv[3:] else True)
     tokens = torch.randint(0, 256, (1, T + 1), device="cuda")
 
@@ -59,7 +75,7 @@ def main():
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", torch.bfloat16):
-            loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[0, 1:])
+            loss = loss_of(tokens)
         if sync:
             assert torch.isfinite(loss).item()
         loss.backward()
@@ -79,13 +95,15 @@ def main():
             by_family[family(e.name)] += e.device_time / 1e3 / n
             by_kernel[e.name[:90]] += e.device_time / 1e3 / n
     busy = sum(by_family.values())
-    print(f"T={T} {'dense' if dense else 'dilated'} compile={compiled} graphs={graphs} ckpt={ckpt} sync={sync} "
+    print(f"T={T} {'dense' if dense else 'dilated'} compile={compiled}{' whole' if whole else ''} graphs={graphs} "
+          f"mode={mode if graphs else 'default'} tune={inductor_config.coordinate_descent_tuning} "
+          f"ckpt={ckpt} sync={sync} "
           f"fused_adamw={opt.defaults['fused'] is True}: step {ms:.1f} ms "
           f"({T / ms * 1e3:,.0f} tokens/s), GPU busy {busy:.1f} ms/step ({busy / ms:.0%}), "
           f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     for f, t in by_family.most_common():
         print(f"  {f:28s} {t:8.2f} ms  {t / busy:6.1%}")
-    for k, t in by_kernel.most_common(12):
+    for k, t in by_kernel.most_common(int(os.environ.get("PROFILE_TOP", 12))):
         print(f"    {t:8.2f} ms  {k}")
 
 
