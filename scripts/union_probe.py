@@ -6,7 +6,8 @@ per-branch path and dense SDPA.
 2. Per length: forward+backward, graphed, of dense causal SDPA (cuDNN), the op with
    LONGCTX_UNION off (per-branch cuDNN calls and the one-pass combine) and on (union kernels);
    milliseconds, counted TFLOP/s (branches.dilated_flops, backward = 2.5x forward) and the ratio
-   to dense; the union's local and upper passes timed apart.
+   to dense; the union's local and upper passes timed apart; with head_split (not causal), also
+   dense SDPA on the op's own pairs laid out as one batch of segments (run 111).
 The long preset's layout: 12 heads of 64, segments 2048 … 32768, dilations 1 … 16, causal, bf16.
 `seed`: the seed preset's at 8K instead, with head_split (8 heads, segments 1024 … 4096,
 dilations 1 … 4, not causal), at batch 1, 2 and 4.
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from longctx.attention import union
-from longctx.attention.branches import dilated_flops
+from longctx.attention.branches import dilated_flops, head_groups
 from longctx.attention.improved import dilated_attention
 from longctx.benchmark import graphed, timed
 
@@ -157,6 +158,33 @@ def compare(T, B=1, spec=LONG):
     for which in ("local", "upper")[:1 if split else 2]:
         fns = passes(T, B, spec, (which,))
         print(f"   {which} passes: " + ", ".join(f"{name} {ms(fn):.3f} ms" for name, fn in fns.items()), flush=True)
+    if split and not causal:
+        t_seg, blocks, L = segments_as_dense(T, B, spec)
+        print(f"   dense SDPA on the same pairs, {B * blocks} segments of {L} rows as one batch: {t_seg:.3f} ms "
+              f"({rate(t_seg):.0f} counted TF/s, {rate(t_seg) / (dense / t_dense / 1e9):.0%} of dense)", flush=True)
+
+
+def split_segments(T, spec):
+    """(segments a batch element, rows a segment) of head_split's work: head h of branch i attends
+    within each of its T / w_i segments over the w_i / r_i rows it keeps, so the op's pairs are
+    those of Σ_i |heads_i|·T / w_i independent dense segments (L rows each in LongNet's layouts)."""
+    ws, rs, H = spec["ws"], spec["rs"], spec["H"]
+    (L,) = {w // r for w, r in zip(ws, rs)}
+    return sum(len(heads) * T // w for heads, w in zip(head_groups(H, len(ws), True), ws)), L
+
+
+def segments_as_dense(T, B, spec):
+    """(ms, segments a batch element, rows a segment) of dense SDPA forward+backward, graphed, on
+    head_split's own work laid out as one batch (split_segments). cuDNN's rate on them bounds what
+    a kernel of its kind reaches on this work, against its rate over the whole sequence."""
+    blocks, L = split_segments(T, spec)
+    q, k, v, do = (torch.randn(B, blocks, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=i < 3)
+                   for i in range(4))
+
+    def run():
+        q.grad = k.grad = v.grad = None
+        F.scaled_dot_product_attention(q, k, v).backward(do)
+    return ms(run), blocks, L
 
 
 if __name__ == "__main__":

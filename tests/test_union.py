@@ -258,3 +258,22 @@ def test_the_prepared_experiments_match_the_reference(tmp_path):
                           "B1-T256-H5-L64-n3-causal or B2-T256-H7-L32-n3-split-full"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "2 passed" in out.stdout, out.stdout[-3000:]
+
+
+def test_union_probe_lays_head_splits_work_out_as_the_same_dense_segments():
+    """union_probe compares the op with head_split against dense SDPA on the same pairs as one
+    batch of segments (run 111): those segments' dense FLOPs must be the op's counted FLOPs,
+    which branches.dilated_flops derives from the branches, not from segments."""
+    import importlib.util
+    from conftest import ROOT
+    from longctx.attention.branches import dilated_flops
+
+    spec = importlib.util.spec_from_file_location("union_probe", f"{ROOT}/scripts/union_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    seed = probe.SEED
+    assert probe.split_segments(8192, seed) == (40, 1024)  # heads 3 / 3 / 2 in 8 / 4 / 2 segments
+    for T, layout in [(8192, seed), (32768, seed), (4096, dict(seed, ws=[256, 512], rs=[1, 2], H=5))]:
+        blocks, L = probe.split_segments(T, layout)
+        counted = dilated_flops(1, T, layout["H"], 64, tuple(layout["ws"]), tuple(layout["rs"]), True, False)
+        assert blocks * 4 * L * L * 64 == counted, (T, layout)
