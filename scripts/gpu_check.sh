@@ -45,11 +45,15 @@ for s in $stages; do
           --trainer.enable_progress_bar=false --trainer.default_root_dir="$OUT/e2e" "$@" > "$OUT/e2e-$name.log" 2>&1
         echo "$name rc=$?: $(grep -h 'fit summary' "$OUT/e2e-$name.log" || grep -h -m3 -E 'Error|error' "$OUT/e2e-$name.log")"
       }
-      run improved-32k 20 --config configs/seq/32k.yaml
-      run dense-32k 20 --config configs/seq/32k.yaml --model.segment_lengths=[32768] --model.dilation_rates=[1]
-      run improved-128k 10 --config configs/seq/128k.yaml
-      run dense-128k 8 --config configs/seq/128k.yaml --model.segment_lengths=[131072] --model.dilation_rates=[1]
-      ;;
+      for c in ${E2E_CASES:-improved-32k dense-32k improved-128k dense-128k}; do  # a subset fits one 600 s call
+        case $c in
+          improved-32k) run $c 20 --config configs/seq/32k.yaml ;;
+          dense-32k) run $c 20 --config configs/seq/32k.yaml --model.segment_lengths=[32768] --model.dilation_rates=[1] ;;
+          improved-128k) run $c 10 --config configs/seq/128k.yaml ;;
+          dense-128k) run $c 8 --config configs/seq/128k.yaml --model.segment_lengths=[131072] --model.dilation_rates=[1] ;;
+          *) echo "E2E_CASES: unknown case $c (improved-32k dense-32k improved-128k dense-128k)" ;;
+        esac
+      done ;;
     profile) python3 scripts/profile_op.py 8192 1 2>&1 | tee "$OUT/profile.txt" | tail -n 22
       python3 scripts/profile_op.py 65536 0 long 2>&1 | tee "$OUT/profile_long.txt" | tail -n 22 ;;
     stride) python3 scripts/stride_probe.py 65536 2 2>&1 | tee "$OUT/stride.txt" ;;
