@@ -151,17 +151,17 @@ def compare(T, B=1, spec=LONG):
     t_old = ms(op)
     union.ENABLED = True
     t_new = ms(op)
-    rate = lambda t: counted / t / 1e9
-    print(f"T={T} B={B}: dense {t_dense:.3f} ms ({dense / t_dense / 1e9:.0f} TF/s); per-branch op {t_old:.3f} ms "
-          f"({rate(t_old):.0f} counted TF/s, {rate(t_old) / (dense / t_dense / 1e9):.0%}); union op {t_new:.3f} ms "
-          f"({rate(t_new):.0f}, {rate(t_new) / (dense / t_dense / 1e9):.0%})", flush=True)
+    rate, dense_rate = (lambda t: counted / t / 1e9), dense / t_dense / 1e9
+    print(f"T={T} B={B}: dense {t_dense:.3f} ms ({dense_rate:.0f} TF/s); per-branch op {t_old:.3f} ms "
+          f"({rate(t_old):.0f} counted TF/s, {rate(t_old) / dense_rate:.0%}); union op {t_new:.3f} ms "
+          f"({rate(t_new):.0f}, {rate(t_new) / dense_rate:.0%})", flush=True)
     for which in ("local", "upper")[:1 if split else 2]:
         fns = passes(T, B, spec, (which,))
         print(f"   {which} passes: " + ", ".join(f"{name} {ms(fn):.3f} ms" for name, fn in fns.items()), flush=True)
     if split and not causal:
         t_seg, blocks, L = segments_as_dense(T, B, spec)
         print(f"   dense SDPA on the same pairs, {B * blocks} segments of {L} rows as one batch: {t_seg:.3f} ms "
-              f"({rate(t_seg):.0f} counted TF/s, {rate(t_seg) / (dense / t_dense / 1e9):.0%} of dense)", flush=True)
+              f"({rate(t_seg):.0f} counted TF/s, {rate(t_seg) / dense_rate:.0%} of dense)", flush=True)
 
 
 def split_segments(T, spec):

@@ -186,15 +186,21 @@ def test_sass_probe_counts_the_dkdv_loops_matmuls():
         assert 0 < int(idle) < int(total), (total, idle)
 
 
-def test_sass_probe_counts_what_runs_with_no_wgmma_in_flight():
-    """sass_probe.exposed on a hand-written loop body: the wait for all wgmma groups and what
-    follows it up to the next issue are exposed, counted over one pass of the cycle."""
+def load_script(name: str):
+    """scripts/NAME.py as a module (scripts/ is not a package)."""
     import importlib.util
     from conftest import ROOT
 
-    spec = importlib.util.spec_from_file_location("sass_probe", f"{ROOT}/scripts/sass_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    spec = importlib.util.spec_from_file_location(name, f"{ROOT}/scripts/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sass_probe_counts_what_runs_with_no_wgmma_in_flight():
+    """sass_probe.exposed on a hand-written loop body: the wait for all wgmma groups and what
+    follows it up to the next issue are exposed, counted over one pass of the cycle."""
+    probe = load_script("sass_probe")
     body = ["HGMMA.64x32x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT, gsb0", "FADD R1, R2, R3",
             "WARPGROUP.DEPBAR.LE gsb0, 0x0", "MUFU.EX2 R4, R5", "FMUL R6, R4, R7",
             "HGMMA.64x64x16.F32.BF16 R56, R88, gdesc[UR12], R56, gsb0", "IMAD R8, R9, R10, R11"]
@@ -264,13 +270,9 @@ def test_union_probe_lays_head_splits_work_out_as_the_same_dense_segments():
     """union_probe compares the op with head_split against dense SDPA on the same pairs as one
     batch of segments (run 111): those segments' dense FLOPs must be the op's counted FLOPs,
     which branches.dilated_flops derives from the branches, not from segments."""
-    import importlib.util
-    from conftest import ROOT
     from longctx.attention.branches import dilated_flops
 
-    spec = importlib.util.spec_from_file_location("union_probe", f"{ROOT}/scripts/union_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_script("union_probe")
     seed = probe.SEED
     assert probe.split_segments(8192, seed) == (40, 1024)  # heads 3 / 3 / 2 in 8 / 4 / 2 segments
     for T, layout in [(8192, seed), (32768, seed), (4096, dict(seed, ws=[256, 512], rs=[1, 2], H=5))]:
