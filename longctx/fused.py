@@ -10,8 +10,8 @@ Two of the biggest sources are these:
   output's gradient and writes gate_up's gradient, in one pass each, math in float32.
 - RoPE: six float32 passes per rotation (model.rotate_halves). Fused: read x and the angles'
   cos/sin, write the rotated x, in one pass.
-Under torch.compile the model keeps its plain expressions, which Inductor fuses with their
-neighbours (RMSNorm, the residual adds); a custom kernel there would only split its fusions.
+Under torch.compile SwiGLU's kernels run as custom ops (nothing elementwise to fuse them with);
+RoPE keeps its plain expression, which Inductor fuses with the kernels next to it.
 
 Shapes: x (…, 2·hidden) for SwiGLU; x (B, l, H, D) and cos/sin (1, l, 1, D/2) float32 for RoPE.
 Runs on CUDA, and on CPU tensors through Triton's interpreter (tests only: it is slow).
@@ -34,9 +34,10 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def available(x: torch.Tensor) -> bool:
-    """Whether the model should use these kernels for x: eager (not being compiled), on CUDA with
-    Triton >= 3.6, in a dtype they compute in float32 without loss."""
-    return ENABLED and combine.compiled_triton(x.device) and x.dtype in DTYPES and not torch.compiler.is_compiling()
+    """Whether the model may use these kernels for x: on CUDA with Triton >= 3.6, in a dtype they
+    compute in float32 without loss. Under torch.compile the model takes SwiGLU's (swiglu_op) but
+    keeps RoPE's plain expression, which Inductor fuses with its neighbours (model.rotate)."""
+    return ENABLED and combine.compiled_triton(x.device) and x.dtype in DTYPES
 
 
 if triton is not None:
@@ -93,28 +94,62 @@ def _swiglu_launch(kernel, x: torch.Tensor, *tensors: torch.Tensor) -> None:
     kernel[(rows, triton.cdiv(hidden, block))](x, *tensors, HIDDEN=hidden, BLOCK=block)
 
 
+def _swiglu_forward(x: torch.Tensor) -> torch.Tensor:
+    out = x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+    _swiglu_launch(_swiglu_fwd, x.contiguous(), out)
+    return out
+
+
+def _swiglu_backward(x: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _swiglu_launch(_swiglu_bwd, x.contiguous(), dout.contiguous(), dx)
+    return dx
+
+
 class _SwiGLU(torch.autograd.Function):
+    """Eager: the kernels through autograd directly (a custom op's dispatch costs host time)."""
+
     @staticmethod
     def forward(ctx, x):
-        x = x.contiguous()
-        out = x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
-        _swiglu_launch(_swiglu_fwd, x, out)
         ctx.save_for_backward(x)  # only gate_up: the plain expression also keeps silu(gate)
-        return out
+        return _swiglu_forward(x)
 
     @staticmethod
     def backward(ctx, dout):
-        (x,) = ctx.saved_tensors
-        dx = torch.empty_like(x)
-        _swiglu_launch(_swiglu_bwd, x, dout.contiguous(), dx)
-        return dx
+        return _swiglu_backward(ctx.saved_tensors[0], dout)
+
+
+# Compiled: the same kernels as custom ops, one opaque node each way. Nothing elementwise sits
+# next to SwiGLU (gate_up comes from a matmul, its output goes to one, and so do the gradients),
+# so Inductor loses no fusion; its own backward kernel read the halves through a masked
+# concatenation and ran at ~2.4 TB/s (docs/performance.md run 110).
+swiglu_op = torch.library.custom_op("longctx::swiglu", _swiglu_forward, mutates_args=())
+swiglu_backward_op = torch.library.custom_op("longctx::swiglu_backward", _swiglu_backward, mutates_args=())
+
+
+@swiglu_op.register_fake
+def _(x):
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+@swiglu_backward_op.register_fake
+def _(x, dout):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+swiglu_op.register_autograd(lambda ctx, dout: swiglu_backward_op(ctx.saved_tensors[0], dout),
+                            setup_context=_swiglu_setup)
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
     """silu(gate) · up for x = [gate, up] (…, 2·hidden) -> (…, hidden), in x's dtype."""
     if x.shape[-1] % 2:
         raise ValueError(f"swiglu: the last dim of x {tuple(x.shape)} must be even ([gate, up])")
-    return _SwiGLU.apply(x)
+    return swiglu_op(x) if torch.compiler.is_compiling() else _SwiGLU.apply(x)
 
 
 def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int) -> torch.Tensor:

@@ -96,9 +96,9 @@ class LongContextLM(L.LightningModule):
         offload_checkpoints: with activation checkpointing, keep each block's saved input in
             pinned host memory, copied on a side stream (longctx/offload.py): for lengths whose
             saved inputs do not fit the GPU. Eager only.
-        compile: torch.compile each block.
-        compile_mode: torch.compile's mode for the blocks; "reduce-overhead" replays each block's
-            forward and backward as CUDA graphs (no per-kernel launch cost).
+        compile: torch.compile the model (compile_model: one graph, or one a block).
+        compile_mode: torch.compile's mode; "reduce-overhead" replays the compiled forward and
+            backward as CUDA graphs (no per-kernel launch cost).
         lr, min_lr_ratio, warmup_steps, decay_steps, weight_decay, betas: AdamW with linear
             warm-up then cosine decay to lr·min_lr_ratio over decay_steps (default max_steps).
         passkey_buckets: distance buckets scored when the data carries a passkey answer.
@@ -122,7 +122,7 @@ class LongContextLM(L.LightningModule):
         if self.uses_graphs and not hasattr(torch.compiler, "set_stance"):
             raise NotImplementedError(
                 f"model.compile_mode={compile_mode!r} needs torch >= 2.6 (torch.compiler.set_stance, with which "
-                f"validation runs the blocks eagerly); this is torch {torch.__version__}: use compile_mode 'default'"
+                f"validation runs the model eagerly); this is torch {torch.__version__}: use compile_mode 'default'"
             )
         if offload_checkpoints and compile:
             raise NotImplementedError("model.offload_checkpoints=true runs the blocks eagerly (its copies and side "
@@ -175,9 +175,19 @@ class LongContextLM(L.LightningModule):
         # Per device: forward + backward (2x) of this rank's share of the sequence.
         self.flops_per_batch = 3 * self.model.flops(batch, self.hparams.seq_len) // cp
         if self.hparams.compile:
-            mode = None if self.hparams.compile_mode == "default" else self.hparams.compile_mode
+            self.compile_model(mode=None if self.hparams.compile_mode == "default" else self.hparams.compile_mode)
+
+    def compile_model(self, **options) -> None:
+        """torch.compile the model (options: torch.compile's) as one graph after RoPE's angles
+        (LongNetLM.trunk), or block by block with activation checkpointing or a multi-rank ring.
+        One graph fuses across the blocks' boundaries and replays as one CUDA graph each way.
+        The checkpointed presets keep the per-block graphs their 128K–1M memory and speed were
+        measured with (runs 61–66); the ring's exchange runs eagerly between graphs (ring.py)."""
+        if self.hparams.activation_checkpointing or (self.is_ring and self.layout.cp_size > 1):
             for block in self.model.blocks:
-                block.compile(mode=mode)
+                block.compile(**options)
+        else:
+            self.model.trunk = torch.compile(self.model.trunk, **options)
 
     def shard(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T + 1) window -> this rank's inputs and targets (B, l), cut after the shift."""
@@ -256,8 +266,8 @@ class LongContextLM(L.LightningModule):
         self.nonfinite_skips = checkpoint.get("nonfinite_skips", 0)
 
     def eval_stance(self):
-        """A forward without gradients (validation, inference) runs the blocks eagerly when
-        training replays them as CUDA graphs. With no backward pending, torch 2.11's CUDA-graph
+        """A forward without gradients (validation, inference) runs the model eagerly when
+        training replays it as CUDA graphs. With no backward pending, torch 2.11's CUDA-graph
         trees took each compiled block's call as a new step that overwrote the previous block's
         output, its input ("accessing tensor output of CUDAGraphs that has been overwritten",
         pytorch#152887: the first validation failed, docs/performance.md run 53); and a no-grad

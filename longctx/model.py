@@ -108,13 +108,18 @@ class Rotary(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim), persistent=False)
 
-    def rotation(self, seq_len: int, offset: int, device) -> functools.partial:
-        """rope(x) for x (B, seq_len, H, D) at global positions offset … offset + seq_len − 1.
-        The angles' cos and sin are computed here, once per forward: made per block for q and
-        for k, they took 2.9 ms of a 32K training step (docs/performance.md runs 38 and 40)."""
+    def angles(self, seq_len: int, offset: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (1, seq_len, 1, D/2) of the angles at global positions offset … offset +
+        seq_len − 1. Computed once per forward: made per block for q and for k, they took 2.9 ms
+        of a 32K training step (docs/performance.md runs 38 and 40)."""
         pos = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float32)
-        angles = torch.outer(pos, self.inv_freq)[None, :, None, :]  # (1, l, 1, D/2)
-        return functools.partial(rotate, cos=angles.cos(), sin=angles.sin())
+        angles = torch.outer(pos, self.inv_freq)[None, :, None, :]
+        return angles.cos(), angles.sin()
+
+    def rotation(self, seq_len: int, offset: int, device) -> functools.partial:
+        """rope(x) for x (B, seq_len, H, D) at global positions offset … offset + seq_len − 1."""
+        cos, sin = self.angles(seq_len, offset, device)
+        return functools.partial(rotate, cos=cos, sin=sin)
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """x: (B, l, H, D) at global positions offset … offset + l − 1."""
@@ -169,7 +174,7 @@ class SwiGLU(nn.Module):
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up(x)
-        if fused.available(gate_up):  # eager on a GPU: one Triton kernel each way (fused.py)
+        if fused.available(gate_up):  # on a GPU: one Triton kernel each way, eager or compiled (fused.py)
             return self.down(fused.swiglu(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
@@ -257,8 +262,15 @@ class LongNetLM(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
 
     def forward(self, idx: torch.Tensor, pos_offset: int = 0) -> torch.Tensor:
+        return self.trunk(idx, *self.rotary.angles(idx.shape[1], pos_offset, idx.device))
+
+    def trunk(self, idx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """forward given RoPE's angles (Rotary.angles): what torch.compile takes as one graph
+        (lit_module.py). With the angles inside that graph, Inductor recomputed their cos and sin
+        in every block's rotation kernels (5.1 against 1.9 ms of a 32K step, docs/performance.md
+        run 108)."""
         x = self.embed(idx)
-        rope = self.rotary.rotation(idx.shape[1], pos_offset, idx.device)
+        rope = functools.partial(rotate, cos=cos, sin=sin)
         chain = Chain() if self.offload_checkpoints and self.training and torch.is_grad_enabled() else None
         for block in self.blocks:
             x = block(x, rope, chain)

@@ -188,8 +188,10 @@ for s in $stages; do
       echo "128K checkpointed, CUDA graphs rc=$?: $(grep -h 'fit summary' "$OUT/ckptgraph-128k.log" || grep -h -m3 -E 'Error|error' "$OUT/ckptgraph-128k.log")" ;;
     stepprof)  # issue 7 target 4: where a training step's GPU time goes, dilated and dense
       IFS=';' read -ra runs <<< "${STEPPROF:-32768 dilated compile;32768 dilated graphs;32768 dense compile;32768 dense graphs}"
-      for a in "${runs[@]}"; do
-        python3 scripts/profile_step.py $a 2>&1 | tee -a "$OUT/stepprof.txt" | grep -v Warning
+      for a in "${runs[@]}"; do  # a run's leading NAME=value words are its environment (LONGCTX_FUSED=0 …)
+        vars=(); args=()
+        for w in $a; do if [[ $w == *=* ]]; then vars+=("$w"); else args+=("$w"); fi; done
+        env "${vars[@]}" python3 scripts/profile_step.py "${args[@]}" 2>&1 | tee -a "$OUT/stepprof.txt" | grep -v Warning
       done ;;
     ncu)  # Nsight Compute on each local pass of the union kernels (64K, long preset): where the warps stall
       # (details and raw metrics of all passes in two files, each pass's SASS with its stall samples as CSV)

@@ -3,8 +3,9 @@
 python scripts/profile_step.py [T] [dilated|dense] [compile|graphs|autotune] [whole] [tune] [ckpt] [sync] [foreach]
 — defaults: 32768 dilated, eager, no activation checkpointing; graphs = compile with
 mode="reduce-overhead", autotune with mode="max-autotune" (CUDA graphs and Inductor's own matmul
-templates, timed against cuBLAS); whole = compile the loss (embedding, blocks, head,
-cross-entropy) as one function, where train.py compiles each block; tune = Inductor's
+templates, timed against cuBLAS); whole = compile the model after RoPE's angles
+(LongNetLM.trunk: embedding, blocks, head) as one graph, as train.py does without activation
+checkpointing, instead of each block (with ckpt); tune = Inductor's
 coordinate-descent tuning of its generated kernels' launch configs;
 sync = read the loss's finiteness on the host after the forward, as train.py's step does;
 foreach = AdamW's default multi-tensor step instead of the fused one train.py takes.
@@ -64,7 +65,7 @@ def main():
         return F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[0, 1:])
 
     if compiled and whole:
-        loss_of = torch.compile(loss_of, mode=mode if graphs else None)
+        model.trunk = torch.compile(model.trunk, mode=mode if graphs else None)
     elif compiled:
         for block in model.blocks:
             block.compile(mode=mode if graphs else None)

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from functorch.compile import make_boxed_compiler
 
 from longctx import fused
 from longctx.attention import ImprovedDilatedAttention
@@ -89,19 +90,44 @@ def test_model_with_fused_kernels_matches_the_plain_model(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_fused_kernels_are_for_eager_gpu_tensors_only(monkeypatch):
-    """available(): a CUDA tensor of a float dtype, outside torch.compile (Inductor fuses the plain
-    expressions with their neighbours), with Triton compiled (not interpreted)."""
+def test_compiled_model_runs_swiglu_as_custom_ops_and_matches_the_plain_model(monkeypatch):
+    """Under torch.compile the model calls SwiGLU's kernels as custom ops (one node each way, the
+    fake implementations giving the shapes) and keeps RoPE's plain expression: the same loss and
+    gradients as the eager model without the kernels."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = LongNetLM(256, 32, 2, 4, ImprovedDilatedAttention,
+                      dict(segment_lengths=[8, 16], dilation_rates=[1, 2]), mlp_hidden=40).to(DEVICE)
+    idx = torch.randint(0, 256, (1, 21), device=DEVICE)
+    params = list(model.parameters())
+    monkeypatch.setattr(fused, "available", lambda x: False)
+    plain = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[0, 1:])
+    plain_grads = torch.autograd.grad(plain, params)
+    monkeypatch.setattr(fused, "available", lambda x: True)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.common.aot_autograd(fw_compiler=make_boxed_compiler(lambda g, _: g))(gm, example_inputs)
+    loss = F.cross_entropy(torch.compile(model, backend=backend)(idx[:, :-1]).flatten(0, 1), idx[0, 1:])
+    grads = torch.autograd.grad(loss, params)
+    assert len(graphs) == 1
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.longctx.swiglu.default) == 2  # one a block
+    assert not any("rope" in str(t) for t in targets)
+    torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_kernels_are_for_gpu_tensors_only(monkeypatch):
+    """available(): a CUDA tensor of a float dtype, with Triton compiled (not interpreted), in
+    eager mode and under torch.compile alike (the model picks which kernels to use there)."""
     monkeypatch.setattr(fused.combine, "SUPPORTED", True)
     monkeypatch.setattr(fused.combine, "INTERPRETED", False)
     gpu = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)
     assert fused.available(gpu)
     assert not fused.available(SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64))
     assert not fused.available(torch.zeros(2))  # CPU
-    seen = []
-
-    def step(t):
-        seen.append(fused.available(gpu))
-        return t + 1
-    torch.compile(step, backend="eager")(torch.zeros(2))
-    assert seen == [False]
+    monkeypatch.setattr(fused, "ENABLED", False)  # LONGCTX_FUSED=0
+    assert not fused.available(gpu)

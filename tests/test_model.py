@@ -49,8 +49,8 @@ def test_lm_computes_rope_angles_once_per_forward(monkeypatch, checkpointing):
     """Every block (and its recompute) rotates with the angles made once per forward, at the
     caller's global offset."""
     offsets, calls = [], []
-    real = Rotary.rotation
-    monkeypatch.setattr(Rotary, "rotation", lambda self, l, offset, device: offsets.append(offset) or real(self, l, offset, device))
+    real = Rotary.angles
+    monkeypatch.setattr(Rotary, "angles", lambda self, l, offset, device: offsets.append(offset) or real(self, l, offset, device))
     monkeypatch.setattr(torch.Tensor, "cos", lambda x, _cos=torch.Tensor.cos: calls.append(x.shape) or _cos(x))
     model = LongNetLM(256, 32, 3, 4, ImprovedDilatedAttention, dict(segment_lengths=[8, 16], dilation_rates=[1, 2]),
                       activation_checkpointing=checkpointing)

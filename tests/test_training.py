@@ -116,11 +116,13 @@ def test_fused_step_is_off_under_a_grad_scaler():
         assert module.configure_optimizers()["optimizer"].defaults["fused"] is (True if fused else None)
 
 
-def test_validation_runs_graphed_blocks_eagerly():
-    """Under a CUDA-graph compile mode a forward without gradients (validation) calls no compiled
-    block (torch 2.11's graph trees failed on chained blocks without a pending backward,
-    docs/performance.md run 53); training calls them compiled. A counting backend stands in for
-    Inductor."""
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["one-graph", "per-block"])
+def test_validation_runs_graphed_blocks_eagerly(checkpointing):
+    """compile_model compiles the model after RoPE's angles as one graph, or each block with
+    activation checkpointing. Under a CUDA-graph compile mode a forward without gradients
+    (validation) calls nothing compiled (torch 2.11's graph trees failed on chained blocks
+    without a pending backward, docs/performance.md run 53); training calls the compiled graphs.
+    A counting backend stands in for Inductor."""
     compiled = []
 
     def backend(gm, example_inputs):
@@ -128,17 +130,19 @@ def test_validation_runs_graphed_blocks_eagerly():
         return gm.forward
 
     module = LongContextLM(d_model=32, n_layers=2, n_heads=4, segment_lengths=[8, 16], dilation_rates=[1, 2],
-                           seq_len=16, compile=True, compile_mode="reduce-overhead")
+                           seq_len=16, compile=True, compile_mode="reduce-overhead",
+                           activation_checkpointing=checkpointing)
     assert module.uses_graphs
-    for block in module.model.blocks:
-        block.compile(backend=backend)
+    module.compile_model(backend=backend)
     module.eval()
     with torch.no_grad():
         module.validation_step({"tokens": torch.randint(0, 256, (1, 17))}, 0)
     assert compiled == [] and module.val_loss.compute().isfinite()
     module.train()
     module(torch.randint(0, 256, (1, 16)))
-    assert compiled, "the training forward should run the compiled blocks"
+    assert compiled, "the training forward should run the compiled graphs"
+    whole = [any(n.target is F.embedding for n in gm.graph.nodes) for gm in compiled]
+    assert whole == [not checkpointing] * len(compiled), "the embedding is in the model's graph, not a block's"
 
 
 def test_graph_modes_need_set_stance(monkeypatch):
