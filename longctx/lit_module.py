@@ -201,35 +201,50 @@ class LongContextLM(L.LightningModule):
             return self.model(x, pos_offset=self.layout.cp_rank * x.shape[1])
 
     # -- steps --------------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.uses_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: a new step may reuse the last one's outputs
         x, y = self.shard(batch["tokens"])
         loss = F.cross_entropy(self(x).flatten(0, 1), y.reshape(-1))  # mean over this rank's tokens
-        value, finite = self._read_loss(loss)
+        self._loss_read = self._queue_loss_read(loss)
+        return loss
+
+    def _queue_loss_read(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """This rank's loss and whether it is finite on every rank, copied to pinned host memory
+        behind the forward, with an event to wait for: on_after_backward reads them once the
+        backward is queued too, so the GPU never waits for the host between forward and backward
+        (reading here cost 2.7 ms of a 67 ms step at 32K with one CUDA graph a direction,
+        docs/performance.md run 114). The decision to stop or skip must be collective, or the
+        ranks that carry on hang in DDP's all-reduce."""
+        detached = loss.detach().float()
+        pair = torch.stack([torch.isfinite(detached).float(), detached])
+        if self.layout.world_size > 1 and dist.is_initialized():
+            dist.all_reduce(pair[:1], op=dist.ReduceOp.MIN)
+        if not pair.is_cuda:
+            return pair, None
+        host = pair.to("cpu", non_blocking=True)  # into pinned memory, no wait
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    def on_after_backward(self) -> None:
+        """The step's only synchronisation: the loss read queued by training_step. A non-finite
+        loss stops training or, with skip_nonfinite, empties the optimizer step. The values are
+        logged as host tensors: a Python number given to self.log becomes a device tensor, a
+        synchronising copy; a device tensor is read back (.item()) when logged or shown."""
+        host, event = self._loss_read
+        if event is not None:
+            event.synchronize()
+        finite, value = host.tolist()
         if self.hparams.skip_nonfinite:  # a cumulative count, every step
-            self.nonfinite_skips += not finite
+            self.nonfinite_skips += finite != 1.0
             self.log("train/nonfinite_skips", torch.tensor(float(self.nonfinite_skips)))
-        if not finite:
+        if finite != 1.0:
             return self._nonfinite(value)
         self.log("train/loss", torch.tensor(value), prog_bar=True)
         # Lightning's LearningRateMonitor turns each rate into a device tensor (a synchronising
         # copy per parameter group and step); this logs the rate of this step from the host.
         self.log("train/lr", torch.tensor(float(self.trainer.optimizers[0].param_groups[0]["lr"])))
-        return loss
-
-    def _read_loss(self, loss: torch.Tensor) -> tuple[float, bool]:
-        """This rank's loss and whether it is finite on every rank, in one host read: the step's
-        only synchronisation. The decision to stop or skip must be collective, or the ranks that
-        carry on hang in DDP's all-reduce. The value is logged as a host tensor: a Python number
-        given to self.log becomes a device tensor, a synchronising copy; a device tensor is read
-        back (.item()) when logged or shown."""
-        detached = loss.detach().float()
-        pair = torch.stack([torch.isfinite(detached).float(), detached])
-        if self.layout.world_size > 1 and dist.is_initialized():
-            dist.all_reduce(pair[:1], op=dist.ReduceOp.MIN)
-        finite, value = pair.tolist()
-        return value, finite == 1.0
 
     def _nonfinite(self, value: float) -> None:
         if not self.hparams.skip_nonfinite:
@@ -239,7 +254,15 @@ class LongContextLM(L.LightningModule):
                 "step, so the weights and the last checkpoint stay finite. Lower model.lr, keep "
                 "trainer.gradient_clip_val, or set model.skip_nonfinite=true to skip such steps"
             )
-        return None  # Lightning skips backward and the optimizer step
+        # Skip the step: AdamW leaves every parameter without a gradient as it is. Under fp16's
+        # grad scaler, which asserts that it saw gradients, they are made non-finite instead, and
+        # the scaler skips the step itself (and lowers its scale).
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        for p in self.parameters():
+            if p.grad is not None and scaler is None:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.fill_(float("nan"))
 
     # -- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -129,11 +129,13 @@ def test_gpu_forward_backward_capture_in_a_cuda_graph(layout, monkeypatch):
         torch.testing.assert_close(a, b, msg=name)  # not bitwise: the dQ accumulation uses atomics
 
 
-def test_gpu_training_step_synchronises_once(tmp_path):
+def test_gpu_training_step_synchronises_once(tmp_path, monkeypatch):
     """A train.py step (progress bar, TensorBoard, checkpointing, the presets' callbacks) waits
-    for the GPU once: the loss read that decides whether to step. Any other synchronisation
-    leaves the GPU idle while the host runs Lightning's step-end work (docs/performance.md,
-    runs 25-26)."""
+    for the GPU once: for the event behind the loss's copy to the host, in on_after_backward,
+    with the backward already queued. Any other synchronisation (sync debug mode's warnings:
+    .item(), blocking copies; it does not see event waits) leaves the GPU idle while the host
+    runs Lightning's step-end work (docs/performance.md, runs 25-26); reading the loss before
+    the backward was queued left it idle 2.7 ms a step at 32K (run 114)."""
     import os
     import traceback
     import warnings
@@ -145,6 +147,13 @@ def test_gpu_training_step_synchronises_once(tmp_path):
     class SyncCounter(L.Callback):  # syncs from one step end to the next: data, step, hooks
         def __init__(self):
             self.steps, self._scope, self._caught = [], None, []
+
+        def wait(self, event):  # torch.cuda.Event.synchronize, counted while a step is watched
+            if self._scope is not None:
+                frames = [f for f in traceback.extract_stack() if not f.filename.endswith("test_gpu.py")][-3:]
+                self._caught.append("event " + " <- ".join(f"{os.path.basename(f.filename)}:{f.name}"
+                                                           for f in reversed(frames)))
+            return self._real_wait(event)
 
         def _show(self, message, *args, **kwargs):
             if "synchroniz" in str(message):  # the call chain, innermost first
@@ -165,6 +174,8 @@ def test_gpu_training_step_synchronises_once(tmp_path):
                 warnings.showwarning = self._show
 
     counter = SyncCounter()
+    counter._real_wait = torch.cuda.Event.synchronize
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", lambda event: counter.wait(event))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cli_main(["fit", "--config", f"{root}/tests/configs/tiny.yaml", f"--data.cache_dir={tmp_path}/data",
               "--trainer.accelerator=gpu", "--trainer.precision=bf16-mixed", "--trainer.logger=true",
@@ -175,7 +186,8 @@ def test_gpu_training_step_synchronises_once(tmp_path):
              trainer_defaults={"callbacks": [counter]})
     assert len(counter.steps) == 3
     for places in counter.steps:
-        assert len(places) == 1 and places[0].startswith("lit_module.py"), f"synchronisations in one step: {places}"
+        assert len(places) == 1 and places[0].startswith("event lit_module.py:on_after_backward"), \
+            f"synchronisations in one step: {places}"
 
 
 def test_gpu_fit_validates_under_cuda_graphs(tmp_path):

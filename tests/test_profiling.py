@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -117,6 +118,17 @@ def test_profile_overlay_writes_a_trace_next_to_the_logs(tmp_path):
     events = json.load(open(trace))["traceEvents"]
     assert any("longctx::dilated_attention" in e.get("name", "") for e in events)
     assert any(e.get("name") == "[memory]" for e in events), "memory profiling is on"
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_profiler_annotates_modules_unless_the_model_is_compiled(compiled):
+    """Module annotations are forward hooks on every module, which split a compiled model's graph
+    at each one (run 114): off by default for model.compile, on otherwise, as set if given."""
+    from longctx.callbacks import ScheduledProfiler
+
+    module = SimpleNamespace(hparams={"compile": compiled})
+    for choice, expected in [(None, not compiled), (True, True), (False, False)]:
+        assert ScheduledProfiler(record_module_names=choice).module_names(module) is expected
 
 
 def test_benchmark_under_torchrun_runs_the_ring_on_two_ranks(tmp_path):

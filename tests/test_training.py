@@ -108,6 +108,33 @@ def test_fused_adamw_step_still_clips_gradients(corpus_dir, precision):
         assert norm == pytest.approx(clip, rel=1e-3)
 
 
+@pytest.mark.parametrize("scaler", [None, torch.amp.GradScaler("cpu")], ids=["no-scaler", "grad-scaler"])
+def test_a_skipped_step_changes_no_weight(scaler):
+    """skip_nonfinite: the loss is read after backward (on_after_backward), so a non-finite one
+    has gradients already; the optimizer step that follows must leave every weight as it was.
+    Without a scaler the gradients are dropped (AdamW skips them); a grad scaler asserts that it
+    saw gradients, so they are made non-finite and the scaler skips the step."""
+    module = LongContextLM(d_model=32, n_layers=1, n_heads=4, segment_lengths=[16], dilation_rates=[1], seq_len=16,
+                           skip_nonfinite=True)
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler), max_steps=10)
+    opt = module.configure_optimizers()["optimizer"]
+    loss = module.model(torch.randint(0, 256, (1, 16))).sum()
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    before = [p.detach().clone() for p in module.parameters()]
+    module._loss_read = (torch.tensor([0.0, float("nan")]), None)  # not finite on some rank
+    module.log = lambda *args, **kwargs: None
+    module.on_after_backward()
+    assert module.nonfinite_skips == 1
+    if scaler is None:
+        opt.step()
+    else:
+        scaler.step(opt)
+        scaler.update()
+        assert scaler.get_scale() < 2.0**16  # it saw the non-finite gradients and backed off
+    for a, b in zip(before, module.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_fused_step_is_off_under_a_grad_scaler():
     """fp16's grad scaler unscales inside a fused step, after clipping: AdamW stays unfused."""
     module = LongContextLM(d_model=32, n_layers=1, n_heads=4, segment_lengths=[16], dilation_rates=[1], seq_len=16)
