@@ -142,16 +142,16 @@ for s in $stages; do
       done
       find "$OUT/defaults" -name "*.ckpt" | head ;;
     variants)  # configs/graphs.yaml with each other variant at 32K, validation and checkpoints included
-      tag=${VARIANTS_EXTRA:+-extra}  # a run with VARIANTS_EXTRA keeps its own logs
       for v in ${GRAPH_VARIANTS:-dilated multihead_dilated improved_multihead_dilated ring_dilated ring_multihead_dilated}; do
         ckpt=false; case $v in dilated|multihead_dilated) ckpt=true ;; esac
-        start=$(date +%s)
+        start=$(date +%s) log="$OUT/variants-$v.log"
+        [ -e "$log" ] && log="$OUT/variants-$v-$start.log"  # a second run in one call keeps its own log
         timeout 300 python3 train.py fit --config configs/longnet.yaml --config configs/attention/$v.yaml \
           --config configs/seq/32k.yaml --config configs/graphs.yaml --model.activation_checkpointing=$ckpt \
           --trainer.max_steps=16 --trainer.val_check_interval=8 --trainer.limit_val_batches=1 \
           --trainer.enable_progress_bar=false --trainer.callbacks.skip_steps=3 \
-          --trainer.default_root_dir="$OUT/variants" ${VARIANTS_EXTRA:-} > "$OUT/variants-$v$tag.log" 2>&1
-        echo "$v (checkpointing=$ckpt) rc=$? wall $(( $(date +%s) - start )) s: $(grep -h 'fit summary' "$OUT/variants-$v$tag.log" || grep -h -m3 -E 'Error|error' "$OUT/variants-$v$tag.log")"
+          --trainer.default_root_dir="$OUT/variants" ${VARIANTS_EXTRA:-} > "$log" 2>&1
+        echo "$v (checkpointing=$ckpt) rc=$? wall $(( $(date +%s) - start )) s: $(grep -h 'fit summary' "$log" || grep -h -m3 -E 'Error|error' "$log")"
       done ;;
     fusedab)  # longctx/fused.py's kernels (1) against the plain expressions (0), eager: a 32K step's profile, a 1M step
       for f in 0 1; do
