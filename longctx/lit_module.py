@@ -141,6 +141,7 @@ class LongContextLM(L.LightningModule):
         self.passkey_acc = BucketAccuracy(passkey_buckets)
         self.flops_per_batch = 0
         self.nonfinite_skips = 0
+        self._loss_read = None  # (host pair, event) from training_step, read in on_after_backward
 
     # -- context parallel ---------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -259,9 +260,11 @@ class LongContextLM(L.LightningModule):
         # the scaler skips the step itself (and lowers its scale).
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         for p in self.parameters():
-            if p.grad is not None and scaler is None:
+            if p.grad is None:
+                continue
+            if scaler is None:
                 p.grad = None
-            elif p.grad is not None:
+            else:
                 p.grad.fill_(float("nan"))
 
     # -- checkpoints --------------------------------------------------------------------------

@@ -7,7 +7,8 @@ templates, timed against cuBLAS); whole = compile the model after RoPE's angles
 (LongNetLM.trunk: embedding, blocks, head) as one graph, as train.py does without activation
 checkpointing, instead of each block (with ckpt); tune = Inductor's
 coordinate-descent tuning of its generated kernels' launch configs;
-sync = read the loss's finiteness on the host after the forward, as train.py's step does;
+sync = read the loss's finiteness on the host after the forward, before the backward is
+launched, as train.py's step did until run 115 (it now reads it after the backward is queued);
 foreach = AdamW's default multi-tensor step instead of the fused one train.py takes.
 dense = one branch w = T, r = 1 (exact dense causal attention through the same op). The step
 is train.py's without Lightning: bf16 autocast, cross-entropy, clip 1.0, AdamW. Prints the step

@@ -131,6 +131,30 @@ def test_profiler_annotates_modules_unless_the_model_is_compiled(compiled):
         assert ScheduledProfiler(record_module_names=choice).module_names(module) is expected
 
 
+def test_trace_gaps_finds_the_idle_gpu_and_the_launch_that_ended_it(tmp_path):
+    """scripts/trace_gaps.py on a hand-made trace: one profiled step, a forward kernel, then the
+    GPU idle 160 µs until a graph launched inside the backward's annotation runs two kernels."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("trace_gaps", f"{ROOT}/scripts/trace_gaps.py")
+    trace_gaps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trace_gaps)
+    events = [{"cat": "user_annotation", "name": "ProfilerStep#1", "ts": 0, "dur": 1000},
+              {"cat": "user_annotation", "name": "backward", "ts": 300, "dur": 500},
+              {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 5, "dur": 5, "args": {"correlation": 1}},
+              {"cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 450, "dur": 5, "args": {"correlation": 2}},
+              {"cat": "kernel", "name": "fwd", "ts": 10, "dur": 290, "args": {"correlation": 1}},
+              {"cat": "kernel", "name": "bwd", "ts": 460, "dur": 100, "args": {"correlation": 2}},
+              {"cat": "kernel", "name": "bwd2", "ts": 500, "dur": 100, "args": {"correlation": 2}}]
+    (tmp_path / "run.pt.trace.json").write_text(json.dumps({"traceEvents": events}))
+    busy, span, gaps = trace_gaps.gaps(trace_gaps.load(str(tmp_path)), min_gap_us=20)
+    assert (busy, span) == (290 + 100 + 40, 590)  # bwd2 overlaps bwd by 60 µs
+    assert len(gaps) == 1
+    (gap,) = gaps
+    assert (gap["start"], gap["length"], gap["launch"], gap["launch_delay"]) == (300, 160, "cudaGraphLaunch", 150)
+    assert gap["where"] == ["backward"] and gap["next"] == "bwd"
+
+
 def test_benchmark_under_torchrun_runs_the_ring_on_two_ranks(tmp_path):
     import subprocess
     import sys
