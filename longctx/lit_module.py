@@ -142,6 +142,7 @@ class LongContextLM(L.LightningModule):
         self.flops_per_batch = 0
         self.nonfinite_skips = 0
         self._loss_read = None  # (host pair, event) from training_step, read in on_after_backward
+        self._drop_step = False  # a non-finite loss in this step, skipped (skip_nonfinite)
 
     # -- context parallel ---------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -255,17 +256,23 @@ class LongContextLM(L.LightningModule):
                 "step, so the weights and the last checkpoint stay finite. Lower model.lr, keep "
                 "trainer.gradient_clip_val, or set model.skip_nonfinite=true to skip such steps"
             )
-        # Skip the step: AdamW leaves every parameter without a gradient as it is. Under fp16's
-        # grad scaler, which asserts that it saw gradients, they are made non-finite instead, and
-        # the scaler skips the step itself (and lowers its scale).
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        # Skip the step, whatever later micro-batches of it add. Under fp16's grad scaler the
+        # gradients are made non-finite (they stay so through accumulation, and the scaler skips
+        # the step and lowers its scale: it asserts that it saw gradients, so none may be dropped).
+        # Otherwise on_before_optimizer_step drops them, and AdamW changes no weight.
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            self._drop_step = True
+            return
         for p in self.parameters():
-            if p.grad is None:
-                continue
-            if scaler is None:
-                p.grad = None
-            else:
+            if p.grad is not None:
                 p.grad.fill_(float("nan"))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """After the step's last backward, before clipping: a skipped step's gradients go."""
+        if self._drop_step:
+            for p in self.parameters():
+                p.grad = None
+            self._drop_step = False
 
     # -- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

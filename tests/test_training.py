@@ -111,20 +111,25 @@ def test_fused_adamw_step_still_clips_gradients(corpus_dir, precision):
 @pytest.mark.parametrize("scaler", [None, torch.amp.GradScaler("cpu")], ids=["no-scaler", "grad-scaler"])
 def test_a_skipped_step_changes_no_weight(scaler):
     """skip_nonfinite: the loss is read after backward (on_after_backward), so a non-finite one
-    has gradients already; the optimizer step that follows must leave every weight as it was.
-    Without a scaler the gradients are dropped (AdamW skips them); a grad scaler asserts that it
-    saw gradients, so they are made non-finite and the scaler skips the step."""
+    has gradients already, and a later micro-batch of the same step adds finite ones. The
+    optimizer step must leave every weight as it was: without a scaler the gradients are
+    dropped before it (on_before_optimizer_step, as Lightning calls it); a grad scaler asserts
+    that it saw gradients, so they are made non-finite and the scaler skips the step."""
     module = LongContextLM(d_model=32, n_layers=1, n_heads=4, segment_lengths=[16], dilation_rates=[1], seq_len=16,
                            skip_nonfinite=True)
-    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler), max_steps=10)
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler), max_steps=10,
+                                      optimizers=[None])
     opt = module.configure_optimizers()["optimizer"]
-    loss = module.model(torch.randint(0, 256, (1, 16))).sum()
-    (loss if scaler is None else scaler.scale(loss)).backward()
-    before = [p.detach().clone() for p in module.parameters()]
-    module._loss_read = (torch.tensor([0.0, float("nan")]), None)  # not finite on some rank
+    module._trainer.optimizers = [opt]
     module.log = lambda *args, **kwargs: None
-    module.on_after_backward()
+    before = [p.detach().clone() for p in module.parameters()]
+    for finite in (0.0, 1.0):  # two micro-batches: the first's loss not finite on some rank
+        loss = module.model(torch.randint(0, 256, (1, 16))).sum()
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        module._loss_read = (torch.tensor([finite, 1.0 if finite else float("nan")]), None)
+        module.on_after_backward()
     assert module.nonfinite_skips == 1
+    module.on_before_optimizer_step(opt)
     if scaler is None:
         opt.step()
     else:
