@@ -61,10 +61,6 @@ def main():
     model = LongNetLM(256, 768, 12, 12, ImprovedDilatedAttention, dict(segment_lengths=ws, dilation_rates=rs),
                       activation_checkpointing=ckpt).cuda()
     whole = "whole" in sys.argv[3:]
-
-    def loss_of(tokens):
-        return F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[0, 1:])
-
     if compiled and whole:
         model.trunk = torch.compile(model.trunk, mode=mode if graphs else None)
     elif compiled:
@@ -77,7 +73,7 @@ def main():
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", torch.bfloat16):
-            loss = loss_of(tokens)
+            loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[0, 1:])
         if sync:
             assert torch.isfinite(loss).item()
         loss.backward()

@@ -134,11 +134,9 @@ def test_profiler_annotates_modules_unless_the_model_is_compiled(compiled):
 def test_trace_gaps_finds_the_idle_gpu_and_the_launch_that_ended_it(tmp_path):
     """scripts/trace_gaps.py on a hand-made trace: one profiled step, a forward kernel, then the
     GPU idle 160 µs until a graph launched inside the backward's annotation runs two kernels."""
-    import importlib.util
+    from conftest import load_script
 
-    spec = importlib.util.spec_from_file_location("trace_gaps", f"{ROOT}/scripts/trace_gaps.py")
-    trace_gaps = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(trace_gaps)
+    trace_gaps = load_script("trace_gaps")
     events = [{"cat": "user_annotation", "name": "ProfilerStep#1", "ts": 0, "dur": 1000},
               {"cat": "user_annotation", "name": "backward", "ts": 300, "dur": 500},
               {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 5, "dur": 5, "args": {"correlation": 1}},

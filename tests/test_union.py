@@ -10,6 +10,7 @@ import torch
 
 from longctx.attention import union
 from longctx.attention.combine import SUPPORTED
+from conftest import load_script
 from reference import reference_attention
 
 pytestmark = pytest.mark.skipif(not SUPPORTED, reason="needs Triton >= 3.6 (installed by the test extra)")
@@ -184,17 +185,6 @@ def test_sass_probe_counts_the_dkdv_loops_matmuls():
         # P's exponentials need Sᵀ, so part of each iteration has nothing in flight, and part of
         # it runs while a matmul is
         assert 0 < int(idle) < int(total), (total, idle)
-
-
-def load_script(name: str):
-    """scripts/NAME.py as a module (scripts/ is not a package)."""
-    import importlib.util
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location(name, f"{ROOT}/scripts/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_sass_probe_counts_what_runs_with_no_wgmma_in_flight():
