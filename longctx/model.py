@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import fused
+from . import fused, rotary_attention
 from .offload import Chain, OffloadedCheckpoint
 from .attention import REGISTRY
 from .attention.base import DilatedAttentionBase
@@ -117,7 +117,8 @@ class Rotary(nn.Module):
         return angles.cos(), angles.sin()
 
     def rotation(self, seq_len: int, offset: int, device) -> functools.partial:
-        """rope(x) for x (B, seq_len, H, D) at global positions offset … offset + seq_len − 1."""
+        """rope(x) for x (B, seq_len, H, D) at global positions offset … offset + seq_len − 1: a
+        partial of rotate, whose keywords cos and sin CoreAttention hands to a fused op."""
         cos, sin = self.angles(seq_len, offset, device)
         return functools.partial(rotate, cos=cos, sin=sin)
 
@@ -136,10 +137,15 @@ class CoreAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, -1)).unbind(2)
-        # A copy of v lets the fused projection output go once q and k are rotated: saved for
-        # backward as a view, v would keep all three alive.
-        out = self.op(rope(q), rope(k), v.contiguous(), is_causal=True)
+        """rope: Rotary.rotation's partial of rotate."""
+        qkv = self.qkv(x).unflatten(-1, (3, self.n_heads, -1))
+        if rotary_attention.applies(self.op, qkv):  # RoPE inside the op, no copies around it
+            out = rotary_attention.attention(self.op, qkv, rope.keywords["cos"], rope.keywords["sin"], True)
+        else:
+            q, k, v = qkv.unbind(2)
+            # A copy of v lets the fused projection output go once q and k are rotated: saved for
+            # backward as a view, v would keep all three alive.
+            out = self.op(rope(q), rope(k), v.contiguous(), is_causal=True)
         return self.proj(out.flatten(-2))
 
     def flops(self, batch: int, seq_len: int) -> int:
@@ -270,7 +276,7 @@ class LongNetLM(nn.Module):
         in every block's rotation kernels (5.1 against 1.9 ms of a 32K step, docs/performance.md
         run 108)."""
         x = self.embed(idx)
-        rope = functools.partial(rotate, cos=cos, sin=sin)
+        rope = functools.partial(rotate, cos=cos, sin=sin)  # as Rotary.rotation's
         chain = Chain() if self.offload_checkpoints and self.training and torch.is_grad_enabled() else None
         for block in self.blocks:
             x = block(x, rope, chain)

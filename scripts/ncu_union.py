@@ -11,15 +11,15 @@ import sys
 import torch
 
 from longctx.attention import union
-from union_probe import LONG, pass_args
+from union_probe import CONSTS, LONG, pass_args
 
 if __name__ == "__main__":
     name = sys.argv[1]
     T = int(sys.argv[2]) if len(sys.argv) > 2 else 65536
     q, lay, causal, args = pass_args(T, 1, LONG)
     if name == "dkdv":  # the dK/dV pass reads the statistics that the dQ local pass writes
-        union._launch("dq", q, lay, args["dq"], causal, ("local",))
+        union._launch("dq", q, lay, args["dq"], causal, ("local",), **CONSTS["dq"])
     for _ in range(2):
-        union._launch(name, q, lay, args[name], causal, ("local",))
+        union._launch(name, q, lay, args[name], causal, ("local",), **CONSTS[name])
     torch.cuda.synchronize()
     print(f"{name} local pass at T={T}, tiles {union.CONFIG[name]}: launched twice")

@@ -11,10 +11,11 @@ run 96); on the H200 the local passes' rates went with that share (performance.m
 Use the Triton the GPU runs (the device image's torch 2.11 has Triton 3.6; newer ones compile
 differently), e.g. in a venv over this one: `pip install --no-deps triton==3.6.0`.
 
-Usage: python scripts/sass_probe.py KERNEL [local|upper] [long|seed] [rows cols warps stages]
-  KERNEL: fwd, dq or dkdv; tiles default to union.CONFIG (long) or union.SMALL_CONFIG (seed);
+Usage: python scripts/sass_probe.py KERNEL [local|upper] [long|seed|rotary] [rows cols warps stages]
+  KERNEL: fwd, dq or dkdv; tiles default to union.CONFIG (long, rotary) or union.SMALL_CONFIG (seed);
   long: the long preset's layout (L = 2048, 5 branches, causal); seed: head_split's (L = 1024,
-  3 branches, one a head, full).
+  3 branches, one a head, full); rotary: long, with the backward rotating dQ and dK back
+  (rotary_attention.py).
 """
 import collections
 import os
@@ -31,8 +32,9 @@ from longctx.attention import union
 from longctx.attention.union_kernels import KERNELS
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
-            "DV": "*bf16", "LSE": "*fp32", "STATS": "*fp32"}
-LAYOUTS = {"long": dict(L=2048, N_BR=5, CAUSAL=True, SPLIT=0), "seed": dict(L=1024, N_BR=1, CAUSAL=False, SPLIT=3)}
+            "DV": "*bf16", "LSE": "*fp32", "STATS": "*fp32", "COS": "*fp32", "SIN": "*fp32"}
+LAYOUTS = {"long": dict(L=2048, N_BR=5, CAUSAL=True, SPLIT=0), "seed": dict(L=1024, N_BR=1, CAUSAL=False, SPLIT=3),
+           "rotary": dict(L=2048, N_BR=5, CAUSAL=True, SPLIT=0)}  # long, the backward rotating dQ/dK back
 
 
 def compile_sm90(name: str, which: str, preset: str, rows: int, cols: int, warps: int, stages: int):
@@ -42,6 +44,8 @@ def compile_sm90(name: str, which: str, preset: str, rows: int, cols: int, warps
     constants = dict(LAYOUTS[preset], D=64, BM=options.pop("BM"), BN=options.pop("BN"))
     if which == "upper":
         constants.pop("SPLIT")
+    if name != "fwd":
+        constants["ROPE"] = preset == "rotary"  # rotary_attention.py's backward
     signature, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
         if arg in constants:
@@ -103,7 +107,7 @@ def main(argv):
     name = argv[0] if argv else sys.exit(__doc__)
     which = argv[1] if len(argv) > 1 else "local"
     preset = argv[2] if len(argv) > 2 else "long"
-    config = union.CONFIG if preset == "long" else union.SMALL_CONFIG
+    config = union.SMALL_CONFIG if preset == "seed" else union.CONFIG
     rows, cols, warps, stages = [int(x) for x in argv[3:7]] or config[name]
     kernel = compile_sm90(name, which, preset, rows, cols, warps, stages)
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,7 +120,8 @@ def main(argv):
     print(f"{name} {which} ({preset}; rows {rows}, cols {cols}, {warps} warps, {stages} stages), Triton "
           f"{triton.__version__}: {regs.group(1)} registers, {regs.group(2)} bytes of stack, "
           f"{kernel.metadata.shared} bytes of shared memory: "
-          f"{programs_per_sm(int(regs.group(1)), warps, kernel.metadata.shared)} programs an SM")
+          f"{programs_per_sm(int(regs.group(1)), warps, kernel.metadata.shared)} programs an SM; "
+          f"{sass.count(';')} instructions in all")
     for address, body in loops(sass):
         counts = collections.Counter(opcode(t) for t in body)
         print(f"  loop at {address:#x}: {len(body)} instructions an iteration, {exposed(body)} with no wgmma "

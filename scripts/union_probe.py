@@ -14,10 +14,13 @@ dilations 1 … 4, not causal), at batch 1, 2 and 4.
 
 3. `local`: each direction's local pass alone at 64K under tilings that union.CONFIG cannot
    take (256-row tiles, which the upper pass's class tiles do not allow on the long preset).
+4. `rotary`: each pass on contiguous q/k/v, on packed views, and packed with RoPE's rotation
+   in the backward (rotary_attention.py, run 119).
 
 Usage: python scripts/union_probe.py [lengths...]   (default 65536 131072 262144)
        python scripts/union_probe.py seed
        python scripts/union_probe.py local [T]   (T a multiple of 32768, the largest segment; default 65536)
+       python scripts/union_probe.py rotary [T...]   (default 32768)
 """
 import sys
 
@@ -55,28 +58,55 @@ def inputs(T, B, H):
     return [torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)]
 
 
-def pass_args(T, B, spec):
+def pass_args(T, B, spec, packed=False, rope=False, packed_grads=None):
     """(q, layout, causal, each pass's kernel arguments) on fresh inputs, out and lse from the op's
-    forward; the dQ pass writes the Δ that the dK/dV pass reads."""
+    forward; the dQ pass writes the Δ that the dK/dV pass reads. packed (packed_grads, default
+    packed): q/k/v (their gradients) as views of one (B, T, 3, H, D) buffer; rope: with RoPE's
+    angles (then launch the backward with ROPE=True)."""
     H = spec["H"]
     q, k, v, do = inputs(T, B, H)
+    if packed:
+        q, k, v = torch.stack((q, k, v), 2).unbind(2)
     lay, scale, causal = union.layout(T, H, D, spec["ws"], spec["rs"], spec["split"]), D ** -0.5, spec["causal"]
     out, lse = union.forward(q, k, v, lay, causal, scale)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
+    packed_grads = packed if packed_grads is None else packed_grads
+    dq, dk, dv = torch.empty((B, T, 3, H, D), device="cuda", dtype=q.dtype).unbind(2) if packed_grads else \
+        (torch.empty_like(q), torch.empty_like(q), torch.empty_like(q))
     stats = torch.empty((2, B * H, T), dtype=torch.float32, device=q.device)
-    strides = union._strides(q, k, v, do)
+    angles = (stats, stats)  # stands in for cos and sin without RoPE
+    if rope:
+        angles = tuple(torch.rand(T, D // 2, device="cuda") for _ in range(2))
+    strides = union._strides(q, k, v, do, dq)  # dq, dk and dv share their strides
     return q, lay, causal, {
         "fwd": (q, k, v, out, lse, *union._strides(q, k, v), T, H, scale * union.LOG2E),
-        "dq": (q, k, v, do, out, lse, stats, dq, *strides, T, H, scale * union.LOG2E, scale),
-        "dkdv": (q, k, v, do, stats, dk, dv, *strides, T, H, scale * union.LOG2E, scale),
+        "dq": (q, k, v, do, out, lse, stats, dq, *angles, *strides, T, H, scale * union.LOG2E, scale),
+        "dkdv": (q, k, v, do, stats, dk, dv, *angles, *strides, T, H, scale * union.LOG2E, scale),
     }
+
+
+CONSTS = {"fwd": {}, "dq": {"ROPE": False}, "dkdv": {"ROPE": False}}  # each direction's own constants
+
+
+def rotary(T=32768, B=1, spec=LONG):
+    """Each pass graphed, as the op runs it (contiguous q/k/v and gradients), then with q/k/v and
+    the gradients as views of packed buffers, with RoPE's rotation in the backward's epilogues
+    (rotary_attention.py) or not: what the strides cost, and what the rotation costs."""
+    for packed, grads, rope in [(False, False, False), (True, True, False), (False, True, False), (False, True, True),
+                                (True, True, True)]:
+        q, lay, causal, args = pass_args(T, B, spec, packed, rope, grads)
+        times = {f"{name} {which}": ms(lambda name=name, which=which: union._launch(
+                     name, q, lay, args[name], causal, (which,), **({} if name == "fwd" else {"ROPE": rope})))
+                 for name in args for which in ("local", "upper")}
+        print(f"T={T} packed q/k/v {packed}, gradients {grads}, rope {rope}: {sum(times.values()):.3f} ms; "
+              + ", ".join(f"{k} {t:.3f}" for k, t in times.items()), flush=True)
 
 
 def passes(T, B, spec, which=("local", "upper")):
     """Callables for each pass of the union kernels on fresh inputs (`which` of the local and
     upper passes)."""
     q, lay, causal, args = pass_args(T, B, spec)
-    return {name: (lambda name=name: union._launch(name, q, lay, args[name], causal, which)) for name in args}
+    return {name: (lambda name=name: union._launch(name, q, lay, args[name], causal, which, **CONSTS[name]))
+            for name in args}
 
 
 LOCAL_SWEEP = {  # (rows, cols, warps, stages), each after union.CONFIG's own, which the others are compared with
@@ -99,7 +129,7 @@ def local_sweep(T=65536, B=1, spec=LONG):
         kernel = union.KERNELS[name][0]
         first = None
         for rows, cols, warps, stages in [union.CONFIG[name], *configs]:
-            opts = dict(L=L, CAUSAL=causal, D=D, N_BR=lay.n, SPLIT=0,
+            opts = dict(L=L, CAUSAL=causal, D=D, N_BR=lay.n, SPLIT=0, **CONSTS[name],
                         **union.tile_options(name, rows, cols, warps, stages))
             try:
                 t = ms(lambda: kernel[(B * H, T // rows)](*args[name], **opts))
@@ -190,6 +220,9 @@ def segments_as_dense(T, B, spec):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["local"]:
         local_sweep(*[int(x) for x in sys.argv[2:3]])
+    elif sys.argv[1:2] == ["rotary"]:
+        for T in [int(x) for x in sys.argv[2:]] or [32768]:
+            rotary(T)
     elif sys.argv[1:] == ["seed"]:
         sweep(8192, 4, SEED, SEED_SWEEP)  # SPLIT_CONFIG (from 1,056 tiles of 128 rows on 132 SMs)
         sweep(8192, 1, SEED, SEED_SWEEP)  # SMALL_CONFIG (320)

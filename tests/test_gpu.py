@@ -259,3 +259,35 @@ def check_union_parity(case, head_split, causal, op_cls, dtype):
     assert err(out, exact) <= 2 * err(ref, exact) + 1e-6
     for i, name in enumerate("qkv"):
         assert err(grad[:, :, i], exact_grad[:, :, i]) <= 2 * err(ref_grad[:, :, i], exact_grad[:, :, i]) + 1e-6, name
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_gpu_rotary_op_trains_like_rope_then_the_op(compiled, monkeypatch):
+    """The LM in bf16 with RoPE inside the union op (rotary_attention.py) against the same model
+    rotating q and k itself before the op (LONGCTX_ROTARY=0): the same loss, and gradients within
+    bf16 rounding (relative norm), eagerly and under Inductor."""
+    import torch.nn.functional as F
+    from longctx import rotary_attention
+    from longctx.model import LongNetLM
+
+    torch.manual_seed(0)
+    model = LongNetLM(256, 256, 2, 4, ImprovedDilatedAttention,
+                      dict(segment_lengths=[64, 128, 256], dilation_rates=[1, 2, 4])).cuda()
+    idx = torch.randint(0, 256, (2, 513), device="cuda")
+    params = list(model.parameters())
+    calls = []
+    if not compiled:  # eagerly: which path each block took
+        real = rotary_attention.applies
+        monkeypatch.setattr(rotary_attention, "applies", lambda op, qkv: calls.append(real(op, qkv)) or calls[-1])
+    results = []
+    for enabled in (False, True):
+        torch._dynamo.reset()
+        monkeypatch.setattr(rotary_attention, "ENABLED", enabled)
+        run = torch.compile(model) if compiled else model
+        with torch.autocast("cuda", torch.bfloat16):
+            loss = F.cross_entropy(run(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+        results.append((loss.detach(), torch.autograd.grad(loss, params)))
+    assert calls == ([] if compiled else [False] * 2 + [True] * 2)  # per block, off then on
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-3, atol=0)
+    for a, b in zip(results[1][1], results[0][1]):
+        assert (a.float() - b.float()).norm() <= 2e-2 * b.float().norm(), a.shape

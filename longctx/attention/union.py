@@ -156,14 +156,15 @@ def _strides(*xs: torch.Tensor) -> list[int]:
     return [s for x in xs for s in x.stride()[:3]]
 
 
-def _launch(name: str, x: torch.Tensor, lay: Layout, args, causal: bool, passes=("local", "upper")) -> None:
+def _launch(name: str, x: torch.Tensor, lay: Layout, args, causal: bool, passes=("local", "upper"), **consts) -> None:
     """Direction `name`'s local pass over (B·H, T / rows) tiles, then (all heads running every
     branch) its upper one over the class tiles; a probe may time them apart with `passes`.
-    Under head_split each head runs one branch (no weights, no upper levels): N_BR = 1."""
+    Under head_split each head runs one branch (no weights, no upper levels): N_BR = 1.
+    consts: the direction's own constants (the backward's ROPE)."""
     B, T, H, D = x.shape
     n = 1 if lay.split else lay.n
     rows, cols, warps, stages = _tiles(name, lay.L, n, config_for(x, lay))
-    opts = dict(L=lay.L, CAUSAL=causal, D=D, N_BR=n, **tile_options(name, rows, cols, warps, stages))
+    opts = dict(L=lay.L, CAUSAL=causal, D=D, N_BR=n, **consts, **tile_options(name, rows, cols, warps, stages))
     local, upper = KERNELS[name]
     if "local" in passes:
         local[(B * H, T // rows)](*args, SPLIT=lay.n if lay.split else 0, **opts)
@@ -180,12 +181,23 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, is_c
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, lay: Layout, is_causal: bool, scale: float):
-    """Exact (dq, dk, dv) (B, T, H, D) of forward, given its out and lse and dout (B, T, H, D)."""
+def backward(dout, q, k, v, out, lse, lay: Layout, is_causal: bool, scale: float, grads=None, rope=None):
+    """Exact (dq, dk, dv) (B, T, H, D) of forward, given its out and lse and dout (B, T, H, D).
+    grads: the three (B, T, H, D) buffers to write them into, with one set of strides (views of
+    one packed gradient, rotary_attention.py), else new contiguous ones. rope: (cos, sin) (T, D/2) float32
+    when q and k were rotated by RoPE from inputs the caller differentiates: dq and dk come out
+    rotated back, the gradient of those inputs (the kernels' epilogues do it in float32)."""
     B, T, H, D = q.shape
-    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    if grads is None:
+        grads = tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    dq, dk, dv = grads
+    assert dq.stride() == dk.stride() == dv.stride() and dq.shape == q.shape, "one set of gradient strides"
     stats = torch.empty((2, B * H, T), dtype=torch.float32, device=q.device)  # log2 LSE and Δ, by the dQ pass
-    strides = _strides(q, k, v, dout)
-    _launch("dq", q, lay, (q, k, v, dout, out, lse, stats, dq, *strides, T, H, scale * LOG2E, scale), is_causal)
-    _launch("dkdv", q, lay, (q, k, v, dout, stats, dk, dv, *strides, T, H, scale * LOG2E, scale), is_causal)
+    cos, sin = rope if rope is not None else (stats, stats)  # read only when ROPE
+    strides = [*_strides(q, k, v, dout), *_strides(dq)]
+    consts = dict(ROPE=rope is not None)
+    _launch("dq", q, lay, (q, k, v, dout, out, lse, stats, dq, cos, sin, *strides, T, H, scale * LOG2E, scale),
+            is_causal, **consts)
+    _launch("dkdv", q, lay, (q, k, v, dout, stats, dk, dv, cos, sin, *strides, T, H, scale * LOG2E, scale),
+            is_causal, **consts)
     return dq, dk, dv

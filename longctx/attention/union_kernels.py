@@ -14,76 +14,8 @@ it does not keep (output 0, LSE −inf, zero gradients: DESIGN §3), so no buffe
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _lam(pos, h, N_BR: tl.constexpr):
-    """λ of positions pos (vector) for head h: how many of dilations 2 … 2^(N_BR−1) keep them."""
-    lam = tl.zeros(pos.shape, tl.int32)
-    for j in tl.static_range(1, N_BR):
-        lam += (((pos ^ h) & ((1 << j) - 1)) == 0).to(tl.int32)
-    return lam
-
-
-@triton.jit
-def _wlog(lam, LEVEL: tl.constexpr):
-    """log2 of a position's weight term at LEVEL (its λ + 2 − LEVEL), float32."""
-    return tl.log2((lam + 2 - LEVEL).to(tl.float32))
-
-
-@triton.jit
-def _rows(ptr, pos, row_stride, D: tl.constexpr):
-    """Pointers (len(pos), D) to the rows at positions pos of a (T, D) slice with row stride."""
-    return ptr + pos.to(tl.int64)[:, None] * row_stride + tl.arange(0, D)[None, :]
-
-
-@triton.jit
-def _class_tile(pid, T, h, BM: tl.constexpr, N_BR: tl.constexpr):
-    """Upper-pass tile pid: class k (1 … N_BR − 1, heaviest first) and its BM positions."""
-    k = pid * 0
-    j = pid * 0
-    base = pid * 0
-    for i in tl.static_range(N_BR - 1):
-        # class N_BR − 1 − i; the last class (i = 0) steps by 2^(N_BR−1), the others by 2^(c+1)
-        count = T // ((1 << (N_BR - i - (i == 0))) * BM)
-        hit = (pid >= base) & (pid < base + count)
-        k = tl.where(hit, N_BR - 1 - i, k)
-        j = tl.where(hit, pid - base, j)
-        base += count
-    last = k == N_BR - 1
-    stride = tl.where(last, 1 << k, 2 << k)
-    first = tl.where(last, h & ((1 << k) - 1), (h ^ (1 << k)) & ((2 << k) - 1))
-    return k, first + stride * j * BM, first + stride * (j * BM + tl.arange(0, BM))
-
-
-@triton.jit
-def _level_start(x0, h, a: tl.constexpr, L: tl.constexpr, CAUSAL: tl.constexpr, FROM_KEYS: tl.constexpr):
-    """Level a's partners of a tile at x0: (whether any, their first position; they step by 2^(a−1)).
-    Causal, queries take the first half's keys and keys the second half's queries."""
-    half = (x0 // (L << (a - 2))) % 2
-    start = x0 // (L << (a - 1)) * (L << (a - 1)) + (1 - half) * (L << (a - 2)) + (h & ((1 << (a - 1)) - 1))
-    if CAUSAL:
-        return half == 1 - FROM_KEYS, start
-    return half >= 0, start
-
-
-@triton.jit
-def _col_weights(start, step, h, k, LEVEL: tl.constexpr, N_BR: tl.constexpr, BN: tl.constexpr):
-    """log2 weight terms of the BN looped-over positions start + i·step: the same for every
-    block of a loop, since λ has period 2^(N_BR−1) and blocks start BN·step apart, a multiple."""
-    lam = _lam(start + tl.arange(0, BN) * step, h, N_BR)
-    if LEVEL == 1:
-        return _wlog(lam, 1)
-    return _wlog(tl.minimum(lam, k), LEVEL)
-
-
-@triton.jit
-def _any_level(x0, h, k, L: tl.constexpr, N_BR: tl.constexpr, CAUSAL: tl.constexpr, FROM_KEYS: tl.constexpr):
-    """Whether a class-k tile at x0 has partners at any level ≥ 2 (else its program does nothing)."""
-    work = k < 0
-    for a in tl.static_range(2, N_BR + 1):
-        live, start = _level_start(x0, h, a, L, CAUSAL, FROM_KEYS)
-        work = work | (live & (a - 1 <= k))
-    return work
+from .union_tiles import (_any_level, _bh, _class_tile, _col_weights, _head, _lam, _level_start, _local_tile, _rows,
+                          _stats, _unkept, _wlog)
 
 
 @triton.jit
@@ -167,66 +99,6 @@ def _dkdv_queries(dk, dv, kk, vv, kpos, k_w, qp, dop, lse2p, deltap, sq, sdo, st
 
 
 @triton.jit
-def _bh(T, H):
-    """This program's batch b and head h, and the element offset of (b, 0, h) in a (B, T, H) tensor."""
-    b = tl.program_id(0) // H
-    h = tl.program_id(0) % H
-    return b, h, b.to(tl.int64) * T * H + h
-
-
-@triton.jit
-def _head(ptr, b, h, sb, sh):
-    """ptr moved to (batch b, position 0, head h) of a (B, T, H, D) tensor with strides sb, sh."""
-    return ptr + b.to(tl.int64) * sb + h * sh
-
-
-@triton.jit
-def _stats(STATS, T):
-    """This program's rows of the backward's statistics, STATS (2, B·H, T) float32: pointers to
-    its log2 LSE and its Δ at position 0 (the dQ local pass writes both, contiguous in T)."""
-    lse2 = STATS + tl.program_id(0).to(tl.int64) * T
-    return lse2, lse2 + tl.num_programs(0).to(tl.int64) * T
-
-
-@triton.jit
-def _branch_stride(h, H, SPLIT: tl.constexpr):
-    """Head h's dilation 2^i under head_split: branch i's heads are the i-th of SPLIT contiguous
-    groups, as even as possible with earlier groups one larger (branches.head_groups)."""
-    base = H // SPLIT
-    big = H % SPLIT * (base + 1)  # heads in the larger groups
-    return 1 << tl.where(h < big, h // (base + 1), H % SPLIT + (h - big) // base)
-
-
-@triton.jit
-def _local_tile(T, H, h, L: tl.constexpr, BM: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
-                BY_SEGMENT: tl.constexpr):
-    """Local-pass tile: its segment's first row, its own first row, the rows' step r (1 without
-    head_split), and whether it is one of the head's T / (r·BM) tiles (the longest causal rows
-    first). BY_SEGMENT (backward): a segment's tiles run consecutively, so L2 keeps the rows they
-    share (tile-major kept the H100's DRAM 80-88% busy, run 101); else tile-major (forward, runs 102-104)."""
-    r = 1
-    if SPLIT > 0:
-        r = _branch_stride(h, H, SPLIT)
-    nseg = T // (L * r)
-    i = tl.program_id(1)
-    t = i % (L // BM) if BY_SEGMENT else i // nseg
-    if CAUSAL:
-        t = L // BM - 1 - t
-    seg0 = (i // (L // BM) if BY_SEGMENT else i % nseg) * (L * r) + h % r
-    return seg0, seg0 + t * BM * r, r, i < nseg * (L // BM)
-
-
-@triton.jit
-def _unkept(T, h, r, BM: tl.constexpr):
-    """The BM positions that a program past the head's tiles zeroes: its share of the T·(r−1)/r
-    positions ≢ h (mod r), in order (for r = 1 there are none and no such program)."""
-    u = (tl.program_id(1) - T // (r * BM)) * BM + tl.arange(0, BM)
-    other = tl.maximum(r - 1, 1)
-    o = u % other
-    return u // other * r + o + (o >= h % r).to(tl.int32)
-
-
-@triton.jit
 def _fwd_local(Q, K, V, O, LSE, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, T, H, qk_scale,
                L: tl.constexpr, N_BR: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr,
                BN: tl.constexpr, D: tl.constexpr):
@@ -283,9 +155,36 @@ def _fwd_upper(Q, K, V, O, LSE, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, T, 
 
 
 @triton.jit
-def _dq_local(Q, K, V, DO, O, LSE, STATS, DQ, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, T, H,
-              qk_scale, scale, L: tl.constexpr, N_BR: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr,
-              BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr):
+def _put(ptr, pos, row_stride, g, COS, SIN, ADD: tl.constexpr, ROPE: tl.constexpr, R: tl.constexpr, D: tl.constexpr):
+    """Write float32 gradient rows g (R, D) at positions pos of a (T, D) slice with row stride, or
+    add them to the rows there (ADD, the upper passes). ROPE: rotate them back by RoPE's angles at
+    pos first, which makes them the gradient of the unrotated input (rotary_attention.py rotates
+    q and k inside the op): (g1·cos + g2·sin, g2·cos − g1·sin) of g's halves, with COS and SIN
+    (T, D/2) float32. A rotation is linear, so the local pass's rows and the upper pass's sum
+    rotate alike. Costs 0.03-0.04 ms a layer at 32K (run 119), after the loop."""
+    if ROPE:
+        g1, g2 = tl.split(tl.permute(tl.reshape(g, (R, 2, D // 2)), (0, 2, 1)))
+        half = pos.to(tl.int64)[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :]
+        c = tl.load(COS + half)
+        s = tl.load(SIN + half)
+        first = ptr + pos.to(tl.int64)[:, None] * row_stride + tl.arange(0, D // 2)[None, :]
+        g1, g2 = g1 * c + g2 * s, g2 * c - g1 * s
+        if ADD:
+            g1 += tl.load(first).to(tl.float32)
+            g2 += tl.load(first + D // 2).to(tl.float32)
+        tl.store(first, g1.to(ptr.dtype.element_ty))
+        tl.store(first + D // 2, g2.to(ptr.dtype.element_ty))
+    else:
+        rows = _rows(ptr, pos, row_stride, D)
+        if ADD:
+            g += tl.load(rows).to(tl.float32)
+        tl.store(rows, g.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _dq_local(Q, K, V, DO, O, LSE, STATS, DQ, COS, SIN, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
+              sgb, sgt, sgh, T, H, qk_scale, scale, L: tl.constexpr, N_BR: tl.constexpr, CAUSAL: tl.constexpr,
+              SPLIT: tl.constexpr, ROPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr):
     b, h, row0 = _bh(T, H)
     seg0, x0, r, live = _local_tile(T, H, h, L, BM, CAUSAL, SPLIT, True)
     if live:
@@ -309,16 +208,16 @@ def _dq_local(Q, K, V, DO, O, LSE, STATS, DQ, sqb, sqt, sqh, skb, skt, skh, svb,
         else:
             dq = _dq_keys(dq, q, do, lse2, delta, qpos, q_w, kp, vp, skt, svt, seg0, r, L // BN, h, 0, qk_scale,
                           1, N_BR, False, BN, D)
-        tl.store(_rows(DQ + row0 * D, qpos, H * D, D), (dq * scale).to(DQ.dtype.element_ty))
+        _put(_head(DQ, b, h, sgb, sgh), qpos, sgt, dq * scale, COS, SIN, False, ROPE, BM, D)
     elif SPLIT > 0:
-        tl.store(_rows(DQ + row0 * D, _unkept(T, h, r, BM), H * D, D), tl.zeros([BM, D], DQ.dtype.element_ty))
+        tl.store(_rows(_head(DQ, b, h, sgb, sgh), _unkept(T, h, r, BM), sgt, D), tl.zeros([BM, D], DQ.dtype.element_ty))
 
 
 @triton.jit
-def _dq_upper(Q, K, V, DO, O, LSE, STATS, DQ, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, T, H,
-              qk_scale, scale, L: tl.constexpr, N_BR: tl.constexpr, CAUSAL: tl.constexpr, BM: tl.constexpr,
-              BN: tl.constexpr, D: tl.constexpr):
-    b, h, row0 = _bh(T, H)
+def _dq_upper(Q, K, V, DO, O, LSE, STATS, DQ, COS, SIN, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
+              sgb, sgt, sgh, T, H, qk_scale, scale, L: tl.constexpr, N_BR: tl.constexpr, CAUSAL: tl.constexpr,
+              ROPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr):
+    b, h, _ = _bh(T, H)
     k, x0, qpos = _class_tile(tl.program_id(1), T, h, BM, N_BR)
     if _any_level(x0, h, k, L, N_BR, CAUSAL, 0):
         kp = _head(K, b, h, skb, skh)
@@ -335,15 +234,14 @@ def _dq_upper(Q, K, V, DO, O, LSE, STATS, DQ, sqb, sqt, sqh, skb, skt, skh, svb,
                 dq = _dq_keys(dq, q, do, lse2, delta, qpos, tl.zeros([BM], tl.float32), kp, vp, skt, svt, start,
                               1 << (a - 1),
                               L // 2 // BN, h, k, qk_scale, a, N_BR, False, BN, D)
-        dq_rows = _rows(DQ + row0 * D, qpos, H * D, D)
-        tl.store(dq_rows, (tl.load(dq_rows).to(tl.float32) + dq * scale).to(DQ.dtype.element_ty))
+        _put(_head(DQ, b, h, sgb, sgh), qpos, sgt, dq * scale, COS, SIN, True, ROPE, BM, D)
 
 
 @triton.jit
-def _dkdv_local(Q, K, V, DO, STATS, DK, DV, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
-                T, H, qk_scale, scale, L: tl.constexpr, N_BR: tl.constexpr, CAUSAL: tl.constexpr,
-                SPLIT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr):
-    b, h, row0 = _bh(T, H)
+def _dkdv_local(Q, K, V, DO, STATS, DK, DV, COS, SIN, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
+                sgb, sgt, sgh, T, H, qk_scale, scale, L: tl.constexpr, N_BR: tl.constexpr, CAUSAL: tl.constexpr,
+                SPLIT: tl.constexpr, ROPE: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr):
+    b, h, _ = _bh(T, H)
     seg0, x0, r, live = _local_tile(T, H, h, L, BN, False, SPLIT, True)
     if live:
         kpos = x0 + tl.arange(0, BN) * r
@@ -364,19 +262,19 @@ def _dkdv_local(Q, K, V, DO, STATS, DK, DV, sqb, sqt, sqh, skb, skt, skh, svb, s
         else:
             dk, dv = _dkdv_queries(dk, dv, kk, vv, kpos, k_w, qp, dop, lse2p, deltap, sqt, sdt, seg0,
                                    r, L // BM, h, 0, qk_scale, 1, N_BR, False, BM, D)
-        tl.store(_rows(DK + row0 * D, kpos, H * D, D), (dk * scale).to(DK.dtype.element_ty))
-        tl.store(_rows(DV + row0 * D, kpos, H * D, D), dv.to(DV.dtype.element_ty))
+        _put(_head(DK, b, h, sgb, sgh), kpos, sgt, dk * scale, COS, SIN, False, ROPE, BN, D)
+        _put(_head(DV, b, h, sgb, sgh), kpos, sgt, dv, COS, SIN, False, False, BN, D)
     elif SPLIT > 0:
         pos = _unkept(T, h, r, BN)
-        tl.store(_rows(DK + row0 * D, pos, H * D, D), tl.zeros([BN, D], DK.dtype.element_ty))
-        tl.store(_rows(DV + row0 * D, pos, H * D, D), tl.zeros([BN, D], DV.dtype.element_ty))
+        tl.store(_rows(_head(DK, b, h, sgb, sgh), pos, sgt, D), tl.zeros([BN, D], DK.dtype.element_ty))
+        tl.store(_rows(_head(DV, b, h, sgb, sgh), pos, sgt, D), tl.zeros([BN, D], DV.dtype.element_ty))
 
 
 @triton.jit
-def _dkdv_upper(Q, K, V, DO, STATS, DK, DV, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
-                T, H, qk_scale, scale, L: tl.constexpr, N_BR: tl.constexpr, CAUSAL: tl.constexpr, BN: tl.constexpr,
-                BM: tl.constexpr, D: tl.constexpr):
-    b, h, row0 = _bh(T, H)
+def _dkdv_upper(Q, K, V, DO, STATS, DK, DV, COS, SIN, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
+                sgb, sgt, sgh, T, H, qk_scale, scale, L: tl.constexpr, N_BR: tl.constexpr, CAUSAL: tl.constexpr,
+                ROPE: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, D: tl.constexpr):
+    b, h, _ = _bh(T, H)
     k, x0, kpos = _class_tile(tl.program_id(1), T, h, BN, N_BR)
     if _any_level(x0, h, k, L, N_BR, CAUSAL, 1):
         kk = tl.load(_rows(_head(K, b, h, skb, skh), kpos, skt, D))
@@ -392,10 +290,8 @@ def _dkdv_upper(Q, K, V, DO, STATS, DK, DV, sqb, sqt, sqh, skb, skt, skh, svb, s
                 dk, dv = _dkdv_queries(dk, dv, kk, vv, kpos, tl.zeros([BN], tl.float32), qp, dop, lse2p,
                                        deltap, sqt, sdt, start, 1 << (a - 1), L // 2 // BM, h, k,
                                        qk_scale, a, N_BR, False, BM, D)
-        dk_rows = _rows(DK + row0 * D, kpos, H * D, D)
-        dv_rows = _rows(DV + row0 * D, kpos, H * D, D)
-        tl.store(dk_rows, (tl.load(dk_rows).to(tl.float32) + dk * scale).to(DK.dtype.element_ty))
-        tl.store(dv_rows, (tl.load(dv_rows).to(tl.float32) + dv).to(DV.dtype.element_ty))
+        _put(_head(DK, b, h, sgb, sgh), kpos, sgt, dk * scale, COS, SIN, True, ROPE, BN, D)
+        _put(_head(DV, b, h, sgb, sgh), kpos, sgt, dv, COS, SIN, True, False, BN, D)
 
 
 # Each direction's (local, upper) kernels, by the name union.CONFIG tunes them under.
