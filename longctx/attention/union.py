@@ -29,8 +29,9 @@ branch i keeps the positions ≡ h (mod 2^i) of each segment, L of them, which i
 with its rows stepping by 2^i, and no upper pass. The pieces path would run one cuDNN call per
 strided head group and branch (four at the seed's 8 heads); this is one launch per direction.
 
-The kernels are in union_kernels.py. They run on CUDA in fp16/bf16, and on CPU tensors through
-Triton's interpreter (tests only).
+The kernels are in union_kernels.py, their tiles' geometry in union_tiles.py. They run on CUDA in
+fp16/bf16, and on CPU tensors through Triton's interpreter (tests only). rotary_attention.py runs
+them on the LM block's fused projection with RoPE inside (backward's `rope`).
 """
 from __future__ import annotations
 
