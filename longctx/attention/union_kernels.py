@@ -10,6 +10,9 @@ Every kernel's grid is (B·H, tiles); positions are indices into T, and a tile's
 first + i·step. Under head_split (SPLIT branches, each head in one) every head runs one branch of
 dilation r = 2^branch: its local tiles step by r, and the programs past its tiles zero the rows
 it does not keep (output 0, LSE −inf, zero gradients: DESIGN §3), so no buffer needs clearing.
+The backward writes dQ, dK and dV through one set of strides (sgb, sgt, sgh: separate tensors,
+or the slots of one packed gradient) and, with ROPE, rotates dQ and dK back first (_put). Where
+tiles and rows are is in union_tiles.py.
 """
 import triton
 import triton.language as tl
