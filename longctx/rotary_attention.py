@@ -11,6 +11,8 @@ dk and dv into the projection's gradient (0.42). Here:
   before);
 - backward: the union kernels write dq and dk rotated back (RoPE's backward, in their epilogues,
   in float32) and dv straight into one (B, T, 3, H, D) gradient, the projection's output's.
+Measured on an H100 (runs 118–120): `_rope` 1.26 ms a step, the epilogues 0.3–0.5 ms, the step
+1.1–1.4 ms faster (train.py at 32K 62.6 against 63.7 ms in one call).
 The same function as model.rotate on q and k and then the op (the GPU tests compare the two);
 every other case (another variant or layout, the CPU, float32) runs just that.
 
