@@ -33,8 +33,8 @@ from longctx.attention.union_kernels import KERNELS
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
             "DV": "*bf16", "LSE": "*fp32", "STATS": "*fp32", "COS": "*fp32", "SIN": "*fp32"}
-LAYOUTS = {"long": dict(L=2048, N_BR=5, CAUSAL=True, SPLIT=0), "seed": dict(L=1024, N_BR=1, CAUSAL=False, SPLIT=3),
-           "rotary": dict(L=2048, N_BR=5, CAUSAL=True, SPLIT=0)}  # long, the backward rotating dQ/dK back
+LAYOUTS = {"long": dict(L=2048, N_BR=5, CAUSAL=True, SPLIT=0), "seed": dict(L=1024, N_BR=1, CAUSAL=False, SPLIT=3)}
+LAYOUTS["rotary"] = LAYOUTS["long"]  # compiled with the backward rotating dQ and dK back (ROPE)
 
 
 def compile_sm90(name: str, which: str, preset: str, rows: int, cols: int, warps: int, stages: int):

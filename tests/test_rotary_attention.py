@@ -10,6 +10,7 @@ from longctx import rotary_attention
 from longctx.attention import ImprovedDilatedAttention, union
 from longctx.attention.combine import SUPPORTED
 from reference import reference_attention
+from test_model import rope_by_hand
 from test_union import layouts, poisoned_empty
 
 pytestmark = pytest.mark.skipif(not SUPPORTED, reason="needs Triton >= 3.6 (installed by the test extra)")
@@ -22,13 +23,6 @@ def angles(T, D, offset=0):
     """cos and sin (1, T, 1, D/2) float32 of RoPE's angles (t · 10000^(−2i/D)), from the definition."""
     theta = torch.tensor([[(offset + t) * 10000 ** (-2 * i / D) for i in range(D // 2)] for t in range(T)])
     return torch.cos(theta)[None, :, None].float(), torch.sin(theta)[None, :, None].float()
-
-
-def rotate(x, cos, sin):
-    """(x1·cos − x2·sin, x2·cos + x1·sin) of x's halves, in x's dtype (float64 here)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -53,14 +47,13 @@ def test_rotary_op_matches_rope_then_the_reference(case, causal):
         dqkv = rotary_attention.attend_backward(dout.to(DEVICE, DTYPE), rotated, *half, out, lse, *config)
     exact_in = qkv.clone().requires_grad_()
     q, k, v = exact_in.unbind(2)
-    exact = reference_attention(rotate(q, cos, sin), rotate(k, cos, sin), v, ws, rs, causal, head_split=split,
-                                scale=0.3)
+    exact = reference_attention(rope_by_hand(q, 5), rope_by_hand(k, 5), v, ws, rs, causal, head_split=split, scale=0.3)
     (grad,) = torch.autograd.grad(exact, exact_in, dout)
     tol = 1e-5 if DTYPE == torch.float32 else 3e-2
     for name, got, want in [("out", out, exact), *zip(["dq", "dk", "dv"], dqkv.unbind(2), grad.unbind(2))]:
         assert (got.double().cpu() - want).abs().max() <= tol * want.abs().max(), name
     assert dqkv.shape == qkv.shape and rotated.shape == (3, B, T, H, D) and rotated.is_contiguous()
-    want = torch.stack([rotate(qkv[:, :, 0], cos, sin), rotate(qkv[:, :, 1], cos, sin), qkv[:, :, 2]])
+    want = torch.stack([rope_by_hand(qkv[:, :, 0], 5), rope_by_hand(qkv[:, :, 1], 5), qkv[:, :, 2]])
     assert (rotated.double().cpu() - want).abs().max() <= tol * want.abs().max()
     assert torch.equal(rotated[2].cpu(), qkv[:, :, 2].to(DTYPE))  # v copied exactly
 
