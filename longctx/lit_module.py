@@ -29,6 +29,9 @@ from .model import LongNetLM, resolve_attention, variant_name
 # as CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 GRAPH_MODES = ("reduce-overhead", "max-autotune")
+# model.residual_dtype: float32 keeps the embedding's dtype (float32 under mixed precision).
+RESIDUAL_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+BF16_PRECISIONS = ("bf16-mixed", "bf16-true")
 
 
 def check_hparams(h) -> None:
@@ -59,6 +62,8 @@ def check_hparams(h) -> None:
                         f"{h['min_lr_ratio']} in [0, 1]")
     if h["compile_mode"] not in COMPILE_MODES:
         problems.append(f"model.compile_mode={h['compile_mode']!r} must be one of {list(COMPILE_MODES)}")
+    if h["residual_dtype"] not in RESIDUAL_DTYPES:
+        problems.append(f"model.residual_dtype={h['residual_dtype']!r} must be one of {list(RESIDUAL_DTYPES)}")
     if h["context_parallel_size"] is not None and h["context_parallel_size"] < 1:
         problems.append(f"model.context_parallel_size={h['context_parallel_size']} must be >= 1 (or null)")
     if problems:
@@ -96,6 +101,10 @@ class LongContextLM(L.LightningModule):
         offload_checkpoints: with activation checkpointing, keep each block's saved input in
             pinned host memory, copied on a side stream (longctx/offload.py): for lengths whose
             saved inputs do not fit the GPU. Eager only.
+        residual_dtype: "float32" (default) or "bfloat16", the residual stream between the
+            blocks. bfloat16 (trainer.precision bf16-mixed or bf16-true) halves the traffic of
+            the RMSNorm kernels and the checkpointed blocks' saved inputs, and rounds every
+            block's sum to bfloat16: a change of the model's numerics, not only of its speed.
         compile: torch.compile the model (compile_model: one graph, or one a block).
         compile_mode: torch.compile's mode; "reduce-overhead" replays the compiled forward and
             backward as CUDA graphs (no per-kernel launch cost).
@@ -111,7 +120,8 @@ class LongContextLM(L.LightningModule):
                  context_parallel_size: int | None = None, vocab_size: int = 256, d_model: int = 256,
                  n_layers: int = 4, n_heads: int = 4, mlp_hidden: int | None = None, rope_base: float = 10000.0,
                  activation_checkpointing: bool = False, mlp_chunk_tokens: int | None = None,
-                 offload_checkpoints: bool = False, compile: bool = False, compile_mode: str = "default", lr: float = 1e-3,
+                 offload_checkpoints: bool = False, residual_dtype: str = "float32", compile: bool = False,
+                 compile_mode: str = "default", lr: float = 1e-3,
                  min_lr_ratio: float = 0.1, warmup_steps: int = 100, decay_steps: int | None = None,
                  weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), passkey_buckets: int = 4,
                  skip_nonfinite: bool = False):
@@ -135,7 +145,8 @@ class LongContextLM(L.LightningModule):
                       dilation_rates=dilation_rates, head_split=head_split)
         self.model = LongNetLM(vocab_size, d_model, n_layers, n_heads, self.attention_cls, kwargs, mlp_hidden,
                                rope_base, activation_checkpointing=activation_checkpointing,
-                               mlp_chunk_tokens=mlp_chunk_tokens, offload_checkpoints=offload_checkpoints)
+                               mlp_chunk_tokens=mlp_chunk_tokens, offload_checkpoints=offload_checkpoints,
+                               residual_dtype=RESIDUAL_DTYPES.get(residual_dtype))
         self.layout = Layout(1, 0, 1)
         self.val_loss = MeanMetric()
         self.passkey_acc = BucketAccuracy(passkey_buckets)
@@ -149,6 +160,9 @@ class LongContextLM(L.LightningModule):
         world, rank = self.trainer.world_size, self.trainer.global_rank
         cp = self.hparams.context_parallel_size or (world if self.is_ring else 1)
         check_layout(world, cp, self.is_ring, self.variant)
+        if self.hparams.residual_dtype == "bfloat16" and self.trainer.precision not in BF16_PRECISIONS:
+            raise ValueError(f"model.residual_dtype='bfloat16' needs trainer.precision in {list(BF16_PRECISIONS)}, got "
+                             f"{self.trainer.precision!r}: the blocks' matmuls must take bfloat16 inputs")
         if self.hparams.seq_len % cp:
             raise ValueError(
                 f"data.seq_len={self.hparams.seq_len} is not divisible by model.context_parallel_size={cp}"

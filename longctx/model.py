@@ -53,7 +53,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # The weight in x's dtype: a bfloat16 residual stream under autocast (LongNetLM's
+        # residual_dtype) would otherwise leave the fused kernel for the composite one.
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -226,6 +228,10 @@ class LongNetLM(nn.Module):
     `mlp_chunk_tokens`: run each SwiGLU over chunks of this many tokens in training (SwiGLU).
     `offload_checkpoints`: with activation checkpointing, keep each block's saved input in host
     memory (offload.py); eager only.
+    `residual_dtype`: the residual stream's dtype (the embedding's output is cast to it, and each
+    block's sum keeps it). None keeps the embedding's, the parameters' dtype: float32 under
+    mixed precision. torch.bfloat16 needs bfloat16 autocast (or bfloat16 parameters); it halves
+    the bytes of every RMSNorm kernel and of each checkpointed block's saved input.
 
     forward(idx (B, l) long, pos_offset=0) -> logits (B, l, V) float32.
     """
@@ -233,14 +239,14 @@ class LongNetLM(nn.Module):
     def __init__(self, vocab_size: int, dim: int, n_layers: int, n_heads: int, attention_cls: type[nn.Module],
                  attention_kwargs: dict, mlp_hidden: int | None = None, rope_base: float = 10000.0,
                  norm_eps: float = 1e-5, activation_checkpointing: bool = False, mlp_chunk_tokens: int | None = None,
-                 offload_checkpoints: bool = False):
+                 offload_checkpoints: bool = False, residual_dtype: torch.dtype | None = None):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"model.d_model={dim} is not divisible by model.n_heads={n_heads}")
         if offload_checkpoints and not activation_checkpointing:
             raise ValueError("model.offload_checkpoints=true offloads the checkpointed blocks' inputs: it needs "
                              "model.activation_checkpointing=true")
-        self.offload_checkpoints = offload_checkpoints
+        self.offload_checkpoints, self.residual_dtype = offload_checkpoints, residual_dtype
         self.dim, self.n_heads, self.vocab_size = dim, n_heads, vocab_size
         mlp_hidden = mlp_hidden or 64 * ((8 * dim // 3 + 63) // 64)
         self.embed = nn.Embedding(vocab_size, dim)
@@ -276,6 +282,8 @@ class LongNetLM(nn.Module):
         in every block's rotation kernels (5.1 against 1.9 ms of a 32K step, docs/performance.md
         run 108)."""
         x = self.embed(idx)
+        if self.residual_dtype is not None:
+            x = x.to(self.residual_dtype)
         rope = functools.partial(rotate, cos=cos, sin=sin)  # as Rotary.rotation's
         chain = Chain() if self.offload_checkpoints and self.training and torch.is_grad_enabled() else None
         for block in self.blocks:

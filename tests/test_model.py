@@ -185,3 +185,41 @@ def test_offloaded_checkpoints_need_checkpointing_and_eager_blocks():
     with pytest.raises(NotImplementedError, match="offload_checkpoints.*compile=false"):
         LongContextLM(segment_lengths=[8, 16], dilation_rates=[1, 2], seq_len=32, activation_checkpointing=True,
                       offload_checkpoints=True, compile=True)
+
+
+@pytest.mark.parametrize("checkpointing, device", [
+    (False, "cpu"), (True, "cpu"), pytest.param(False, "cuda", marks=pytest.mark.gpu),
+])
+def test_bfloat16_residual_stream(checkpointing, device):
+    """residual_dtype=torch.bfloat16 under bf16 autocast: every block takes and returns bfloat16
+    (a checkpointed block saves its input as such, half the bytes), and the loss and gradients
+    stay within bf16 rounding of the float32 stream's. Without it the stream is float32."""
+    torch.manual_seed(0)
+    kw = dict(segment_lengths=[8, 16], dilation_rates=[1, 2])
+    ref = LongNetLM(256, 32, 3, 4, ImprovedDilatedAttention, kw, activation_checkpointing=checkpointing).to(device)
+    low = LongNetLM(256, 32, 3, 4, ImprovedDilatedAttention, kw, activation_checkpointing=checkpointing,
+                    residual_dtype=torch.bfloat16).to(device)
+    low.load_state_dict(ref.state_dict())
+    idx = torch.randint(0, 256, (2, 33), device=device)
+    results = []
+    for model in (ref, low):
+        seen, saved = [], []
+        hooks = [b.register_forward_hook(lambda m, a, out: seen.append((a[0], out.dtype))) for b in model.blocks]
+        with torch.autocast(device, torch.bfloat16), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+        for h in hooks:
+            h.remove()
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        inputs = {x.untyped_storage().data_ptr() for x, _ in seen}
+        kept = {t.dtype for t in saved if t.untyped_storage().data_ptr() in inputs}
+        results.append((loss.detach(), grads, [(x.dtype, out) for x, out in seen], kept))
+    (loss_ref, grads_ref, seen_ref, saved_ref), (loss_low, grads_low, seen_low, saved_low) = results
+    assert seen_ref == [(torch.float32, torch.float32)] * 3
+    assert seen_low == [(torch.bfloat16, torch.bfloat16)] * 3
+    if checkpointing:  # what a checkpointed block keeps: its input, in the stream's dtype
+        assert saved_ref == {torch.float32} and saved_low == {torch.bfloat16}
+    torch.testing.assert_close(loss_low, loss_ref, rtol=2e-2, atol=0)
+    for a, b in zip(grads_low, grads_ref):
+        assert a.dtype == b.dtype == torch.float32  # the parameters' gradients stay float32
+        assert (a - b).norm() <= 5e-2 * b.norm(), ((a - b).norm(), b.norm())

@@ -262,3 +262,24 @@ def test_setup_runs_once_per_layout(corpus_dir, monkeypatch):
                                       "--trainer.max_steps=2")])
     cli.trainer.validate(cli.model, datamodule=cli.datamodule)
     assert len(calls) == 1
+
+
+def test_bfloat16_residual_stream_trains_under_bf16_only(corpus_dir):
+    """model.residual_dtype=bfloat16: a bf16-mixed fit runs with bfloat16 between the blocks and
+    learns; under 32-true (float32 matmuls) it is refused by name; an unknown dtype too."""
+    cli = cli_main([*tiny_args(corpus_dir, "--trainer.precision=bf16-mixed", "--model.residual_dtype=bfloat16",
+                                      "--trainer.overfit_batches=1", "--trainer.max_steps=8")], run=False)
+    dtypes = []
+    cli.model.model.blocks[0].register_forward_pre_hook(lambda m, args: dtypes.append(args[0].dtype))
+    dm = cli.datamodule
+    cli.trainer.fit(cli.model, dm)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    batch = torch.stack([dm.train_set[i]["tokens"] for i in range(dm.batch_size)])
+    fresh = cli_main([*tiny_args(corpus_dir, "--model.residual_dtype=bfloat16")], run=False)
+    with torch.autocast("cpu", torch.bfloat16):
+        before, after = loss_on(fresh.model.eval(), batch), loss_on(cli.model.eval(), batch)
+    assert after < before - 0.1, (before, after)
+    with pytest.raises(ValueError, match=r"model.residual_dtype='bfloat16' needs trainer.precision.*'32-true'"):
+        cli_main(["fit", *tiny_args(corpus_dir, "--model.residual_dtype=bfloat16", "--trainer.max_steps=1")])
+    with pytest.raises(ValueError, match=r"model.residual_dtype='float16' must be one of \['float32', 'bfloat16'\]"):
+        LongContextLM(residual_dtype="float16")
