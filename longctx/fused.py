@@ -69,11 +69,11 @@ if triton is not None:
 
     @triton.jit
     def _rope(x_ptr, cos_ptr, sin_ptr, out_ptr, L, SB, ST, SH, SLOT_STRIDE, SIGN: tl.constexpr, H: tl.constexpr,
-              ROT: tl.constexpr, SLOT: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
-        """One program per position (b, t): heads < ROT rotated, (x1·cos − x2·sin, x2·cos + x1·sin),
-        with sin negated when SIGN = −1 (the inverse rotation, for backward); heads ≥ ROT copied
-        (v, when x is a packed q/k/v). x has strides (SB, ST, SH, 1); out holds H / SLOT contiguous
-        (B, l, SLOT, 2·HALF) slots SLOT_STRIDE apart (one slot: out is contiguous (B, l, H, 2·HALF))."""
+              SLOT: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr):
+        """One program per position (b, t): every head rotated, (x1·cos − x2·sin, x2·cos + x1·sin),
+        with sin negated when SIGN = −1 (the inverse rotation, for backward). x has strides
+        (SB, ST, SH, 1); out holds H / SLOT contiguous (B, l, SLOT, 2·HALF) slots SLOT_STRIDE apart
+        (one slot: out is contiguous (B, l, H, 2·HALF))."""
         row = tl.program_id(0).to(tl.int64)
         b, t = row // L, row % L
         k = tl.arange(0, BLOCK)  # (head, pair) flattened, H·HALF of them
@@ -82,14 +82,11 @@ if triton is not None:
         src = x_ptr + b * SB + t * ST + head * SH + j
         x1 = tl.load(src, mask=live, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF, mask=live, other=0.0).to(tl.float32)
-        turn = live & (head < ROT)
-        c = tl.load(cos_ptr + t * HALF + j, mask=turn, other=1.0)
-        s = tl.load(sin_ptr + t * HALF + j, mask=turn, other=0.0) * SIGN
+        c = tl.load(cos_ptr + t * HALF + j, mask=live, other=1.0)
+        s = tl.load(sin_ptr + t * HALF + j, mask=live, other=0.0) * SIGN
         dst = out_ptr + (head // SLOT).to(tl.int64) * SLOT_STRIDE + row * SLOT * 2 * HALF + (head % SLOT) * 2 * HALF + j
-        out1 = tl.where(turn, x1 * c - x2 * s, x1)  # copied heads exactly, non-finite values too
-        out2 = tl.where(turn, x2 * c + x1 * s, x2)
-        tl.store(dst, out1.to(out_ptr.dtype.element_ty), mask=live)
-        tl.store(dst + HALF, out2.to(out_ptr.dtype.element_ty), mask=live)
+        tl.store(dst, (x1 * c - x2 * s).to(out_ptr.dtype.element_ty), mask=live)
+        tl.store(dst + HALF, (x2 * c + x1 * s).to(out_ptr.dtype.element_ty), mask=live)
 
 
 def _swiglu_launch(kernel, x: torch.Tensor, *tensors: torch.Tensor) -> None:
@@ -157,17 +154,15 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     return swiglu_op(x) if torch.compiler.is_compiling() else _SwiGLU.apply(x)
 
 
-def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int, rotated: int | None = None,
-                 slots: int = 1) -> torch.Tensor:
-    """x (B, L, H, D) with its first `rotated` heads (default: all) rotated, the rest copied, as a
-    new contiguous tensor (B, L, H, D), or with slots > 1 (slots, B, L, H / slots, D); cos and sin
-    (L, D/2) float32."""
+def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: int, slots: int = 1) -> torch.Tensor:
+    """x (B, L, H, D) rotated, as a new contiguous tensor (B, L, H, D), or with slots > 1
+    (slots, B, L, H / slots, D); cos and sin (L, D/2) float32."""
     B, L, H, D = x.shape
     assert x.stride(-1) == 1 and cos.is_contiguous() and sin.is_contiguous() and cos.dtype == torch.float32
     out = torch.empty((slots, B, L, H // slots, D), dtype=x.dtype, device=x.device)
     block = triton.next_power_of_2(H * D // 2)
     _rope[(B * L,)](x, cos, sin, out, L, x.stride(0), x.stride(1), x.stride(2), out[0].numel(), SIGN=sign, H=H,
-                    ROT=H if rotated is None else rotated, SLOT=H // slots, HALF=D // 2, BLOCK=block)
+                    SLOT=H // slots, HALF=D // 2, BLOCK=block)
     return out[0] if slots == 1 else out
 
 
@@ -193,9 +188,10 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def rotate_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """qkv (B, l, 3, H, D) (unit last stride) -> (3, B, l, H, D), contiguous: q and k rotated by
-    cos/sin (l, D/2) float32 as rope does and v copied, in one kernel (rotary_attention.py; no
-    autograd). Slots first, so that each of q, k and v is contiguous for the attention kernels."""
+    """qkv (B, l, 3, H, D) with unit last stride -> (2, B, l, H, D), contiguous: q and k rotated
+    by cos/sin (l, D/2) float32 as rope does, in one kernel (rotary_attention.py; no autograd). v
+    is not read: the attention kernels take it from qkv, strided."""
     B, L, _, H, D = qkv.shape
-    heads = unit_last_stride(qkv).reshape(B, L, 3 * H, D)  # a view when the slots fold into the heads
-    return _rope_launch(heads, cos, sin, 1, rotated=2 * H, slots=3)
+    if not (qkv.stride(-1) == 1 and qkv.stride(3) == D and qkv.stride(2) == H * D):
+        qkv = qkv.contiguous()  # so that the slots fold into the heads, (B, l, 3·H, D) as a view
+    return _rope_launch(qkv.flatten(2, 3)[:, :, :2 * H], cos, sin, 1, slots=2)

@@ -5,14 +5,16 @@ Why (docs/performance.md runs 112 and 118): around the op, a compiled 32K step o
 model spent 2.7 ms in four memory-bound kernels of Inductor's: RoPE's rotation of q and k (0.95),
 the copy of v into a contiguous tensor (0.41), the rotation's backward (0.92) and the stack of dq,
 dk and dv into the projection's gradient (0.42). Here:
-- forward: one kernel (fused.rotate_qk) reads the projection's output qkv (B, T, 3, H, D) and
-  writes q and k rotated and v copied into one buffer (3, B, T, H, D), whose contiguous slots the
-  union kernels read and backward keeps (the elements the rotated q and k and v's copy kept
-  before);
+- forward: one kernel (fused.rotate_qk) reads q and k from the projection's output qkv
+  (B, T, 3, H, D) and writes them rotated into one buffer (2, B, T, H, D); the union kernels read
+  those contiguous slots and v from qkv in place (strided rows cost them nothing measurable, run
+  119). Backward keeps the rotated q and k and qkv itself (for v): one (B, T, H, D) tensor more
+  than the rotated q and k and a copy of v would be, for one copy less (run 124);
 - backward: the union kernels write dq and dk rotated back (RoPE's backward, in their epilogues,
   in float32) and dv straight into one (B, T, 3, H, D) gradient, the projection's output's.
 Measured on an H100 (runs 118–120): `_rope` 1.26 ms a step, the epilogues 0.3–0.5 ms, the step
-1.1–1.4 ms faster (train.py at 32K 62.6 against 63.7 ms in one call).
+1.1–1.4 ms faster (train.py at 32K 62.6 against 63.7 ms in one call); with v read in place
+`_rope` takes 0.86 ms (run 124).
 The same function as model.rotate on q and k and then the op (the GPU tests compare the two);
 every other case (another variant or layout, the CPU, float32) runs just that.
 
@@ -60,23 +62,24 @@ def attention(op, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_ca
 def attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segment_lengths: list[int],
            dilation_rates: list[int], head_split: bool, is_causal: bool,
            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out (B, T, H, D), LSE (B, T, H) float32, the rotated q/k/v (3, B, T, H, D) that backward reads)."""
-    B, T, _, H, D = qkv.shape
+    """(out (B, T, H, D), LSE (B, T, H) float32, the rotated q and k (2, B, T, H, D) that
+    backward reads, with v from qkv)."""
+    T, H, D = qkv.shape[1], qkv.shape[3], qkv.shape[4]
     rotated = fused.rotate_qk(qkv, cos, sin)
     lay = union.layout(T, H, D, segment_lengths, dilation_rates, head_split)
-    out, lse = union.forward(*rotated, lay, is_causal, scale)
+    out, lse = union.forward(*rotated, unit_last_stride(qkv).select(2, 2), lay, is_causal, scale)
     return out, lse, rotated
 
 
-def attend_backward(dout: torch.Tensor, rotated: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    out: torch.Tensor, lse: torch.Tensor, segment_lengths: list[int], dilation_rates: list[int],
-                    head_split: bool, is_causal: bool, scale: float) -> torch.Tensor:
-    """The gradient (B, T, 3, H, D) of attend's qkv, given its out, LSE and rotated q/k/v."""
-    _, B, T, H, D = rotated.shape
+def attend_backward(dout: torch.Tensor, qkv: torch.Tensor, rotated: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, segment_lengths: list[int],
+                    dilation_rates: list[int], head_split: bool, is_causal: bool, scale: float) -> torch.Tensor:
+    """The gradient (B, T, 3, H, D) of attend's qkv, given qkv and attend's out, LSE and rotated q and k."""
+    B, T, _, H, D = qkv.shape
     dqkv = torch.empty((B, T, 3, H, D), dtype=rotated.dtype, device=rotated.device)
     lay = union.layout(T, H, D, segment_lengths, dilation_rates, head_split)
-    union.backward(unit_last_stride(dout), *rotated, out, lse, lay, is_causal, scale,
-                   grads=dqkv.unbind(2), rope=(cos, sin))
+    union.backward(unit_last_stride(dout), *rotated, unit_last_stride(qkv).select(2, 2), out, lse, lay, is_causal,
+                   scale, grads=dqkv.unbind(2), rope=(cos, sin))
     return dqkv
 
 
@@ -88,21 +91,20 @@ rotary_dilated_attention_backward = torch.library.custom_op("longctx::rotary_dil
 @rotary_dilated_attention.register_fake
 def _(qkv, cos, sin, segment_lengths, dilation_rates, head_split, is_causal, scale):
     B, T, _, H, D = qkv.shape
-    return qkv.new_empty((B, T, H, D)), qkv.new_empty((B, T, H), dtype=torch.float32), qkv.new_empty((3, B, T, H, D))
+    return qkv.new_empty((B, T, H, D)), qkv.new_empty((B, T, H), dtype=torch.float32), qkv.new_empty((2, B, T, H, D))
 
 
 @rotary_dilated_attention_backward.register_fake
-def _(dout, rotated, cos, sin, out, lse, segment_lengths, dilation_rates, head_split, is_causal, scale):
-    _, B, T, H, D = rotated.shape
-    return rotated.new_empty((B, T, 3, H, D))
+def _(dout, qkv, rotated, cos, sin, out, lse, segment_lengths, dilation_rates, head_split, is_causal, scale):
+    return rotated.new_empty(qkv.shape)
 
 
 def _setup_context(ctx, inputs, output):
     qkv, cos, sin, *config = inputs
     out, lse, rotated = output
-    ctx.save_for_backward(rotated, cos, sin, out, lse)
+    ctx.save_for_backward(qkv, rotated, cos, sin, out, lse)
     ctx.config = config
-    ctx.set_materialize_grads(False)  # the LSE and the rotated q/k/v get no gradient
+    ctx.set_materialize_grads(False)  # the LSE and the rotated q and k get no gradient
 
 
 def _backward(ctx, dout, _dlse, _drotated):
@@ -119,7 +121,7 @@ class EagerRotaryAttention(torch.autograd.Function):
     def forward(ctx, qkv, cos, sin, config):
         with _label("longctx::rotary_dilated_attention"):
             out, lse, rotated = attend(qkv, cos, sin, *config)
-        ctx.save_for_backward(rotated, cos, sin, out, lse)
+        ctx.save_for_backward(qkv, rotated, cos, sin, out, lse)
         ctx.config = config
         return out
 
