@@ -1,6 +1,6 @@
 """Where one training step of the LongNet-size LM (12 × 768, 12 heads) spends its GPU time.
 
-python scripts/profile_step.py [T] [dilated|dense] [compile|graphs|autotune] [whole] [tune] [ckpt] [sync] [foreach]
+python scripts/profile_step.py [T] [dilated|dense] [compile|graphs|autotune] [whole] [tune] [ckpt] [sync] [foreach] [bf16res]
 — defaults: 32768 dilated, eager, no activation checkpointing; graphs = compile with
 mode="reduce-overhead", autotune with mode="max-autotune" (CUDA graphs and Inductor's own matmul
 templates, timed against cuBLAS); whole = compile the model after RoPE's angles
@@ -9,7 +9,10 @@ checkpointing, instead of each block (with ckpt); tune = Inductor's
 coordinate-descent tuning of its generated kernels' launch configs;
 sync = read the loss's finiteness on the host after the forward, before the backward is
 launched, as train.py's step did until run 115 (it now reads it after the backward is queued);
-foreach = AdamW's default multi-tensor step instead of the fused one train.py takes.
+foreach = AdamW's default multi-tensor step instead of the fused one train.py takes;
+bf16res = a bfloat16 residual stream (model.residual_dtype=bfloat16) instead of float32.
+PROFILE_TOP=N lists the N longest kernels (default 12); PROFILE_OPS=1 also profiles the CPU and
+lists the kernels by the op that launched them.
 dense = one branch w = T, r = 1 (exact dense causal attention through the same op). The step
 is train.py's without Lightning: bf16 autocast, cross-entropy, clip 1.0, AdamW. Prints the step
 time (CUDA events, no profiler), the GPU-busy time per step (kernels, profiler) and the kernel
@@ -59,7 +62,8 @@ def main():
     ws = [T] if dense else [w for w in (2048 << i for i in range(12)) if w <= T]
     rs = [1] if dense else [1 << i for i in range(len(ws))]
     model = LongNetLM(256, 768, 12, 12, ImprovedDilatedAttention, dict(segment_lengths=ws, dilation_rates=rs),
-                      activation_checkpointing=ckpt).cuda()
+                      activation_checkpointing=ckpt,
+                      residual_dtype=torch.bfloat16 if "bf16res" in sys.argv[3:] else None).cuda()
     whole = "whole" in sys.argv[3:]
     if compiled and whole:
         model.trunk = torch.compile(model.trunk, mode=mode if graphs else None)
@@ -83,7 +87,8 @@ def main():
 
     ms = timed(step, torch.device("cuda"), warmup=4, repeats=5, max_seconds=600)[0]
     n = 3
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    by_op = os.environ.get("PROFILE_OPS") == "1"  # which CPU op launched each kernel (a graph's replay for its own)
+    with profile(activities=[ProfilerActivity.CUDA, *([ProfilerActivity.CPU] if by_op else [])]) as prof:
         for _ in range(n):
             step()
         torch.cuda.synchronize()
@@ -95,7 +100,7 @@ def main():
     busy = sum(by_family.values())
     print(f"T={T} {'dense' if dense else 'dilated'} compile={compiled}{' whole' if whole else ''} graphs={graphs} "
           f"mode={mode if graphs else 'default'} tune={inductor_config.coordinate_descent_tuning} "
-          f"ckpt={ckpt} sync={sync} "
+          f"ckpt={ckpt} sync={sync} residual={model.residual_dtype or torch.float32} "
           f"fused_adamw={opt.defaults['fused'] is True}: step {ms:.1f} ms "
           f"({T / ms * 1e3:,.0f} tokens/s), GPU busy {busy:.1f} ms/step ({busy / ms:.0%}), "
           f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
@@ -103,6 +108,14 @@ def main():
         print(f"  {f:28s} {t:8.2f} ms  {t / busy:6.1%}")
     for k, t in by_kernel.most_common(int(os.environ.get("PROFILE_TOP", 12))):
         print(f"    {t:8.2f} ms  {k}")
+    if by_op:
+        launched = collections.Counter()
+        for e in prof.events():
+            for k in getattr(e, "kernels", []):
+                launched[f"{e.name[:40]} -> {k.name[:70]}"] += k.duration / 1e3 / n
+        print("  kernels by the CPU op that launched them:")
+        for k, t in launched.most_common(int(os.environ.get("PROFILE_TOP", 12))):
+            print(f"    {t:8.2f} ms  {k}")
 
 
 if __name__ == "__main__":
