@@ -282,7 +282,11 @@ class LongNetLM(nn.Module):
         in every block's rotation kernels (5.1 against 1.9 ms of a 32K step, docs/performance.md
         run 108)."""
         x = self.embed(idx)
-        if self.residual_dtype is not None:
+        if self.residual_dtype is not None and x.dtype != self.residual_dtype:
+            if not (torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == self.residual_dtype):
+                raise ValueError(f"residual_dtype={self.residual_dtype} needs {self.residual_dtype} parameters or "
+                                 f"torch.autocast({x.device.type!r}, {self.residual_dtype}); the parameters are {x.dtype} "
+                                 "and autocast is off or another dtype")
             x = x.to(self.residual_dtype)
         rope = functools.partial(rotate, cos=cos, sin=sin)  # as Rotary.rotation's
         chain = Chain() if self.offload_checkpoints and self.training and torch.is_grad_enabled() else None

@@ -219,6 +219,8 @@ def test_bfloat16_residual_stream(checkpointing, device):
     assert seen_low == [(torch.bfloat16, torch.bfloat16)] * 3
     if checkpointing:  # what a checkpointed block keeps: its input, in the stream's dtype
         assert saved_ref == {torch.float32} and saved_low == {torch.bfloat16}
+    with pytest.raises(ValueError, match="residual_dtype=torch.bfloat16 needs torch.bfloat16 parameters or torch.autocast"):
+        low(idx[:, :-1])  # float32 parameters, no autocast: the matmuls would get mixed dtypes
     torch.testing.assert_close(loss_low, loss_ref, rtol=2e-2, atol=0)
     for a, b in zip(grads_low, grads_ref):
         assert a.dtype == b.dtype == torch.float32  # the parameters' gradients stay float32
