@@ -187,17 +187,19 @@ def test_offloaded_checkpoints_need_checkpointing_and_eager_blocks():
                       offload_checkpoints=True, compile=True)
 
 
-@pytest.mark.parametrize("checkpointing, device", [
-    (False, "cpu"), (True, "cpu"), pytest.param(False, "cuda", marks=pytest.mark.gpu),
-])
-def test_bfloat16_residual_stream(checkpointing, device):
+@pytest.mark.parametrize("cls, checkpointing, device", [
+    (ImprovedDilatedAttention, False, "cpu"), (ImprovedDilatedAttention, True, "cpu"),
+    (ImprovedMultiheadDilatedAttention, False, "cpu"),
+    pytest.param(ImprovedDilatedAttention, False, "cuda", marks=pytest.mark.gpu),
+], ids=["core", "core-checkpointed", "multihead", "core-cuda"])
+def test_bfloat16_residual_stream(cls, checkpointing, device):
     """residual_dtype=torch.bfloat16 under bf16 autocast: every block takes and returns bfloat16
     (a checkpointed block saves its input as such, half the bytes), and the loss and gradients
     stay within bf16 rounding of the float32 stream's. Without it the stream is float32."""
     torch.manual_seed(0)
     kw = dict(segment_lengths=[8, 16], dilation_rates=[1, 2])
-    ref = LongNetLM(256, 32, 3, 4, ImprovedDilatedAttention, kw, activation_checkpointing=checkpointing).to(device)
-    low = LongNetLM(256, 32, 3, 4, ImprovedDilatedAttention, kw, activation_checkpointing=checkpointing,
+    ref = LongNetLM(256, 32, 3, 4, cls, kw, activation_checkpointing=checkpointing).to(device)
+    low = LongNetLM(256, 32, 3, 4, cls, kw, activation_checkpointing=checkpointing,
                     residual_dtype=torch.bfloat16).to(device)
     low.load_state_dict(ref.state_dict())
     idx = torch.randint(0, 256, (2, 33), device=device)
