@@ -25,6 +25,25 @@ def load_script(name: str):
     return module
 
 
+def compiled_targets(fn, *args):
+    """fn(*args) under torch.compile, the graph run eagerly through AOTAutograd (fake tensors and
+    the custom ops' backward registrations), and the call_function targets of Dynamo's graph and
+    of its submodules (checkpointed regions): (output, targets). Asserts one graph, no break."""
+    from functorch.compile import make_boxed_compiler
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return aot_autograd(fw_compiler=make_boxed_compiler(lambda g, _: g))(gm, example_inputs)
+    out = torch.compile(fn, backend=backend)(*args)
+    assert len(graphs) == 1, f"{len(graphs)} graphs: the model broke"
+    targets = [n.target for m in graphs[0].modules() if isinstance(m, torch.fx.GraphModule)
+               for n in m.graph.nodes if n.op == "call_function"]
+    return out, targets
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

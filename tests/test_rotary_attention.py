@@ -5,6 +5,7 @@ off and on."""
 import pytest
 import torch
 
+from conftest import compiled_targets
 from longctx import model as lm
 from longctx import rotary_attention
 from longctx.attention import ImprovedDilatedAttention, union
@@ -109,8 +110,6 @@ def test_compiled_model_runs_the_rotary_op_as_one_node(monkeypatch, checkpointin
     """Under torch.compile the rotary path is one custom-op node a block (its fake implementations
     giving the shapes, no graph break, checkpointed blocks included), with the loss and gradients
     of the eager model rotating q and k itself."""
-    from torch._functorch.aot_autograd import make_boxed_compiler
-
     torch._dynamo.reset()
     monkeypatch.setattr(union, "use", lambda q, lay: lay is not None)
     torch.manual_seed(0)
@@ -122,16 +121,9 @@ def test_compiled_model_runs_the_rotary_op_as_one_node(monkeypatch, checkpointin
     plain = torch.nn.functional.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[0, 1:])
     plain_grads = torch.autograd.grad(plain, params)
     monkeypatch.setattr(rotary_attention, "ENABLED", True)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return torch._dynamo.backends.common.aot_autograd(fw_compiler=make_boxed_compiler(lambda g, _: g))(gm, example_inputs)
-    loss = torch.nn.functional.cross_entropy(torch.compile(model, backend=backend)(idx[:, :-1]).flatten(0, 1), idx[0, 1:])
+    logits, targets = compiled_targets(model, idx[:, :-1])  # the checkpoints' nodes too
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx[0, 1:])
     grads = torch.autograd.grad(loss, params)
-    assert len(graphs) == 1
-    targets = [n.target for m in graphs[0].modules() if isinstance(m, torch.fx.GraphModule)  # checkpoints' too
-               for n in m.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.longctx.rotary_dilated_attention.default) == 2  # one a block
     assert torch.ops.longctx.dilated_attention.default not in targets
     torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-6)
