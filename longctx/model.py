@@ -101,6 +101,12 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return _Rotate.apply(x, cos, sin)
 
 
+def bound_rotation(cos: torch.Tensor, sin: torch.Tensor) -> functools.partial:
+    """rotate with its angles bound: the `rope` each block gets. CoreAttention reads the keywords
+    cos and sin back, to hand them to a fused op."""
+    return functools.partial(rotate, cos=cos, sin=sin)
+
+
 class Rotary(nn.Module):
     """RoPE (Su et al. 2021), half-split convention, angles in float32 for the positions in use,
     computed once per forward pass and shared by every block (no table kept between passes:
@@ -119,10 +125,8 @@ class Rotary(nn.Module):
         return angles.cos(), angles.sin()
 
     def rotation(self, seq_len: int, offset: int, device) -> functools.partial:
-        """rope(x) for x (B, seq_len, H, D) at global positions offset … offset + seq_len − 1: a
-        partial of rotate, whose keywords cos and sin CoreAttention hands to a fused op."""
-        cos, sin = self.angles(seq_len, offset, device)
-        return functools.partial(rotate, cos=cos, sin=sin)
+        """rope(x) for x (B, seq_len, H, D) at global positions offset … offset + seq_len − 1."""
+        return bound_rotation(*self.angles(seq_len, offset, device))
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """x: (B, l, H, D) at global positions offset … offset + l − 1."""
@@ -282,13 +286,13 @@ class LongNetLM(nn.Module):
         in every block's rotation kernels (5.1 against 1.9 ms of a 32K step, docs/performance.md
         run 108)."""
         x = self.embed(idx)
-        if self.residual_dtype is not None and x.dtype != self.residual_dtype:
-            if not (torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) == self.residual_dtype):
-                raise ValueError(f"residual_dtype={self.residual_dtype} needs {self.residual_dtype} parameters or "
-                                 f"torch.autocast({x.device.type!r}, {self.residual_dtype}); the parameters are {x.dtype} "
-                                 "and autocast is off or another dtype")
-            x = x.to(self.residual_dtype)
-        rope = functools.partial(rotate, cos=cos, sin=sin)  # as Rotary.rotation's
+        want, kind = self.residual_dtype, x.device.type
+        if want is not None and x.dtype != want:
+            if not (torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == want):
+                raise ValueError(f"residual_dtype={want} needs {want} parameters or torch.autocast({kind!r}, {want}); "
+                                 f"the parameters are {x.dtype} and autocast is off or another dtype")
+            x = x.to(want)
+        rope = bound_rotation(cos, sin)
         chain = Chain() if self.offload_checkpoints and self.training and torch.is_grad_enabled() else None
         for block in self.blocks:
             x = block(x, rope, chain)
