@@ -53,9 +53,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.norm_available(x, self.weight):  # eager on a GPU: one Triton kernel each way
+            return fused.rms_norm(x, self.weight, self.eps)
         # The weight in x's dtype: a bfloat16 residual stream under autocast (LongNetLM's
         # residual_dtype) would otherwise leave the fused kernel for the composite one.
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+
+    def add(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + a, this norm of it): the residual add and the norm after it, as one kernel each
+        way when eager on a GPU (fused.add_rms_norm), else the plain sum and forward."""
+        if fused.norm_available(x, self.weight, a):
+            return fused.add_rms_norm(x, a, self.weight, self.eps)
+        h = x + a
+        return h, self(h)
 
 
 def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -222,8 +232,8 @@ class Block(nn.Module):
         return self._forward(x, rope)
 
     def _forward(self, x: torch.Tensor, rope) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope)
-        return x + self.mlp(self.norm2(x))
+        h, y = self.norm2.add(x, self.attn(self.norm1(x), rope))
+        return h + self.mlp(y)
 
 
 class LongNetLM(nn.Module):

@@ -72,19 +72,76 @@ def test_rope_matches_its_definition_on_a_strided_view(dtype, tol):
     assert dqkv[:, :, 1:].abs().max() == 0  # k and v get no gradient from q's rotation
 
 
-def test_model_with_fused_kernels_matches_the_plain_model(monkeypatch):
+def rms_norm_ref(h, w, eps):
+    """h / sqrt(mean(h²) + eps) · w over the last dim, in float64."""
+    h = h.double()
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+
+
+@pytest.mark.parametrize("add", [False, True], ids=["norm", "add-norm"])
+@pytest.mark.parametrize("dtypes, tol", [((torch.float32, torch.float32), 1e-6), ((torch.float32, torch.bfloat16), 1e-6),
+                                         ((torch.bfloat16, torch.bfloat16), 1e-2)], ids=["float32", "mixed", "bfloat16"])
+@pytest.mark.parametrize("width", [48, 100], ids=["pow2-block", "masked"])
+def test_rms_norm_matches_its_definition(add, dtypes, tol, width):
+    """rms_norm and add_rms_norm (h = x + a in the promoted dtype, then the norm of h) with their
+    gradients: x's, a's (the norm's plus what reaches h from its other use, gh) and the weight's,
+    summed over 11 rows that the backward's programs split into runs with a ragged last one."""
+    x_dtype, a_dtype = dtypes
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(1, 11, width, generator=g) * 2).to(DEVICE, x_dtype).requires_grad_()
+    a = torch.randn(1, 11, width, generator=g).to(DEVICE, a_dtype).requires_grad_()
+    w = (1 + torch.randn(width, generator=g) / 4).to(DEVICE).requires_grad_()
+    gy, gh = (torch.randn(1, 11, width, generator=g).to(DEVICE) for _ in range(2))
+    if add:
+        h, y = fused.add_rms_norm(x, a, w, 1e-5)
+        loss = (y.double() * gy.double()).sum() + (h.double() * gh.double()).sum()
+        grads = torch.autograd.grad(loss, [x, a, w])
+    else:
+        h, y = x, fused.rms_norm(x, w, 1e-5)
+        grads = torch.autograd.grad((y.double() * gy.double()).sum(), [x, w])
+    xr, ar, wr = (t.detach().double().requires_grad_() for t in (x, a, w))
+    hr = (xr + ar).to(h.dtype).double() if add else xr  # the sum is rounded to the stream's dtype
+    yr = rms_norm_ref(hr, wr, 1e-5)
+    ref_loss = (yr * gy.double()).sum() + ((hr * gh.double()).sum() if add else 0)
+    refs = torch.autograd.grad(ref_loss, [xr, ar, wr] if add else [xr, wr])
+    assert y.dtype == x_dtype and h.dtype == torch.promote_types(x_dtype, a_dtype if add else x_dtype)
+    assert (y.double() - yr).abs().max() <= tol * yr.abs().max()
+    if add:  # the sum rounded once to h's dtype (Triton's interpreter may round a bfloat16 one ulp off)
+        torch.testing.assert_close(h.double(), hr, rtol=2 ** -7 if h.dtype == torch.bfloat16 else 0, atol=0)
+    for got, want, t in zip(grads, refs, [x, a, w] if add else [x, w]):  # each rounded to its input's dtype
+        assert got.dtype == t.dtype
+        assert (got.double() - want).abs().max() <= (1e-2 if t.dtype == torch.bfloat16 else tol) * want.abs().max()
+
+
+def test_rms_norm_returns_autocasts_dtype():
+    """Under autocast the normalised rows come out in autocast's dtype (the next matmul would
+    cast them to it), computed from float32 rows with a float32 weight."""
+    x = torch.randn(3, 40, device=DEVICE)
+    w = torch.rand(40, device=DEVICE) + 0.5
+    with torch.autocast(torch.device(DEVICE).type, torch.bfloat16):
+        y = fused.rms_norm(x, w, 1e-5)
+        h, y2 = fused.add_rms_norm(x, x, w, 1e-5)
+    assert y.dtype == y2.dtype == torch.bfloat16 and h.dtype == torch.float32
+    torch.testing.assert_close(y, rms_norm_ref(x, w, 1e-5).to(torch.bfloat16), rtol=0, atol=0.02)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_model_with_fused_kernels_matches_the_plain_model(monkeypatch, checkpointing):
     """The same LongNetLM (float32) with and without the fused kernels: the same loss and
     gradients. On CPU the kernels are forced on (the interpreter runs them)."""
     torch.manual_seed(0)
     model = LongNetLM(256, 32, 2, 4, ImprovedDilatedAttention,
-                      dict(segment_lengths=[8, 16], dilation_rates=[1, 2]), mlp_hidden=40).to(DEVICE)
+                      dict(segment_lengths=[8, 16], dilation_rates=[1, 2]), mlp_hidden=40,
+                      activation_checkpointing=checkpointing).to(DEVICE)
     idx = torch.randint(0, 256, (1, 21), device=DEVICE)
     results, calls = [], []
     for use in (False, True):
         monkeypatch.setattr(fused, "available", lambda x, use=use: calls.append(use) or use)
         loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[0, 1:])
         results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
-    assert calls.count(True) == 2 * 3  # per block: q and k rotated, one SwiGLU
+    # per block: q and k rotated, one SwiGLU, norm1 (x) and norm2 with its add (x and a), each
+    # once more when checkpointing recomputes the block; then the final norm
+    assert calls.count(True) == 2 * 6 * (1 + checkpointing) + 1
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
     for a, b in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
