@@ -97,7 +97,6 @@ if triton is not None:
         tl.store(dst, (x1 * c - x2 * s).to(out_ptr.dtype.element_ty), mask=live)
         tl.store(dst + HALF, (x2 * c + x1 * s).to(out_ptr.dtype.element_ty), mask=live)
 
-
     @triton.jit
     def _rms_fwd(x_ptr, a_ptr, h_ptr, y_ptr, w_ptr, rstd_ptr, eps, E: tl.constexpr, ADD: tl.constexpr,
                  BLOCK: tl.constexpr):
@@ -217,7 +216,7 @@ def norm_available(x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor | None
     """Whether the model's RMSNorm (and the residual add a before it) should run these kernels:
     eager (Inductor fuses the plain expressions), available() for x and a, rows of at most
     RMS_MAX_WIDTH, a float weight of the rows' width and a of x's shape."""
-    return (not torch.compiler.is_compiling() and available(x) and x.shape[-1] <= RMS_MAX_WIDTH
+    return (not torch.compiler.is_compiling() and available(x) and 0 < x.numel() and x.shape[-1] <= RMS_MAX_WIDTH
             and weight.shape == x.shape[-1:] and weight.dtype in DTYPES
             and (a is None or (a.shape == x.shape and available(a))))
 

@@ -79,13 +79,14 @@ def rms_norm_ref(h, w, eps):
 
 
 @pytest.mark.parametrize("add", [False, True], ids=["norm", "add-norm"])
-@pytest.mark.parametrize("dtypes, tol", [((torch.float32, torch.float32), 1e-6), ((torch.float32, torch.bfloat16), 1e-6),
+@pytest.mark.parametrize("dtypes, tol", [((torch.float32, torch.float32), 1e-6),
+                                         ((torch.float32, torch.bfloat16), 1e-6),
                                          ((torch.bfloat16, torch.bfloat16), 1e-2)], ids=["float32", "mixed", "bfloat16"])
 @pytest.mark.parametrize("width", [48, 100], ids=["pow2-block", "masked"])
 def test_rms_norm_matches_its_definition(add, dtypes, tol, width):
     """rms_norm and add_rms_norm (h = x + a in the promoted dtype, then the norm of h) with their
     gradients: x's, a's (the norm's plus what reaches h from its other use, gh) and the weight's,
-    summed over 11 rows that the backward's programs split into runs with a ragged last one."""
+    summed over 11 rows (on the CPU the backward runs six programs of two rows, the last ragged)."""
     x_dtype, a_dtype = dtypes
     g = torch.Generator().manual_seed(2)
     x = (torch.randn(1, 11, width, generator=g) * 2).to(DEVICE, x_dtype).requires_grad_()
@@ -113,7 +114,7 @@ def test_rms_norm_matches_its_definition(add, dtypes, tol, width):
         assert (got.double() - want).abs().max() <= (1e-2 if t.dtype == torch.bfloat16 else tol) * want.abs().max()
 
 
-def test_rms_norm_returns_autocasts_dtype():
+def test_rms_norm_returns_rows_in_autocast_dtype():
     """Under autocast the normalised rows come out in autocast's dtype (the next matmul would
     cast them to it), computed from float32 rows with a float32 weight."""
     x = torch.randn(3, 40, device=DEVICE)
