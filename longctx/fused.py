@@ -107,9 +107,9 @@ if triton is not None:
         live = c < E
         h = tl.load(x_ptr + r * E + c, mask=live, other=0.0).to(tl.float32)
         if ADD:
-            h += tl.load(a_ptr + r * E + c, mask=live, other=0.0).to(tl.float32)
-            tl.store(h_ptr + r * E + c, h.to(h_ptr.dtype.element_ty), mask=live)
-            h = h.to(h_ptr.dtype.element_ty).to(tl.float32)
+            h = (h + tl.load(a_ptr + r * E + c, mask=live, other=0.0).to(tl.float32)).to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + r * E + c, h, mask=live)
+            h = h.to(tl.float32)
         rstd = tl.math.rsqrt(tl.sum(h * h, 0) / E + eps)
         w = tl.load(w_ptr + c, mask=live, other=0.0).to(tl.float32)
         tl.store(y_ptr + r * E + c, (h * rstd * w).to(y_ptr.dtype.element_ty), mask=live)
@@ -222,7 +222,7 @@ def norm_available(x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor | None
 
 
 def _rms_forward(x, a, weight, eps, out_dtype):
-    """(h, y, rstd): h = x + a (x itself without a), y = RMSNorm(h) in out_dtype, rstd per row."""
+    """(h, y, rstd): h = x + a (without a, x itself, contiguous), y = RMSNorm(h) in out_dtype, rstd per row."""
     E, x = x.shape[-1], x.contiguous()
     n = x.numel() // E
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
@@ -255,8 +255,7 @@ def _rms_backward(h, rstd, weight, gy, gh, x_dtype, a_dtype):
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, out_dtype):
-        x = x.contiguous()
-        _, y, rstd = _rms_forward(x, None, weight, eps, out_dtype)
+        x, y, rstd = _rms_forward(x, None, weight, eps, out_dtype)  # x as the kernel read it, contiguous
         ctx.save_for_backward(x, rstd, weight)
         return y
 
