@@ -55,6 +55,10 @@ for s in $stages; do
           *) echo "E2E_CASES: unknown case $c (one of: $cases)" ;;
         esac
       done ;;
+    opcompare)  # issue 7 target 1: the op against dense SDPA, forward+backward in one CUDA graph each (random dO):
+      # the long preset at 64K-256K, the seed preset's 8K with head_split at batch 1, 2 and 4
+      (cd scripts && python3 -c "import union_probe as u; [u.compare(T) for T in (65536, 131072, 262144)]
+[u.compare(8192, B, u.SEED) for B in (1, 2, 4)]") 2>&1 | grep -v -i warn | tee "$OUT/opcompare.txt" ;;
     profile) python3 scripts/profile_op.py 8192 1 2>&1 | tee "$OUT/profile.txt" | tail -n 22
       python3 scripts/profile_op.py 65536 0 long 2>&1 | tee "$OUT/profile_long.txt" | tail -n 22 ;;
     stride) python3 scripts/stride_probe.py 65536 2 2>&1 | tee "$OUT/stride.txt" ;;
@@ -152,6 +156,21 @@ for s in $stages; do
           --trainer.enable_progress_bar=false --trainer.callbacks.skip_steps=3 \
           --trainer.default_root_dir="$OUT/variants" ${VARIANTS_EXTRA:-} > "$log" 2>&1
         echo "$v (checkpointing=$ckpt) rc=$? wall $(( $(date +%s) - start )) s: $(grep -h 'fit summary' "$log" || grep -h -m3 -E 'Error|error' "$log")"
+      done ;;
+    clocks)  # issue 7: long 32K runs (configs/graphs.yaml) with the GPU's clocks, power and temperature
+      # sampled beside them (scripts/clock_windows.py); CLOCK_RUNS: residual dtype:steps, in order
+      q=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active
+      nvidia-smi --query-gpu=$q --format=csv,noheader > /dev/null 2>&1 || q=${q/clocks_event/clocks_throttle}
+      for spec in ${CLOCK_RUNS:-bfloat16:600 float32:600 bfloat16:300}; do
+        r=${spec%:*} steps=${spec#*:} dir="$OUT/clocks/$r-$(date +%s)"; mkdir -p "$dir"
+        { echo "# epoch $(date +%s.%N)"; exec nvidia-smi --query-gpu=$q --format=csv,noheader,nounits -lms 250; } > "$dir/smi.csv" &
+        smi=$!
+        timeout 420 python3 train.py fit --config configs/longnet.yaml --config configs/seq/32k.yaml --config configs/graphs.yaml \
+          --model.residual_dtype=$r --trainer.max_steps=$steps --trainer.limit_val_batches=0 \
+          --trainer.enable_progress_bar=false --trainer.callbacks.skip_steps=3 --trainer.default_root_dir="$dir" > "$dir/train.log" 2>&1
+        echo "residual $r, $steps steps rc=$?: $(grep -h 'fit summary' "$dir/train.log" | cut -c1-200 || tail -n 3 "$dir/train.log")"
+        kill $smi; wait $smi 2> /dev/null
+        python3 scripts/clock_windows.py "$(dirname "$(find "$dir" -name 'events.out.tfevents.*' | head -n 1)")" "$dir/smi.csv" 50
       done ;;
     fusedab)  # longctx/fused.py's kernels (1) against the plain expressions (0), eager: a 32K step's profile, a 1M step
       for f in 0 1; do

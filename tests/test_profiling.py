@@ -153,6 +153,36 @@ def test_trace_gaps_finds_the_idle_gpu_and_the_launch_that_ended_it(tmp_path):
     assert gap["where"] == ["backward"] and gap["next"] == "bwd"
 
 
+def test_clock_windows_lines_up_gpu_samples_with_step_windows(tmp_path):
+    """scripts/clock_windows.py on a hand-made nvidia-smi log (local timestamps, offset by its
+    epoch line) and hand-made steps: each window gets the samples taken during its steps only."""
+    from datetime import datetime
+
+    from conftest import load_script
+
+    clock_windows = load_script("clock_windows")
+    epoch = 1_000_000.0
+    stamp = lambda t: datetime.fromtimestamp(t).strftime("%Y/%m/%d %H:%M:%S.%f")[:-3]  # noqa: E731
+    lines = [f"# epoch {epoch}", "timestamp, clocks.sm [MHz], ...",  # a header line is skipped
+             f"{stamp(epoch)}, 1980, 2619, 100.00, 40, 0x0000000000000001",  # before step 2 ends: no window
+             f"{stamp(epoch + 2.5)}, 1000, 2619, 300.00, 45, 0x0000000000000020",  # during step 2: no window
+             f"{stamp(epoch + 3.5)}, 1900, 2619, 690.00, 55, 0x0000000000000004",  # steps 3-4
+             f"{stamp(epoch + 4.5)}, 1800, 2619, 700.00, 57, 0x0000000000000004",  # steps 3-4
+             f"{stamp(epoch + 5.5)}, 1700, 2600, 650.00, 60, 0x0000000000000008",  # step 5
+             f"{stamp(epoch + 6.5)}, [N/A], 2619, 1.00, 1, 0x0"]  # unreadable: skipped
+    (tmp_path / "smi.csv").write_text("\n".join(lines) + "\n")
+    smi = clock_windows.read_smi(str(tmp_path / "smi.csv"))
+    assert len(smi) == 5 and abs(smi[2][0] - (epoch + 3.5)) < 1e-3  # the first sample anchors the offset
+    # steps 0..5 end at epoch + 1 … epoch + 6, taking 100, 200, …, 600 ms
+    steps = [SimpleNamespace(step=i, value=100.0 * (i + 1), wall_time=epoch + 1 + i) for i in range(6)]
+    first, second = clock_windows.windows(steps, smi, per=5)
+    assert (first["first"], first["last"], first["median_ms"], first["samples"]) == (3, 4, 450.0, 2)
+    assert (first["sm_mhz"], first["sm_min"], first["watts_max"], first["temp_max"]) == (1850, 1800, 700, 57)
+    assert first["reasons"] == 0x4
+    assert (second["first"], second["last"], second["samples"], second["reasons"]) == (5, 5, 1, 0x8)
+    assert second["mem_mhz"] == 2600
+
+
 def test_benchmark_under_torchrun_runs_the_ring_on_two_ranks(tmp_path):
     import subprocess
     import sys
