@@ -168,9 +168,11 @@ for s in $stages; do
         timeout 420 python3 train.py fit --config configs/longnet.yaml --config configs/seq/32k.yaml --config configs/graphs.yaml \
           --model.residual_dtype=$r --trainer.max_steps=$steps --trainer.limit_val_batches=0 \
           --trainer.enable_progress_bar=false --trainer.callbacks.skip_steps=3 --trainer.default_root_dir="$dir" > "$dir/train.log" 2>&1
-        echo "residual $r, $steps steps rc=$?: $(grep -h 'fit summary' "$dir/train.log" | cut -c1-200 || tail -n 3 "$dir/train.log")"
+        echo "residual $r, $steps steps rc=$?: $(grep -h 'fit summary' "$dir/train.log" \
+          | grep -oE '"(median_step_ms|median_mfu|peak_alloc_gib)": [0-9.]+' | tr '\n' ' ' || tail -n 3 "$dir/train.log")"
         kill $smi; wait $smi 2> /dev/null
-        python3 scripts/clock_windows.py "$(dirname "$(find "$dir" -name 'events.out.tfevents.*' | head -n 1)")" "$dir/smi.csv" 50
+        events=$(find "$dir" -name 'events.out.tfevents.*' | head -n 1)
+        [ -n "$events" ] && python3 scripts/clock_windows.py "$(dirname "$events")" "$dir/smi.csv" 50
       done ;;
     fusedab)  # longctx/fused.py's kernels (1) against the plain expressions (0), eager: a 32K step's profile, a 1M step
       for f in 0 1; do
