@@ -239,7 +239,7 @@ def _rms_backward(h, rstd, weight, gy, gh, x_dtype, a_dtype):
     over a run of rows, write the weight's gradient per program; one sum adds them."""
     E = h.shape[-1]
     n = h.numel() // E
-    sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.device.type == "cuda" else 1
+    sms = combine.sm_count(h.device.index) if h.device.type == "cuda" else 1
     programs = min(n, 8 * sms)
     rows = triton.cdiv(n, programs)
     programs = triton.cdiv(n, rows)

@@ -1,5 +1,6 @@
 """A training run's step times beside the GPU's clocks, power and temperature, window by window:
-whether a long run's slower steps come with lower clocks (docs/performance.md, runs 130, 133 and 136; gpu_check.sh's `clocks` stage).
+whether a long run's slower steps come with lower clocks (docs/performance.md, runs 130, 133 and
+136; gpu_check.sh's `clocks` stage).
 
 python scripts/clock_windows.py RUN_FOLDER SMI_CSV [STEPS_PER_WINDOW]
 

@@ -22,6 +22,7 @@ Runs on CUDA, and on CPU tensors through Triton's interpreter (tests only: it is
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -49,6 +50,12 @@ ENABLED = os.environ.get("LONGCTX_COMBINE", "1") != "0"
 def compiled_triton(device: torch.device) -> bool:
     """Whether Triton kernels run compiled on this device: CUDA with Triton >= 3.6, not interpreted."""
     return SUPPORTED and device.type == "cuda" and not INTERPRETED
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device `index` (asked on launch paths, so cached)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def available(device: torch.device) -> bool:

@@ -43,7 +43,7 @@ from typing import NamedTuple
 import torch
 
 from .branches import head_groups
-from .combine import SUPPORTED, compiled_triton
+from .combine import SUPPORTED, compiled_triton, sm_count
 
 if SUPPORTED:
     from .union_kernels import KERNELS
@@ -131,7 +131,7 @@ def config_for(x: torch.Tensor, lay: Layout) -> dict:
     SMALL_CONFIG where few_tiles on x's GPU."""
     if not lay.split:
         return CONFIG
-    if x.device.type == "cuda" and few_tiles(*x.shape[:3], lay.n, _sms(x.device.index)):
+    if x.device.type == "cuda" and few_tiles(*x.shape[:3], lay.n, sm_count(x.device.index)):
         return SMALL_CONFIG
     return SPLIT_CONFIG
 
@@ -147,11 +147,6 @@ def _split_rows(T: int, H: int, n: int) -> int:
     """Rows a batch element keeps under head_split: Σ over heads of T / 2^(its branch). (The
     threshold stays outside the cache, so SMALL_TILES can change: tests set it to 0.)"""
     return sum(len(heads) * T >> i for i, heads in enumerate(head_groups(H, n, True)))
-
-
-@functools.lru_cache(maxsize=None)
-def _sms(index) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _strides(*xs: torch.Tensor) -> list[int]:
