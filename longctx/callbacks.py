@@ -40,7 +40,8 @@ class StepStatsMonitor(L.Callback):
 
     Args:
         peak_tflops: the device's peak TFLOP/s for MFU; default: Lightning's table of GPUs.
-        skip_steps: first steps left out of the summary (compilation, allocator warm-up).
+        skip_steps: first steps of each fit left out of the summary (compilation, allocator
+            warm-up), also of a resumed one.
     """
 
     def __init__(self, peak_tflops: float | None = None, skip_steps: int = 3):
@@ -50,10 +51,12 @@ class StepStatsMonitor(L.Callback):
         self.peak_alloc = 0.0
         self.device: torch.device | None = None
         self._last: float | None = None
+        self._first_step = 0  # global_step when this fit started (non-zero when resumed)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last = None
         self.step_ms, self.tokens_per_s = [], []
+        self._first_step = trainer.global_step
         self.device = pl_module.device  # Lightning may move the module off the GPU before on_fit_end
         if self.peak_tflops is None:
             flops = peak_flops(pl_module.device, trainer.precision)
@@ -89,7 +92,7 @@ class StepStatsMonitor(L.Callback):
         # H100, 102 -> 95 ms a step at 32K, 365 -> 339 ms at 128K: docs/performance.md runs 25, 27).
         pl_module.log_dict({k: torch.tensor(v) for k, v in stats.items()}, on_step=True, on_epoch=False,
                            batch_size=batch["tokens"].shape[0])
-        if trainer.global_step > self.skip_steps:
+        if trainer.global_step - self._first_step > self.skip_steps:
             self.step_ms.append(stats["perf/step_ms"])
             self.tokens_per_s.append(stats["perf/tokens_per_s"])
 
@@ -97,6 +100,8 @@ class StepStatsMonitor(L.Callback):
         self._last = None  # validation time is not a training step
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        # Every rank asks: trainer.log_dir broadcasts rank 0's folder under DDP.
+        folder = trainer.log_dir or trainer.default_root_dir
         if not self.step_ms or trainer.global_rank != 0:
             return
         summary = {"variant": getattr(pl_module, "variant", None), "seq_len": pl_module.hparams.get("seq_len"),
@@ -109,7 +114,6 @@ class StepStatsMonitor(L.Callback):
             summary["median_tflops"] = pl_module.flops_per_batch / (summary["median_step_ms"] * 1e-3) / 1e12
             if self.peak_tflops:
                 summary["median_mfu"] = summary["median_tflops"] / self.peak_tflops
-        folder = trainer.log_dir or trainer.default_root_dir
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import warnings
 
 import lightning as L
 import numpy as np
@@ -19,55 +20,16 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from torchmetrics import MeanMetric, Metric
 
 from .attention import RingDilatedAttention, RingMultiheadDilatedAttention
-from .attention.branches import is_positive_int, validate_branches
 from .attention.ring import ring_layout
 from .distributed import Layout, check_layout, context_parallel_group
+from .hparams import BF16_PRECISIONS, GRAPH_MODES, RESIDUAL_DTYPES, check_hparams
 from .model import LongNetLM, resolve_attention, variant_name
+from .resume import check_architecture
 
 
-# torch.compile's modes; "reduce-overhead" (and "max-autotune") also replay each compiled block
-# as CUDA graphs.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-GRAPH_MODES = ("reduce-overhead", "max-autotune")
-# model.residual_dtype: float32 keeps the embedding's dtype (float32 under mixed precision).
-RESIDUAL_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
-BF16_PRECISIONS = ("bf16-mixed", "bf16-true")
-
-
-def check_hparams(h) -> None:
-    """Every problem of the model/optimiser settings in one ValueError naming the keys."""
-    problems = []
-    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "seq_len"):
-        v = h[key]
-        if not is_positive_int(v):
-            problems.append(f"model.{key}={v!r} must be a positive integer")
-    if not problems and h["d_model"] % h["n_heads"]:
-        problems.append(f"model.d_model={h['d_model']} is not divisible by model.n_heads={h['n_heads']}")
-    try:
-        ws, _ = validate_branches(h["segment_lengths"], h["dilation_rates"])
-        if h["head_split"] and isinstance(h["n_heads"], int) and h["n_heads"] < len(ws):
-            problems.append(f"model.head_split=true needs model.n_heads >= {len(ws)} branches, got {h['n_heads']}")
-    except ValueError as e:
-        problems.append(f"model.segment_lengths/model.dilation_rates: {e}")
-    if h["mlp_chunk_tokens"] is not None and not is_positive_int(h["mlp_chunk_tokens"]):
-        problems.append(f"model.mlp_chunk_tokens={h['mlp_chunk_tokens']!r} must be a positive integer or null")
-    if not (isinstance(h["lr"], (int, float)) and h["lr"] > 0 and math.isfinite(h["lr"])):
-        problems.append(f"model.lr={h['lr']!r} must be a positive number")
-    if h["warmup_steps"] < 0:
-        problems.append(f"model.warmup_steps={h['warmup_steps']} must be >= 0")
-    if h["decay_steps"] is not None and h["decay_steps"] < 1:
-        problems.append(f"model.decay_steps={h['decay_steps']} must be >= 1 (or null for trainer.max_steps)")
-    if h["weight_decay"] < 0 or not 0 <= h["min_lr_ratio"] <= 1:
-        problems.append(f"model.weight_decay={h['weight_decay']} must be >= 0 and model.min_lr_ratio="
-                        f"{h['min_lr_ratio']} in [0, 1]")
-    if h["compile_mode"] not in COMPILE_MODES:
-        problems.append(f"model.compile_mode={h['compile_mode']!r} must be one of {list(COMPILE_MODES)}")
-    if h["residual_dtype"] not in RESIDUAL_DTYPES:
-        problems.append(f"model.residual_dtype={h['residual_dtype']!r} must be one of {list(RESIDUAL_DTYPES)}")
-    if h["context_parallel_size"] is not None and h["context_parallel_size"] < 1:
-        problems.append(f"model.context_parallel_size={h['context_parallel_size']} must be >= 1 (or null)")
-    if problems:
-        raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+# The validation metrics are torchmetrics states, summed over ranks when computed: Lightning's
+# advice to all-reduce them again (sync_dist=True) would average equal numbers.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/", category=UserWarning)
 
 
 class BucketAccuracy(Metric):
@@ -152,7 +114,10 @@ class LongContextLM(L.LightningModule):
         self.passkey_acc = BucketAccuracy(passkey_buckets)
         self.flops_per_batch = 0
         self.nonfinite_skips = 0
-        self._loss_read = None  # (host pair, event) from training_step, read in on_after_backward
+        self._loss_read = None  # (host triple, event) from training_step, read in on_after_backward
+        self.signal_received = 0  # a stop signal's number, set by preemption.StopOnSignal's handler
+        self.stop_signal = 0  # the same agreed by every rank, after this step's loss read
+        self._optimizer_settings: list[dict] = []  # this run's, before a checkpoint's are loaded
         self._drop_step = False  # a non-finite loss in this step, skipped (skip_nonfinite)
 
     # -- context parallel ---------------------------------------------------------------------
@@ -226,19 +191,22 @@ class LongContextLM(L.LightningModule):
         return loss
 
     def _queue_loss_read(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """This rank's loss and whether it is finite on every rank, copied to pinned host memory
+        """Whether the loss is finite on every rank, the largest stop signal any rank received
+        (negated, so that one MIN reduces both) and this rank's loss, copied to pinned host memory
         behind the forward, with an event to wait for: on_after_backward reads them once the
         backward is queued too, so the GPU never waits for the host between forward and backward
         (reading here cost 2.7 ms of a 67 ms step at 32K with one CUDA graph a direction,
         docs/performance.md run 114). The decision to stop or skip must be collective, or the
-        ranks that carry on hang in DDP's all-reduce."""
+        ranks that carry on hang in DDP's all-reduce; so must a stop on a signal, which may reach
+        only one rank (Kubernetes signals the main process)."""
         detached = loss.detach().float()
-        pair = torch.stack([torch.isfinite(detached).float(), detached])
+        triple = torch.stack([torch.isfinite(detached).float(), detached.new_full((), -float(self.signal_received)),
+                              detached])
         if self.layout.world_size > 1 and dist.is_initialized():
-            dist.all_reduce(pair[:1], op=dist.ReduceOp.MIN)
-        if not pair.is_cuda:
-            return pair, None
-        host = pair.to("cpu", non_blocking=True)  # into pinned memory, no wait
+            dist.all_reduce(triple[:2], op=dist.ReduceOp.MIN)
+        if not triple.is_cuda:
+            return triple, None
+        host = triple.to("cpu", non_blocking=True)  # into pinned memory, no wait
         event = torch.cuda.Event()
         event.record()
         return host, event
@@ -251,7 +219,8 @@ class LongContextLM(L.LightningModule):
         host, event = self._loss_read
         if event is not None:
             event.synchronize()
-        finite, value = host.tolist()
+        finite, negated_signal, value = host.tolist()
+        self.stop_signal = int(-negated_signal)
         if self.hparams.skip_nonfinite:  # a cumulative count, every step
             self.nonfinite_skips += finite != 1.0
             self.log("train/nonfinite_skips", torch.tensor(float(self.nonfinite_skips)))
@@ -289,6 +258,23 @@ class LongContextLM(L.LightningModule):
             self._drop_step = False
 
     # -- checkpoints --------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        """Runs after configure_optimizers and before a checkpoint's optimizer state is loaded."""
+        self._optimizer_settings = [{k: v for k, v in g.items() if k != "params"}
+                                    for opt in self.trainer.optimizers for g in opt.param_groups]
+
+    def on_train_start(self) -> None:
+        """A resumed run keeps the checkpoint's moments and step counts, but its optimiser
+        settings are this command's: loading an optimizer's state also loads the saved learning
+        rate, betas and weight decay, and LambdaLR's state the saved base rate (its schedule
+        function, a closure, is not saved and is this run's already)."""
+        if not self.trainer.ckpt_path:
+            return
+        opt, sched = self.trainer.optimizers[0], self.trainer.lr_scheduler_configs[0].scheduler
+        for i, (group, settings) in enumerate(zip(opt.param_groups, self._optimizer_settings)):
+            group.update(settings, lr=settings["initial_lr"] * sched.lr_lambdas[i](sched.last_epoch))
+        sched.base_lrs = [settings["initial_lr"] for settings in self._optimizer_settings]
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         bad = [n for n, p in self.named_parameters() if not torch.isfinite(p).all()]
         if bad:
@@ -302,6 +288,9 @@ class LongContextLM(L.LightningModule):
         checkpoint["nonfinite_skips"] = self.nonfinite_skips
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # train.py has put the checkpoint's architecture into these settings already: this
+        # catches a checkpoint given to Trainer.fit from Python, before its weights fail to load.
+        check_architecture(self.hparams, checkpoint.get("hyper_parameters", {}), "the checkpoint")
         states = checkpoint.get("rng_states")
         if states:  # dropout and anything else random continue as if never interrupted
             torch.set_rng_state(states["torch"])

@@ -1,4 +1,7 @@
-"""Test-only Lightning callbacks, importable by class_path when tests/ is on PYTHONPATH."""
+"""Test-only Lightning callbacks and checkpoint plugins, importable by class_path when tests/ is
+on PYTHONPATH."""
+import errno
+import io
 import os
 
 import lightning as L
@@ -31,12 +34,28 @@ class RecordFirstStep(L.Callback):
 
 
 class LogLosses(L.Callback):
-    """Appends "global_step loss" per training step to $LOSS_LOG (rank 0), flushed at once."""
+    """Appends "global_step loss lr" per training step to $LOSS_LOG (rank 0), flushed at once:
+    the loss of the step just taken and the learning rate it used."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lr = trainer.optimizers[0].param_groups[0]["lr"]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_rank == 0 and outputs is not None:
             with open(os.environ["LOSS_LOG"], "a") as f:
-                f.write(f"{trainer.global_step} {outputs['loss'].item():.8f}\n")
+                f.write(f"{trainer.global_step} {outputs['loss'].item():.8f} {self.lr!r}\n")
+
+
+class SignalAtStep(L.Callback):
+    """Sends `signum` to this process once global_step reaches `step`, on global rank `rank`
+    (a scheduler that signals one process, as Kubernetes signals the main one)."""
+
+    def __init__(self, step: int, signum: int = 15, rank: int = 0):
+        self.step, self.signum, self.rank = step, signum, rank
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            os.kill(os.getpid(), self.signum)
 
 
 class KillAtStep(L.Callback):
@@ -71,15 +90,18 @@ class PoisonEmbedding(L.Callback):
 
 
 class RaiseOnRank(L.Callback):
-    """Raises on one rank at one step: a bad batch or an OOM on a single GPU."""
+    """Raises on one rank at one step: a bad batch, an OOM on a single GPU (oom="gpu", injected)
+    or a real allocation of 1 PiB that the CPU allocator refuses (oom="cpu")."""
 
-    def __init__(self, rank: int, step: int, oom: bool = False):
+    def __init__(self, rank: int, step: int, oom: str | None = None):
         self.rank, self.step, self.oom = rank, step, oom
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
-            if self.oom:
+            if self.oom == "gpu":
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected)")
+            if self.oom == "cpu":
+                torch.empty(2**50, dtype=torch.uint8)
             raise RuntimeError(f"injected failure on rank {self.rank}")
 
 
@@ -87,7 +109,7 @@ from longctx.checkpoint import AtomicCheckpointIO  # noqa: E402
 
 
 class KillWhileSaving(AtomicCheckpointIO):
-    """Writes half of the `nth` checkpoint's temporary file, then SIGKILLs the process."""
+    """Writes half of the `nth` checkpoint into the temporary file, then SIGKILLs the process."""
 
     def __init__(self, nth: int = 2):
         super().__init__()
@@ -95,12 +117,35 @@ class KillWhileSaving(AtomicCheckpointIO):
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         self.count += 1
+        return super().save_checkpoint(checkpoint, path, storage_options)
+
+    def write(self, checkpoint, f):
         if self.count < self.nth:
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        import io
+            return super().write(checkpoint, f)
         buf = io.BytesIO()
         torch.save(checkpoint, buf)
-        with open(f"{path}.tmp", "wb") as f:
-            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
-            f.flush()
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+        f.flush()
         os.kill(os.getpid(), 9)
+
+
+class DiskFullOnSave(AtomicCheckpointIO):
+    """The `nth` save writes part of the file and then fails as a full disk does: torch.save's
+    RuntimeError raised while handling the write's OSError(ENOSPC)."""
+
+    def __init__(self, nth: int = 2):
+        super().__init__()
+        self.nth, self.count = nth, 0
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        self.count += 1
+        return super().save_checkpoint(checkpoint, path, storage_options)
+
+    def write(self, checkpoint, f):
+        if self.count < self.nth:
+            return super().write(checkpoint, f)
+        f.write(b"PK\x03\x04" + bytes(4096))
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4100 vs 4096")

@@ -126,7 +126,7 @@ def test_a_skipped_step_changes_no_weight(scaler):
     for finite in (0.0, 1.0):  # two micro-batches: the first's loss not finite on some rank
         loss = module.model(torch.randint(0, 256, (1, 16))).sum()
         (loss if scaler is None else scaler.scale(loss)).backward()
-        module._loss_read = (torch.tensor([finite, 1.0 if finite else float("nan")]), None)
+        module._loss_read = (torch.tensor([finite, 0.0, 1.0 if finite else float("nan")]), None)
         module.on_after_backward()
     assert module.nonfinite_skips == 1
     module.on_before_optimizer_step(opt)
