@@ -2,7 +2,7 @@
 import os
 
 # Expandable segments stop the allocator's fragmentation at very long lengths: at 1.25M tokens on
-# an H100 the step failed with 8.6 GiB reserved but unusable (docs/performance.md, run 12). Set
+# an H100 the step failed with 8.6 GiB reserved but unusable. Set
 # before torch initialises CUDA; an explicit PYTORCH_CUDA_ALLOC_CONF wins.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 

@@ -23,13 +23,22 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .attention import REGISTRY
-from .attention.branches import dense_flops
+from .attention import REGISTRY, variant
+from .attention.layout import dense_flops
 
 VARIANTS = ["sdpa", *REGISTRY]
+
+
+def multihead(name: str) -> bool:
+    return name != "sdpa" and variant(REGISTRY[name]).multihead
+
+
+def context_parallel(name: str) -> bool:
+    return name != "sdpa" and variant(REGISTRY[name]).context_parallel
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRESETS = {
-    # The seed table's grid (../shared/seed): 8 heads of 64, segments [min(s, T//2)], both head_split.
+    # The grid of the benchmark that started this project (the original dilated-attention-pytorch's):
+    # 8 heads of 64, segments [min(s, T//2)], head_split on and off.
     "seed": dict(batch=[1, 2, 4], lengths=[2048, 4096, 8192], heads=8, head_dim=64, segments=[1024, 2048, 4096],
                  dilations=[1, 2, 4], clip_half=True, causal=False, head_split=[False, True]),
     # LongNet-style lengths: 32K up to 1M tokens, causal, batch 1.
@@ -83,7 +92,7 @@ def build(name, cfg, T, head_split, device, dtype):
         return None
     segs, dils = layout(cfg, T)
     cls = REGISTRY[name]
-    if "multihead" in name:
+    if multihead(name):
         E = cfg["heads"] * cfg["head_dim"]
         return cls(E, cfg["heads"], segs, dils, head_split=head_split, device=device, dtype=dtype)
     return cls(segs, dils, head_split=head_split)
@@ -93,7 +102,7 @@ def flops_of(name, module, cfg, B, T, causal):
     H, D = cfg["heads"], cfg["head_dim"]
     if name == "sdpa":
         return dense_flops(B, T, H, D, causal)
-    if "multihead" in name:
+    if multihead(name):
         return module.flops(B, T, causal)
     return module.flops(B, T, H, D, causal)
 
@@ -101,9 +110,9 @@ def flops_of(name, module, cfg, B, T, causal):
 def make_call(name, module, B, T_local, cfg, causal, device, dtype, backward):
     """Returns a zero-argument function running one forward (and backward)."""
     H, D = cfg["heads"], cfg["head_dim"]
-    shape = (B, T_local, H * D) if "multihead" in name else (B, T_local, H, D)
+    shape = (B, T_local, H * D) if multihead(name) else (B, T_local, H, D)
     inputs = [torch.randn(shape, device=device, dtype=dtype, requires_grad=backward)]
-    if "multihead" not in name:
+    if not multihead(name):
         inputs += [torch.randn(shape, device=device, dtype=dtype, requires_grad=backward) for _ in range(2)]
     params = list(module.parameters()) if module is not None else []
 
@@ -111,7 +120,7 @@ def make_call(name, module, B, T_local, cfg, causal, device, dtype, backward):
         if name == "sdpa":
             q, k, v = (x.transpose(1, 2) for x in inputs)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        elif "multihead" in name:
+        elif multihead(name):
             out = module(inputs[0], is_causal=causal)[0]
         else:
             out = module(*inputs, is_causal=causal)
@@ -163,7 +172,7 @@ def run_cell(name, cfg, B, T, head_split, mode, device, dtype, args, world):
     cell = dict(variant=name, batch=B, seq_len=T, head_split=head_split, mode=mode, dtype=str(dtype).split(".")[-1],
                 cuda_graph=bool(args.cuda_graph))
     causal = cfg["causal"]
-    T_local = T // world if name.startswith("ring") else T
+    T_local = T // world if context_parallel(name) else T
     try:
         module = build(name, cfg, T, head_split, device, dtype)
         fn = make_call(name, module, B, T_local, cfg, causal, device, dtype, mode == "fwd+bwd")
@@ -176,7 +185,7 @@ def run_cell(name, cfg, B, T, head_split, mode, device, dtype, args, world):
         flops = flops_of(name, module, cfg, B, T, causal) * (3.5 if mode == "fwd+bwd" else 1.0)
         peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
         cell.update(status="ok", median_ms=med, min_ms=lo, max_ms=hi, repeats=n, peak_mem_mib=peak,
-                    tflops=flops / (med * 1e-3) / 1e12 / (world if name.startswith("ring") else 1),
+                    tflops=flops / (med * 1e-3) / 1e12 / (world if context_parallel(name) else 1),
                     seq_per_s=B / (med * 1e-3), tokens_per_s=B * T / (med * 1e-3))
     except torch.cuda.OutOfMemoryError:
         cell.update(status="OOM")
@@ -217,11 +226,13 @@ def plot(cells, path):
     ok = [c for c in cells if c["status"] == "ok" and c["batch"] == min(x["batch"] for x in cells)]
     mode = "fwd+bwd" if any(c["mode"] == "fwd+bwd" for c in ok) else "fwd"
     ok = [c for c in ok if c["mode"] == mode and not c["head_split"]] or [c for c in ok if c["mode"] == mode]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    memory = any(c["peak_mem_mib"] is not None for c in ok)  # measured on a GPU only
+    fig, axes = plt.subplots(1, 2 if memory else 1, figsize=(12 if memory else 6.5, 4.5), squeeze=False)
+    axes = axes[0]
     for name in dict.fromkeys(c["variant"] for c in ok):
         pts = sorted((c["seq_len"], c["median_ms"], c["peak_mem_mib"]) for c in ok if c["variant"] == name)
         axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        if all(p[2] is not None for p in pts):
+        if memory and all(p[2] is not None for p in pts):
             axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=name)
     for ax, label in zip(axes, ["time (ms)", "peak memory (MiB)"]):
         ax.set_xscale("log", base=2)
@@ -250,7 +261,7 @@ def main(argv=None):
             device = torch.device("cuda", local)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = int(os.environ.get("RANK", "0"))
-    variants = args.variants or ([v for v in VARIANTS if v.startswith("ring")] if world > 1 else VARIANTS)
+    variants = args.variants or ([v for v in VARIANTS if context_parallel(v)] if world > 1 else VARIANTS)
     dtypes = [DTYPES[d] for d in (args.dtypes or (["bf16"] if device.type == "cuda" else ["fp32"]))]
     cells, too_long = [], {}
     for dtype in dtypes:
@@ -280,10 +291,13 @@ def main(argv=None):
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(dict(meta=meta, cells=cells), f, indent=1)
         print_table(cells)
+        written = [os.path.join(args.out, "results.json")]
         try:
             plot(cells, os.path.join(args.out, "results.png"))
+            written.append(os.path.join(args.out, "results.png"))
         except ImportError:
             print("matplotlib not installed (pip install -e '.[bench]'): no plot", file=sys.stderr)
+        print(f"wrote {' and '.join(written)}")
     if world > 1:
         torch.distributed.destroy_process_group()
     return cells

@@ -89,7 +89,7 @@ class StepStatsMonitor(L.Callback):
             self.peak_alloc = max(self.peak_alloc, stats["perf/peak_alloc_gib"])
         # Host tensors: Lightning makes a device tensor of a Python number, a copy that waits for
         # the GPU to finish the step, leaving it idle while the host starts the next one (on an
-        # H100, 102 -> 95 ms a step at 32K, 365 -> 339 ms at 128K: docs/performance.md runs 25, 27).
+        # H100, 102 -> 95 ms a step at 32K, 365 -> 339 ms at 128K).
         pl_module.log_dict({k: torch.tensor(v) for k, v in stats.items()}, on_step=True, on_epoch=False,
                            batch_size=batch["tokens"].shape[0])
         if trainer.global_step - self._first_step > self.skip_steps:
@@ -130,7 +130,7 @@ class ScheduledProfiler(PyTorchProfiler):
         record_module_names: annotate each module's calls (forward hooks on every module).
             Default: on, except for a compiled model (model.compile), where the hooks split the
             graph at every module: a 32K step took 120.9 ms profiled against 68.3 unprofiled,
-            run as many small graphs (docs/performance.md run 114).
+            run as many small graphs.
     """
 
     def __init__(self, wait: int = 5, warmup: int = 2, active: int = 3, repeat: int = 1, dirpath: str | None = None,

@@ -1,4 +1,4 @@
-"""The only place process groups are made (DESIGN §5/§6).
+"""The only place process groups are made (docs/design.md#the-ring, #training).
 
 Ranks are laid out context-parallel-major: CP group g holds global ranks g·C … g·C + C − 1, so
 the C ranks of one sequence sit on neighbouring GPUs (one node when C ≤ GPUs per node). The

@@ -7,8 +7,9 @@ import math
 
 import torch
 
-from .attention.branches import is_positive_int, validate_branches
-from .model import resolve_attention
+from .attention.layout import validate_branches
+from .checks import is_positive_int
+from .attention import resolve
 
 # torch.compile's modes; "reduce-overhead" (and "max-autotune") also replay each compiled block
 # as CUDA graphs.
@@ -75,7 +76,7 @@ def attention_problems(attention: dict | None) -> list[str]:
     """What is wrong with model.attention: an unknown variant, or init_args its class does not take."""
     attention = dict(attention or {"class_path": "improved_dilated"})
     try:
-        cls = resolve_attention(attention.get("class_path", ""))
+        cls = resolve(attention.get("class_path", "")).cls
     except ValueError as e:
         return [str(e)]
     params = inspect.signature(cls.__init__).parameters

@@ -1,5 +1,5 @@
 """LightningModule: next-token loss, metrics, AdamW with warm-up + cosine, FLOPs, and the
-context-parallel wiring of the ring variants (DESIGN §6).
+context-parallel wiring of the ring variants (docs/design.md#training).
 
 Shapes: B batch, T sequence length, l = T/C tokens per rank of a C-rank context-parallel group.
 """
@@ -14,16 +14,15 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
-from torchmetrics import MeanMetric, Metric
 
-from .attention import RingDilatedAttention, RingMultiheadDilatedAttention
-from .attention.ring import ring_layout
+from .attention import DilatedAttentionBase, resolve
 from .distributed import Layout, check_layout, context_parallel_group
 from .hparams import BF16_PRECISIONS, GRAPH_MODES, RESIDUAL_DTYPES, check_hparams
-from .model import LongNetLM, resolve_attention, variant_name
+from .loss import head_argmax
+from .metrics import BucketAccuracy, LanguageModelLoss
+from .model import LongNetLM
 from .resume import check_architecture
 
 
@@ -32,49 +31,38 @@ from .resume import check_architecture
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/", category=UserWarning)
 
 
-class BucketAccuracy(Metric):
-    """Exact-match accuracy of the scored positions, per distance bucket (summed over ranks)."""
-
-    def __init__(self, buckets: int):
-        super().__init__()
-        self.add_state("correct", torch.zeros(buckets), dist_reduce_fx="sum")
-        self.add_state("total", torch.zeros(buckets), dist_reduce_fx="sum")
-
-    def update(self, correct: torch.Tensor, bucket: torch.Tensor) -> None:
-        self.correct.index_add_(0, bucket, correct.float())
-        self.total.index_add_(0, bucket, torch.ones_like(correct, dtype=torch.float))
-
-    def compute(self) -> torch.Tensor:
-        return self.correct / self.total.clamp(min=1)
-
-
 class LongContextLM(L.LightningModule):
-    """Args:
-        attention: {"class_path": a variant's class path or registry name, "init_args": extra
-            constructor arguments (e.g. softmax_scale, gamma_init)}.
-        segment_lengths, dilation_rates, head_split: the dilated-attention layout (DESIGN §3).
-        seq_len: training length T (linked from data.seq_len).
-        context_parallel_size: ranks sharing one sequence (ring variants only); None means all
-            ranks for a ring variant and 1 otherwise.
-        vocab_size, d_model, n_layers, n_heads, mlp_hidden, rope_base: the LM (model.py).
-        activation_checkpointing: recompute each block in backward (long sequences).
-        mlp_chunk_tokens: run each SwiGLU over chunks of this many tokens, recomputed in backward
-            (None: whole sequence). At 1M tokens this is what fits the step on an 80 GB GPU.
-        offload_checkpoints: with activation checkpointing, keep each block's saved input in
-            pinned host memory, copied on a side stream (longctx/offload.py): for lengths whose
-            saved inputs do not fit the GPU. Eager only.
-        residual_dtype: "float32" (default) or "bfloat16", the residual stream between the
-            blocks. bfloat16 (trainer.precision bf16-mixed or bf16-true) halves the traffic of
-            the RMSNorm kernels and the checkpointed blocks' saved inputs, and rounds every
-            block's sum to bfloat16: a change of the model's numerics, not only of its speed.
-        compile: torch.compile the model (compile_model: one graph, or one a block).
-        compile_mode: torch.compile's mode; "reduce-overhead" replays the compiled forward and
-            backward as CUDA graphs (no per-kernel launch cost).
-        lr, min_lr_ratio, warmup_steps, decay_steps, weight_decay, betas: AdamW with linear
-            warm-up then cosine decay to lr·min_lr_ratio over decay_steps (default max_steps).
-        passkey_buckets: distance buckets scored when the data carries a passkey answer.
-        skip_nonfinite: on a NaN/inf loss skip the step and count it (`train/nonfinite_skips`)
-            instead of stopping.
+    """A long-context decoder LM whose attention is a dilated-attention variant: next-token loss,
+    validation metrics, AdamW with warm-up and cosine decay, FLOPs for MFU, and the ring variants'
+    context-parallel wiring.
+
+    Args:
+        attention: the variant, as {"class_path": a registry name or class path, "init_args": its own constructor arguments (softmax_scale, gamma_init, ...)}; default improved_dilated.
+        segment_lengths: one segment length w_i per branch (docs/design.md#the-math).
+        dilation_rates: one dilation rate r_i per branch; r_i divides w_i.
+        head_split: each branch on its own group of heads (k times fewer FLOPs) instead of every head on every branch.
+        seq_len: the training length T, linked from data.seq_len.
+        context_parallel_size: ranks sharing one sequence (ring variants only); null: all ranks for a ring variant, else 1.
+        vocab_size: the vocabulary; 256 for bytes.
+        d_model: the model width.
+        n_layers: the number of blocks.
+        n_heads: attention heads; d_model / n_heads must be even (RoPE).
+        mlp_hidden: the SwiGLU's hidden width; null: 8/3 of d_model rounded up to 64.
+        rope_base: RoPE's base (its longest wavelength grows with it).
+        activation_checkpointing: recompute each block in backward (for long sequences).
+        mlp_chunk_tokens: run each SwiGLU over chunks of this many tokens, recomputed in backward (null: whole sequence); what fits the 1M step on an 80 GB GPU.
+        offload_checkpoints: with activation checkpointing, keep each block's saved input in pinned host memory; eager only.
+        residual_dtype: float32 or bfloat16 (needs bf16 precision), the residual stream between blocks; bfloat16 halves its traffic and changes the numerics.
+        compile: torch.compile the model (one graph, or one a block with activation checkpointing).
+        compile_mode: torch.compile's mode; reduce-overhead replays forward and backward as CUDA graphs.
+        lr: AdamW's peak learning rate.
+        min_lr_ratio: the cosine decay ends at lr times this.
+        warmup_steps: linear warm-up steps.
+        decay_steps: cosine decay steps after warm-up; null: trainer.max_steps.
+        weight_decay: AdamW's weight decay (matrices only).
+        betas: AdamW's betas.
+        passkey_buckets: distance buckets scored by the passkey task, linked from data.passkey_buckets.
+        skip_nonfinite: on a NaN or inf loss skip the step and count it (train/nonfinite_skips) instead of stopping.
     """
 
     def __init__(self, attention: dict | None = None, segment_lengths: list[int] = [512, 1024, 2048],
@@ -100,9 +88,8 @@ class LongContextLM(L.LightningModule):
             raise NotImplementedError("model.offload_checkpoints=true runs the blocks eagerly (its copies and side "
                                       "stream are not traced): use it with model.compile=false")
         attention = dict(attention or {"class_path": "improved_dilated"})
-        self.attention_cls = resolve_attention(attention.get("class_path", ""))
-        self.variant = variant_name(self.attention_cls)
-        self.is_ring = self.attention_cls in (RingDilatedAttention, RingMultiheadDilatedAttention)
+        self.spec = resolve(attention.get("class_path", ""))
+        self.attention_cls, self.variant, self.is_ring = self.spec.cls, self.spec.name, self.spec.context_parallel
         kwargs = dict(attention.get("init_args") or {}, segment_lengths=segment_lengths,
                       dilation_rates=dilation_rates, head_split=head_split)
         self.model = LongNetLM(vocab_size, d_model, n_layers, n_heads, self.attention_cls, kwargs, mlp_hidden,
@@ -110,7 +97,9 @@ class LongContextLM(L.LightningModule):
                                mlp_chunk_tokens=mlp_chunk_tokens, offload_checkpoints=offload_checkpoints,
                                residual_dtype=RESIDUAL_DTYPES.get(residual_dtype))
         self.layout = Layout(1, 0, 1)
-        self.val_loss = MeanMetric()
+        self.val_loss = LanguageModelLoss()
+        # UTF-8 bytes each token decodes to (the data module's token_bytes, set in setup): bits per byte
+        self.register_buffer("bytes_per_token", torch.ones(vocab_size), persistent=False)
         self.passkey_acc = BucketAccuracy(passkey_buckets)
         self.flops_per_batch = 0
         self.nonfinite_skips = 0
@@ -132,24 +121,28 @@ class LongContextLM(L.LightningModule):
             raise ValueError(
                 f"data.seq_len={self.hparams.seq_len} is not divisible by model.context_parallel_size={cp}"
             )
-        if self.is_ring:  # the ring's layout rules, checked on every rank before any communication
-            l = self.hparams.seq_len // cp
+        if self.is_ring:  # the op's sharding rules, checked on every rank before any communication
+            h = self.hparams
             try:
-                ring_layout(l, cp, 0, self.hparams.n_heads, tuple(self.hparams.segment_lengths),
-                            tuple(self.hparams.dilation_rates), self.hparams.head_split, lambda r: r)
+                self.spec.core.check_shard(h.seq_len // cp, cp, h.n_heads, h.segment_lengths, h.dilation_rates,
+                                           h.head_split)
             except ValueError as e:
                 raise ValueError(f"data.seq_len={self.hparams.seq_len} over context_parallel_size={cp}: {e}") from None
         max_token = getattr(self.trainer.datamodule, "max_token", lambda: None)()
         if max_token is not None and max_token >= self.hparams.vocab_size:
             raise ValueError(f"model.vocab_size={self.hparams.vocab_size} is smaller than the data's largest token "
                              f"{max_token}: use vocab_size >= {max_token + 1}")
+        token_bytes = getattr(self.trainer.datamodule, "token_bytes", None)
+        if token_bytes is not None:  # 0 for a padded vocabulary's unused ids
+            counts = torch.as_tensor(token_bytes(), dtype=torch.float32)[: self.hparams.vocab_size]
+            self.bytes_per_token.zero_()[: len(counts)] = counts
         if self.layout == Layout(world, rank, cp) and self.flops_per_batch:
             return  # set up by an earlier stage: groups are created once, blocks compiled once
         self.layout = Layout(world, rank, cp)
         if self.is_ring:
             group = context_parallel_group(self.layout)
             for m in self.model.modules():
-                if isinstance(m, RingDilatedAttention):
+                if isinstance(m, DilatedAttentionBase) and m.context_parallel:
                     m.process_group = group
         dm = self.trainer.datamodule
         batch = getattr(dm, "batch_size", 1)
@@ -163,7 +156,7 @@ class LongContextLM(L.LightningModule):
         (LongNetLM.trunk), or block by block with activation checkpointing or a multi-rank ring.
         One graph fuses across the blocks' boundaries and replays as one CUDA graph each way.
         The checkpointed presets keep the per-block graphs their 128K–1M memory and speed were
-        measured with (runs 61–66); the ring's exchange runs eagerly between graphs (ring.py)."""
+        measured with; the ring's exchange runs eagerly between graphs (ring.py)."""
         if self.hparams.activation_checkpointing or (self.is_ring and self.layout.cp_size > 1):
             for block in self.model.blocks:
                 block.compile(**options)
@@ -178,15 +171,21 @@ class LongContextLM(L.LightningModule):
         return x[:, s], y[:, s]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, l, V) of this rank's tokens x (B, l), for a small vocabulary: the steps
+        keep to features and the chunked loss."""
+        return self.model.head(self.features(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The final hidden states (B, l, E) of this rank's tokens x (B, l), at global positions."""
         with self.eval_stance():
-            return self.model(x, pos_offset=self.layout.cp_rank * x.shape[1])
+            return self.model.features(x, pos_offset=self.layout.cp_rank * x.shape[1])
 
     # -- steps --------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.uses_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: a new step may reuse the last one's outputs
         x, y = self.shard(batch["tokens"])
-        loss = F.cross_entropy(self(x).flatten(0, 1), y.reshape(-1))  # mean over this rank's tokens
+        loss = self.model.loss(self.features(x), y)  # mean over this rank's tokens
         self._loss_read = self._queue_loss_read(loss)
         return loss
 
@@ -195,8 +194,8 @@ class LongContextLM(L.LightningModule):
         (negated, so that one MIN reduces both) and this rank's loss, copied to pinned host memory
         behind the forward, with an event to wait for: on_after_backward reads them once the
         backward is queued too, so the GPU never waits for the host between forward and backward
-        (reading here cost 2.7 ms of a 67 ms step at 32K with one CUDA graph a direction,
-        docs/performance.md run 114). The decision to stop or skip must be collective, or the
+        (reading here cost 2.7 ms of a 67 ms step at 32K with one CUDA graph a direction, on an
+        H100). The decision to stop or skip must be collective, or the
         ranks that carry on hang in DDP's all-reduce; so must a stop on a signal, which may reach
         only one rank (Kubernetes signals the main process)."""
         detached = loss.detach().float()
@@ -306,7 +305,7 @@ class LongContextLM(L.LightningModule):
         training replays it as CUDA graphs. With no backward pending, torch 2.11's CUDA-graph
         trees took each compiled block's call as a new step that overwrote the previous block's
         output, its input ("accessing tensor output of CUDAGraphs that has been overwritten",
-        pytorch#152887: the first validation failed, docs/performance.md run 53); and a no-grad
+        pytorch#152887: the first validation failed); and a no-grad
         graph would compile again and hold a memory pool of its own."""
         if self.uses_graphs and not torch.is_grad_enabled():
             return torch.compiler.set_stance("force_eager")
@@ -314,19 +313,19 @@ class LongContextLM(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x, y = self.shard(batch["tokens"])
-        logits = self(x)
-        self.val_loss.update(F.cross_entropy(logits.flatten(0, 1), y.reshape(-1)))
+        h = self.features(x)
+        self.val_loss.update(self.model.loss(h, y, reduction="sum"), y.numel(), self.bytes_per_token[y].sum())
         if "answer" in batch:
             _, scored = self.shard(batch["answer"])
-            hit = (logits.argmax(-1) == y) | ~scored
             has_answer = scored.any(-1)  # under CP only the last rank holds the answer
-            if has_answer.any():
-                self.passkey_acc.update(hit.all(-1)[has_answer], batch["bucket"][has_answer])
+            if has_answer.any():  # the head on the scored positions only
+                missed = head_argmax(h[scored], self.model.embed.weight) != y[scored]
+                misses = torch.zeros(len(y), device=y.device).index_add_(0, scored.nonzero()[:, 0], missed.float())
+                self.passkey_acc.update((misses == 0)[has_answer], batch["bucket"][has_answer])
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
+        self.log_dict(self.val_loss.compute(), prog_bar=True)
         self.val_loss.reset()
-        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss), "val/bpb": loss / math.log(2)}, prog_bar=True)
         if getattr(self.trainer.datamodule, "task", None) == "passkey":  # every rank syncs, or none
             for b, acc in enumerate(self.passkey_acc.compute()):
                 self.log(f"val/passkey_acc_bucket{b}", acc)
@@ -352,7 +351,7 @@ class LongContextLM(L.LightningModule):
         no_decay = [p for p in self.parameters() if p.dim() < 2]
         # The fused step reads and writes each parameter, gradient and moment once, where the
         # default (foreach) step makes many passes: with clipping, 1.7 against 3.4 ms of a 32K
-        # step on an H100 (docs/performance.md, run 44). Not under fp16's grad scaler: a fused
+        # step on an H100. Not under fp16's grad scaler: a fused
         # step unscales the gradients itself, so clipping before it would see them scaled.
         fused = getattr(self.trainer.precision_plugin, "scaler", None) is None
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": h.weight_decay},

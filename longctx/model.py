@@ -6,7 +6,7 @@ variants receive their process group from outside, see lit_module.py).
 
 Embedding -> n_layers × [RMSNorm -> attention -> residual, RMSNorm -> SwiGLU -> residual] ->
 RMSNorm -> tied head. RoPE rotates q and k by *global* positions: a context-parallel rank
-passes `pos_offset` = its first token's index (DESIGN §5).
+passes `pos_offset` = its first token's index (docs/design.md#the-ring).
 """
 from __future__ import annotations
 
@@ -18,33 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import fused, rotary_attention
-from .offload import Chain, OffloadedCheckpoint
-from .attention import REGISTRY
+from .attention import rotary, variant
 from .attention.base import DilatedAttentionBase
 from .attention.multihead import MultiheadDilatedAttention
-
-VARIANT_NAMES = {cls: name for name, cls in REGISTRY.items()}
-
-
-def resolve_attention(class_path: str) -> type[nn.Module]:
-    """A registry name ("improved_dilated") or a class path ("longctx.attention.RingDilatedAttention")."""
-    if class_path in REGISTRY:
-        return REGISTRY[class_path]
-    valid = sorted(REGISTRY) + sorted(f"longctx.attention.{c.__name__}" for c in REGISTRY.values())
-    module_name, _, name = str(class_path).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), name) if module_name else None
-    except (ImportError, AttributeError):
-        cls = None
-    if cls not in VARIANT_NAMES:
-        raise ValueError(f"model.attention.class_path={class_path!r} is not an attention variant: use one of {valid}")
-    return cls
-
-
-def variant_name(cls: type[nn.Module]) -> str:
-    return VARIANT_NAMES[cls]
-
+from .kernels import fused
+from .loss import linear_cross_entropy
+from .offload import Chain, OffloadedCheckpoint
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -98,10 +77,10 @@ class _Rotate(torch.autograd.Function):
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE rotation of x (B, l, H, D) by angles whose cos and sin are (1, l, 1, D/2): one Triton
-    kernel each way when eager on a GPU (fused.py), else these float32 expressions. Under
+    kernel each way when eager on a GPU (kernels/fused.py), else these float32 expressions. Under
     torch.compile a plain expression, which Inductor fuses: torch 2.11 does not tag the ops inside
     an autograd.Function as part of an enclosing checkpoint, so a compiled checkpointed block
-    saved _Rotate's outputs, the rotated q and k (3 GiB a block at 1M tokens, run 64). Not
+    saved _Rotate's outputs, the rotated q and k (3 GiB a block at 1M tokens). Not
     rotate_halves: it writes into chunk views, which only works without autograd (inside _Rotate)."""
     if torch.compiler.is_compiling():
         x1, x2 = x.chunk(2, dim=-1)
@@ -124,12 +103,24 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
-        self.register_buffer("inv_freq", base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim), persistent=False)
+        self.head_dim, self.base = head_dim, base
+        self.register_buffer("inv_freq", self._frequencies(None), persistent=False)
+
+    def _frequencies(self, device) -> torch.Tensor:
+        return self.base ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) casts buffers too; bfloat16 frequencies would turn position
+        # 1M into a different angle than training used: they stay float32, made again exactly.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self._frequencies(self.inv_freq.device)
+        return self
 
     def angles(self, seq_len: int, offset: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin (1, seq_len, 1, D/2) of the angles at global positions offset … offset +
         seq_len − 1. Computed once per forward: made per block for q and for k, they took 2.9 ms
-        of a 32K training step (docs/performance.md runs 38 and 40)."""
+        of a 32K training step on an H100."""
         pos = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float32)
         angles = torch.outer(pos, self.inv_freq)[None, :, None, :]
         return angles.cos(), angles.sin()
@@ -155,8 +146,8 @@ class CoreAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope) -> torch.Tensor:
         """rope: Rotary.rotation's partial of rotate."""
         qkv = self.qkv(x).unflatten(-1, (3, self.n_heads, -1))
-        if rotary_attention.applies(self.op, qkv):  # RoPE inside the op, no copies around it
-            out = rotary_attention.attention(self.op, qkv, rope.keywords["cos"], rope.keywords["sin"], True)
+        if rotary.applies(self.op, qkv):  # RoPE inside the op, no copies around it
+            out = rotary.attention(self.op, qkv, rope.keywords["cos"], rope.keywords["sin"], True)
         else:
             q, k, v = qkv.unbind(2)
             # A copy of v lets the fused projection output go once q and k are rotated: saved for
@@ -212,8 +203,7 @@ class Block(nn.Module):
     """Pre-norm block. With `checkpointing`, training keeps only the block's input and recomputes
     the rest in backward. The checkpoint is inside forward, so a compiled block holds its own
     recompute: torch.compile's CUDA-graph trees (mode="reduce-overhead") failed on a compiled
-    block checkpointed from outside, its forward graph replayed again during backward
-    (docs/performance.md, run 30)."""
+    block checkpointed from outside, its forward graph replayed again during backward."""
 
     def __init__(self, dim: int, attention: nn.Module, mlp_hidden: int, eps: float, mlp_chunk_tokens: int | None = None,
                  checkpointing: bool = False):
@@ -247,7 +237,9 @@ class LongNetLM(nn.Module):
     mixed precision. torch.bfloat16 needs bfloat16 autocast (or bfloat16 parameters); it halves
     the bytes of every RMSNorm kernel and of each checkpointed block's saved input.
 
-    forward(idx (B, l) long, pos_offset=0) -> logits (B, l, V) float32.
+    forward(idx (B, l) long, pos_offset=0) -> logits (B, l, V) float32; features(idx) -> the
+    final normed hidden states (B, l, E), which loss() takes to the tied head and the
+    cross-entropy a chunk of tokens at a time (loss.py: no (l, V) logits).
     """
 
     def __init__(self, vocab_size: int, dim: int, n_layers: int, n_heads: int, attention_cls: type[nn.Module],
@@ -274,7 +266,7 @@ class LongNetLM(nn.Module):
         self.apply(self._init)
 
     def _attention(self, cls, kwargs) -> nn.Module:
-        if issubclass(cls, MultiheadDilatedAttention):
+        if variant(cls).multihead:
             return MultiheadAdapter(cls(self.dim, self.n_heads, **kwargs))
         return CoreAttention(self.dim, self.n_heads, cls(**kwargs))
 
@@ -288,13 +280,24 @@ class LongNetLM(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
 
     def forward(self, idx: torch.Tensor, pos_offset: int = 0) -> torch.Tensor:
+        return self.head(self.features(idx, pos_offset))
+
+    def features(self, idx: torch.Tensor, pos_offset: int = 0) -> torch.Tensor:
         return self.trunk(idx, *self.rotary.angles(idx.shape[1], pos_offset, idx.device))
 
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits (…, V) float32 of hidden states h (…, E): the tied embedding."""
+        return F.linear(h, self.embed.weight).float()
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of the head on h (B, l, E) against targets (B, l), mean or sum over
+        the tokens, without materialising the logits (loss.linear_cross_entropy)."""
+        return linear_cross_entropy(h.flatten(0, 1), self.embed.weight, targets.reshape(-1), reduction)
+
     def trunk(self, idx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """forward given RoPE's angles (Rotary.angles): what torch.compile takes as one graph
+        """features given RoPE's angles (Rotary.angles): what torch.compile takes as one graph
         (lit_module.py). With the angles inside that graph, Inductor recomputed their cos and sin
-        in every block's rotation kernels (5.1 against 1.9 ms of a 32K step, docs/performance.md
-        run 108)."""
+        in every block's rotation kernels (5.1 against 1.9 ms of a 32K step on an H100)."""
         x = self.embed(idx)
         want, kind = self.residual_dtype, x.device.type
         if want is not None and x.dtype != want:
@@ -306,7 +309,14 @@ class LongNetLM(nn.Module):
         chain = Chain() if self.offload_checkpoints and self.training and torch.is_grad_enabled() else None
         for block in self.blocks:
             x = block(x, rope, chain)
-        return F.linear(self.norm(x), self.embed.weight).float()  # tied head
+        return self.norm(x)
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **options) -> torch.Tensor:
+        """idx (B, P) -> (B, P + max_new_tokens), decoding with the bounded dilated KV cache;
+        options as longctx.generate.generate's (temperature, top_k, top_p, seed, graph)."""
+        from .generate import generate
+
+        return generate(self, idx, max_new_tokens, **options)
 
     def flops(self, batch: int, seq_len: int) -> int:
         """Forward FLOPs of one (batch, seq_len) sequence: matmuls 2·params·tokens, the

@@ -2,15 +2,17 @@
 
 What defines the model (the variant, its layout, the widths, the vocabulary) comes from the
 checkpoint: a setting left at its default takes the checkpoint's value, and one set to another
-value is an error naming both. Everything else (learning rate and schedule, skip_nonfinite,
-checkpointing, compile, precision, logging, max_steps) is this command's.
+value is an error naming both. The data settings left at their defaults take the checkpoint's
+too, so a run resumed (or validated) without its config reads the same data. Everything else
+(learning rate and schedule, skip_nonfinite, checkpointing, compile, precision, logging,
+max_steps) is this command's.
 """
 from __future__ import annotations
 
 import glob
 import os
 
-from .model import resolve_attention, variant_name
+from .attention import resolve
 
 # The model's hyper-parameters that its weights were trained for.
 ARCHITECTURE = ("attention", "segment_lengths", "dilation_rates", "head_split", "vocab_size", "d_model", "n_layers",
@@ -43,7 +45,7 @@ def _plain(value):
 def _canonical(key: str, value):
     if key == "attention":  # a registry name and a class path of one variant are the same setting
         value = dict(value or {})
-        return variant_name(resolve_attention(value.get("class_path", "improved_dilated"))), _plain(
+        return resolve(value.get("class_path", "improved_dilated")).name, _plain(
             dict(value.get("init_args") or {}))
     return _plain(value)
 
@@ -81,3 +83,20 @@ def check_architecture(model: dict, saved: dict, path: str) -> None:
     conflicts = [f"model.{k}={model.get(k)!r} but the checkpoint has {saved[k]!r}" for k in differences(model, saved)]
     if conflicts:
         raise _conflict(path, conflicts)
+
+
+# Data settings of the machine, not of the run: never taken from a checkpoint.
+MACHINE = ("num_workers",)
+
+
+def take_unset(settings: dict, saved: dict, defaults: dict, section: str) -> list[str]:
+    """Fill the settings left at their defaults in `settings` (changed in place) with the
+    checkpoint's `saved` values; the settings so taken, for a notice."""
+    taken = []
+    for key, kept in saved.items():
+        if key in MACHINE or key not in defaults or _plain(settings.get(key)) == _plain(kept):
+            continue
+        if _plain(settings.get(key)) == _plain(defaults[key]):
+            settings[key] = kept
+            taken.append(f"{section}.{key}={kept!r}")
+    return taken

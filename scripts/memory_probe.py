@@ -1,6 +1,6 @@
 """Where one block's forward + backward peaks in memory, eager against torch.compile.
 
-python scripts/memory_probe.py [T] [eager|compile ...] [nochunk] — default 1048576, both. One Block of the
+`python scripts/memory_probe.py --help` for the options. GPU only. One Block of the
 LongNet-size LM (768 wide, 12 heads) as configs/seq/1m.yaml builds it (LongNet layout up to T,
 activation checkpointing, the SwiGLU in 128K-token chunks), under bf16 autocast as train.py runs
 it, on a float32 input (the residual stream). For each mode it prints the peak memory that the
@@ -9,8 +9,8 @@ at the backward's peak, grouped by size and by the innermost frame of our code o
 generated code that allocated them (torch.cuda.memory history, replayed), and the tensors that
 autograd keeps from the forward for the backward. nochunk: the SwiGLU over the whole sequence.
 """
+import argparse
 import collections
-import sys
 
 import torch
 
@@ -105,10 +105,15 @@ def run(mode: str, T: int, chunk: int | None) -> None:
         print(f"    {nbytes / GiB:6.2f} GiB = {counts[(size, at)]:3d} x {size / 2 ** 20:8.1f} MiB  {at}")
 
 
-def main():
-    T = int(sys.argv[1]) if len(sys.argv) > 1 else 1 << 20
-    chunk = None if "nochunk" in sys.argv[2:] else 131072
-    for mode in [m for m in sys.argv[2:] if m in ("eager", "compile")] or ["eager", "compile"]:
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("T", type=int, nargs="?", default=1 << 20, help="sequence length (default 1048576)")
+    p.add_argument("modes", nargs="*", choices=["eager", "compile"], default=["eager", "compile"],
+                   help="eager, compile or both (default)")
+    p.add_argument("--nochunk", action="store_true", help="the SwiGLU over the whole sequence, not in 128K chunks")
+    args = p.parse_args(argv)
+    T, chunk = args.T, None if args.nochunk else 131072
+    for mode in args.modes:
         run(mode, T, chunk)
         torch.cuda.empty_cache()
 

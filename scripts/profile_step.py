@@ -1,26 +1,11 @@
-"""Where one training step of the LongNet-size LM (12 × 768, 12 heads) spends its GPU time.
+"""Where one training step of the LongNet-size LM (12 x 768, 12 heads) spends its GPU time.
 
-python scripts/profile_step.py [T] [dilated|dense] [compile|graphs|autotune] [whole] [tune] [ckpt] [sync] [foreach] [bf16res]
-— defaults: 32768 dilated, eager, no activation checkpointing; graphs = compile with
-mode="reduce-overhead", autotune with mode="max-autotune" (CUDA graphs and Inductor's own matmul
-templates, timed against cuBLAS); whole = compile the model after RoPE's angles
-(LongNetLM.trunk: embedding, blocks, head) as one graph, as train.py does without activation
-checkpointing, instead of each block (with ckpt); tune = Inductor's
-coordinate-descent tuning of its generated kernels' launch configs;
-sync = read the loss's finiteness on the host after the forward, before the backward is
-launched, as train.py's step did until run 115 (it now reads it after the backward is queued);
-foreach = AdamW's default multi-tensor step instead of the fused one train.py takes;
-bf16res = a bfloat16 residual stream (model.residual_dtype=bfloat16) instead of float32.
-PROFILE_TOP=N lists the N longest kernels (default 12); PROFILE_OPS=1 also profiles the CPU and
-lists the kernels by the op that launched them.
-dense = one branch w = T, r = 1 (exact dense causal attention through the same op). The step
-is train.py's without Lightning: bf16 autocast, cross-entropy, clip 1.0, AdamW. Prints the step
-time (CUDA events, no profiler), the GPU-busy time per step (kernels, profiler) and the kernel
-time by family.
+The step is train.py's without Lightning (bf16 autocast, cross-entropy, clip 1.0, AdamW): it prints
+the step time (CUDA events), the GPU-busy time per step (profiler) and the kernel time by family.
+Run `python scripts/profile_step.py --help` for the options. GPU only.
 """
+import argparse
 import collections
-import os
-import sys
 
 import torch
 import torch._inductor.config as inductor_config
@@ -34,10 +19,10 @@ from longctx.model import LongNetLM
 FAMILIES = [  # first match wins
     ("attention (cuDNN/flash)", ("cudnn", "flash", "fmha")),
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "sm90_")),
-    ("combine (combine.py)", ("_merge_kernel", "_sum_kernel")),
-    ("SwiGLU and RoPE (fused.py)", ("_swiglu", "_rope")),
+    ("combine (kernels/combine.py)", ("_merge_kernel", "_sum_kernel")),
+    ("SwiGLU and RoPE (kernels/fused.py)", ("_swiglu", "_rope")),
     ("optimizer and clipping", ("multi_tensor_apply", "fused_adam")),
-    ("union kernels (union_kernels.py)", ("_fwd_local", "_fwd_upper", "_dq_local", "_dq_upper", "_dkdv_local",
+    ("union kernels (kernels/union_kernels.py)", ("_fwd_local", "_fwd_upper", "_dq_local", "_dq_upper", "_dkdv_local",
                                           "_dkdv_upper")),
     ("compiled (triton)", ("triton",)),
     ("reduce", ("reduce",)),
@@ -51,26 +36,47 @@ def family(name: str) -> str:
     return next((f for f, keys in FAMILIES if any(k in n for k in keys)), "other")
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("T", type=int, nargs="?", default=32768, help="sequence length (default 32768)")
+    p.add_argument("--dense", action="store_true",
+                   help="one branch w = T, r = 1: exact dense causal attention through the same op")
+    p.add_argument("--compile", choices=["eager", "default", "graphs", "autotune"], default="eager",
+                   help="eager; torch.compile; with CUDA graphs (mode reduce-overhead, as configs/graphs.yaml); "
+                        "or mode max-autotune (Inductor's own matmul templates)")
+    p.add_argument("--whole", action="store_true", help="compile the model after RoPE's angles as one graph (as "
+                   "train.py does without activation checkpointing) instead of each block")
+    p.add_argument("--tune", action="store_true", help="Inductor's coordinate-descent tuning of its kernels")
+    p.add_argument("--ckpt", action="store_true", help="activation checkpointing")
+    p.add_argument("--sync", action="store_true",
+                   help="read the loss's finiteness on the host between forward and backward")
+    p.add_argument("--foreach", action="store_true", help="AdamW's multi-tensor step instead of the fused one")
+    p.add_argument("--bf16res", action="store_true", help="a bfloat16 residual stream (model.residual_dtype)")
+    p.add_argument("--top", type=int, default=12, help="list the N longest kernels")
+    p.add_argument("--by-op", action="store_true", help="also profile the CPU: kernels by the op that launched them")
+    return p.parse_args(argv)
+
+
 def main():
-    T = int(sys.argv[1]) if len(sys.argv) > 1 else 32768
-    dense = len(sys.argv) > 2 and sys.argv[2] == "dense"
-    mode = "max-autotune" if "autotune" in sys.argv[3:] else "reduce-overhead"
-    graphs = "graphs" in sys.argv[3:] or mode == "max-autotune"
-    if "tune" in sys.argv[3:]:
+    args = parse_args()
+    T, dense = args.T, args.dense
+    mode = "max-autotune" if args.compile == "autotune" else "reduce-overhead"
+    graphs = args.compile in ("graphs", "autotune")
+    if args.tune:
         inductor_config.coordinate_descent_tuning = True
-    compiled, ckpt, sync = graphs or "compile" in sys.argv[3:], "ckpt" in sys.argv[3:], "sync" in sys.argv[3:]
+    compiled, ckpt, sync = args.compile != "eager", args.ckpt, args.sync
     ws = [T] if dense else [w for w in (2048 << i for i in range(12)) if w <= T]
     rs = [1] if dense else [1 << i for i in range(len(ws))]
     model = LongNetLM(256, 768, 12, 12, ImprovedDilatedAttention, dict(segment_lengths=ws, dilation_rates=rs),
                       activation_checkpointing=ckpt,
-                      residual_dtype=torch.bfloat16 if "bf16res" in sys.argv[3:] else None).cuda()
-    whole = "whole" in sys.argv[3:]
+                      residual_dtype=torch.bfloat16 if args.bf16res else None).cuda()
+    whole = args.whole
     if compiled and whole:
         model.trunk = torch.compile(model.trunk, mode=mode if graphs else None)
     elif compiled:
         for block in model.blocks:
             block.compile(mode=mode if graphs else None)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=None if "foreach" in sys.argv[3:] else True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=None if args.foreach else True)
     tokens = torch.randint(0, 256, (1, T + 1), device="cuda")
 
     def step():
@@ -87,7 +93,7 @@ def main():
 
     ms = timed(step, torch.device("cuda"), warmup=4, repeats=5, max_seconds=600)[0]
     n = 3
-    by_op = os.environ.get("PROFILE_OPS") == "1"  # which CPU op launched each kernel (a graph's replay for its own)
+    by_op = args.by_op  # which CPU op launched each kernel (a graph's replay for its own)
     with profile(activities=[ProfilerActivity.CUDA, *([ProfilerActivity.CPU] if by_op else [])]) as prof:
         for _ in range(n):
             step()
@@ -106,7 +112,7 @@ def main():
           f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     for f, t in by_family.most_common():
         print(f"  {f:28s} {t:8.2f} ms  {t / busy:6.1%}")
-    for k, t in by_kernel.most_common(int(os.environ.get("PROFILE_TOP", 12))):
+    for k, t in by_kernel.most_common(args.top):
         print(f"    {t:8.2f} ms  {k}")
     if by_op:
         launched = collections.Counter()
@@ -114,7 +120,7 @@ def main():
             for k in getattr(e, "kernels", []):
                 launched[f"{e.name[:40]} -> {k.name[:70]}"] += k.duration / 1e3 / n
         print("  kernels by the CPU op that launched them:")
-        for k, t in launched.most_common(int(os.environ.get("PROFILE_TOP", 12))):
+        for k, t in launched.most_common(args.top):
             print(f"    {t:8.2f} ms  {k}")
 
 

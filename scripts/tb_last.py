@@ -1,21 +1,22 @@
-"""The last value of TensorBoard scalars in each run folder under a root: compare runs' losses
-without opening TensorBoard (e.g. gpu_check.sh's `variants` runs). With --series, every logged
-value of each tag (step:value), e.g. the validation losses of two runs side by side.
+"""The last TensorBoard scalars of every run folder under a root, to compare runs without TensorBoard.
 
-python scripts/tb_last.py ROOT [--series] [TAG ...]   (default tags: train/loss val/loss)
+With --series, every logged value of each tag (step:value), e.g. two runs' validation losses side
+by side. `python scripts/tb_last.py --help` for the options.
 """
+import argparse
 import glob
 import os
-import sys
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
-def main():
-    args = sys.argv[1:]
-    series = "--series" in args
-    root, *tags = [a for a in args if a != "--series"]
-    tags = tags or ["train/loss", "val/loss"]
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("root", help="a folder holding run folders, e.g. runs/")
+    p.add_argument("tags", nargs="*", default=["train/loss", "val/loss"], help="scalar tags (default: train/loss val/loss)")
+    p.add_argument("--series", action="store_true", help="every logged value, not only the last")
+    args = p.parse_intermixed_args(argv)  # --series may come between the root and the tags
+    root, tags, series = args.root, args.tags, args.series
     for folder in sorted({os.path.dirname(p) for p in glob.glob(f"{root}/**/events.out.tfevents.*", recursive=True)}):
         acc = EventAccumulator(folder, size_guidance={"scalars": 0})
         acc.Reload()

@@ -1,8 +1,6 @@
 """Where the GPU waits in a profiled training step: its idle gaps, and what the host was doing.
 
-python scripts/trace_gaps.py RUN_DIR_OR_TRACE [min_gap_us=20] [top=15]
-
-Reads the torch.profiler trace that `configs/profile.yaml` writes (*.pt.trace.json, found under
+`python scripts/trace_gaps.py --help` for the options. Reads the torch.profiler trace that `configs/profile.yaml` writes (*.pt.trace.json, found under
 RUN_DIR), takes the profiled steps' GPU kernels and copies, and lists the gaps between them.
 Each gap ends with work the host launched late: the script names the launch (the CUDA runtime
 call whose correlation id the next kernel carries), how long after the gap began the host
@@ -14,9 +12,9 @@ from __future__ import annotations
 import bisect
 import collections
 import glob
+import argparse
 import json
 import os
-import sys
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
@@ -63,10 +61,13 @@ def gaps(events: list[dict], min_gap_us: float = 20.0) -> tuple[float, float, li
     return busy, span, found
 
 
-def main():
-    path = sys.argv[1]
-    min_gap = float(sys.argv[2]) if len(sys.argv) > 2 else 20.0
-    top = int(sys.argv[3]) if len(sys.argv) > 3 else 15
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("path", help="a run folder holding a *.pt.trace.json (configs/profile.yaml writes one), or the trace")
+    p.add_argument("--min-gap", type=float, default=20.0, help="shortest idle gap to list, µs (default 20)")
+    p.add_argument("--top", type=int, default=15, help="how many gaps and annotations to list (default 15)")
+    args = p.parse_args(argv)
+    path, min_gap, top = args.path, args.min_gap, args.top
     events = load(path)
     busy, span, found = gaps(events, min_gap)
     n = sum(1 for e in events if e.get("cat") == "user_annotation" and e.get("name", "").startswith("ProfilerStep#"))

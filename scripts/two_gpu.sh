@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 9: the two-GPU runs (device kind nvidia-h200-x2; NCCL, NVLink multicast stays off).
+# The two-GPU checks: DDP scaling, the ring variants' context parallelism at 32K, 128K and 1M, and
+# the benchmark's ring rows at P = 2 (NCCL; NVLink multicast stays off: NVLS hung on lent machines).
 #   bash scripts/two_gpu.sh   -> logs and summaries under $OUT (or ./gpu_out)
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -14,17 +14,18 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-# Without a GPU, the Triton kernels (longctx/attention/combine.py) run in Triton's interpreter.
+# Without a GPU, the Triton kernels (longctx/kernels/) run in Triton's interpreter.
 # It must be chosen before Triton is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def load_script(name: str):
-    """scripts/NAME.py as a module (scripts/ is not a package)."""
+def load_script(path: str):
+    """The script at ROOT/PATH.py as a module (scripts/ and tools/ are not packages)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, f"{ROOT}/scripts/{name}.py")
+    name = os.path.basename(path)
+    spec = importlib.util.spec_from_file_location(name, f"{ROOT}/{path}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -108,8 +108,8 @@ class RaiseOnRank(L.Callback):
 from longctx.checkpoint import AtomicCheckpointIO  # noqa: E402
 
 
-class KillWhileSaving(AtomicCheckpointIO):
-    """Writes half of the `nth` checkpoint into the temporary file, then SIGKILLs the process."""
+class FailOnNthSave(AtomicCheckpointIO):
+    """The `nth` save writes through `fail(checkpoint, f)` instead of torch.save."""
 
     def __init__(self, nth: int = 2):
         super().__init__()
@@ -122,6 +122,13 @@ class KillWhileSaving(AtomicCheckpointIO):
     def write(self, checkpoint, f):
         if self.count < self.nth:
             return super().write(checkpoint, f)
+        self.fail(checkpoint, f)
+
+
+class KillWhileSaving(FailOnNthSave):
+    """Writes half of the `nth` checkpoint into the temporary file, then SIGKILLs the process."""
+
+    def fail(self, checkpoint, f):
         buf = io.BytesIO()
         torch.save(checkpoint, buf)
         f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
@@ -129,21 +136,11 @@ class KillWhileSaving(AtomicCheckpointIO):
         os.kill(os.getpid(), 9)
 
 
-class DiskFullOnSave(AtomicCheckpointIO):
+class DiskFullOnSave(FailOnNthSave):
     """The `nth` save writes part of the file and then fails as a full disk does: torch.save's
     RuntimeError raised while handling the write's OSError(ENOSPC)."""
 
-    def __init__(self, nth: int = 2):
-        super().__init__()
-        self.nth, self.count = nth, 0
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None):
-        self.count += 1
-        return super().save_checkpoint(checkpoint, path, storage_options)
-
-    def write(self, checkpoint, f):
-        if self.count < self.nth:
-            return super().write(checkpoint, f)
+    def fail(self, checkpoint, f):
         f.write(b"PK\x03\x04" + bytes(4096))
         try:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

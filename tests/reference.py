@@ -1,4 +1,4 @@
-"""An independent dense reference for dilated attention, built straight from DESIGN §3 with
+"""An independent dense reference for dilated attention, built straight from docs/design.md#the-math with
 explicit (query, key) position masks. It shares no code with longctx.attention.
 
 Branch i contributes, for head h, the key set {same segment, both indices ≡ h mod r_i inside the

@@ -74,9 +74,9 @@ def core_cases(rank, world, port, out_dir):
 
 
 def core_cases_combined(rank, world, port, out_dir):
-    """core_cases with the pieces combined in one pass (combine.py; in Triton's interpreter
+    """core_cases with the pieces combined in one pass (kernels/combine.py; in Triton's interpreter
     without a GPU: TRITON_INTERPRET comes from the test process's environment)."""
-    from longctx.attention import combine
+    from longctx.kernels import combine
 
     combine.available = lambda device: True
     core_cases(rank, world, port, out_dir)

@@ -1,14 +1,15 @@
-"""The one-pass combine kernels (longctx/attention/combine.py) against references built here
-from DESIGN §3 (row j of head h in segment s sits at start + s·w + (h mod r) + j·r) and LongNet
+"""The one-pass combine kernels (longctx/kernels/combine.py) against references built here
+from docs/design.md#the-math (row j of head h in segment s sits at start + s·w + (h mod r) + j·r) and LongNet
 Eq. 10. Without a GPU they run in Triton's interpreter (tests/conftest.py)."""
 import pytest
 import torch
 
-from longctx.attention import ImprovedDilatedAttention, combine, improved
-from longctx.attention.branches import plan
+from longctx.attention import ImprovedDilatedAttention, pieces
+from longctx.attention.layout import plan
+from longctx.kernels import SUPPORTED, combine
 from reference import reference_attention
 
-pytestmark = pytest.mark.skipif(not combine.SUPPORTED, reason="needs Triton >= 3.6 (installed by the test extra)")
+pytestmark = pytest.mark.skipif(not SUPPORTED, reason="needs Triton >= 3.6 (installed by the test extra)")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -35,7 +36,7 @@ def piece_rows(B, p, D, gen, dtype):
 
 
 def positions(p):
-    """(S, g, m) positions of the piece's rows and (g,) heads, from DESIGN §3's rule."""
+    """(S, g, m) positions of the piece's rows and (g,) heads, from the design's rule."""
     s = torch.arange(p.num_segments)[:, None, None]
     heads = torch.tensor(p.heads)
     j = torch.arange(p.rows)[None, None, :]
@@ -51,7 +52,7 @@ def scatter(B, T, H, p, rows, fill):
 
 
 def eq10_reference(B, T, H, pieces, outs, lses):
-    """LongNet Eq. 10 in float64 over the pieces' rows placed by DESIGN §3's rule: (out, lse, kept)."""
+    """LongNet Eq. 10 in float64 over the pieces' rows placed by the design's rule: (out, lse, kept)."""
     every_lse = torch.stack([scatter(B, T, H, p, l, float("-inf")) for p, l in zip(pieces, lses)])
     every_out = torch.stack([scatter(B, T, H, p, o, 0.0) for p, o in zip(pieces, outs)])
     ref_lse = torch.logsumexp(every_lse, 0)
@@ -105,7 +106,7 @@ def test_many_position_blocks_per_head(monkeypatch, T):
     """16 positions a program: several programs per (batch, head), numbered head, then position
     block, then batch (combine.launch_grid). At 1M + 64K positions that is more blocks than CUDA
     allows in a grid's second dimension, where a 1.3M-token training step failed
-    (docs/performance.md, run 43)."""
+    on an H100."""
     B, H, D, ws, rs = 2, 3, 8, (8, 16), (1, 2)
     monkeypatch.setattr(combine, "INTERPRETED", False)  # on CPU still interpreted, now with small tiles
     monkeypatch.setattr(combine, "MERGE_TILE", 16 * D)
@@ -164,7 +165,7 @@ def test_disjoint_and_float64_pieces_do_not_combine(through_combine):
         ImprovedDilatedAttention(ws, rs, head_split=head_split)(q, k, v).sum().backward()
     assert through_combine == []
     q = torch.randn(1, T, H, D, device=DEVICE)
-    assert improved.use_combine(q, *improved._layout(T, H, tuple(ws), tuple(rs), False))
+    assert pieces.use_combine(q, *pieces.pieces_of(T, H, tuple(ws), tuple(rs), False))
 
 
 def test_ring_at_one_rank_is_exactly_improved_through_combine(through_combine):

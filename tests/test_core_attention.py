@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from longctx.attention import DilatedAttention, ImprovedDilatedAttention, RingDilatedAttention, build_attention
-from longctx.attention import kernels
-from longctx.attention.branches import MAX_STRIDED_PIECES, plan
-from longctx.attention.improved import dilated_attention, read_rows
+from longctx.attention import sdpa
+from longctx.attention.improved import dilated_attention
+from longctx.attention.layout import MAX_STRIDED_PIECES, plan
+from longctx.attention.pieces import read_rows
 from reference import pair_counts, reference_attention
 
 OPS = [DilatedAttention, ImprovedDilatedAttention]
@@ -75,7 +76,7 @@ LAYOUTS = [  # (T, H, segment_lengths, dilation_rates, head_split)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: f"T{x[0]}-H{x[1]}-r{x[3]}-split{int(x[4])}")
 def test_pieces_select_the_kept_rows_once(layout):
     """Every piece's rows, read as a strided view or gathered, are the (position, head) pairs
-    that DESIGN §3 keeps (position within its segment ≡ h mod r), and the pieces of a branch
+    that the design keeps (position within its segment ≡ h mod r), and the pieces of a branch
     cover each kept pair exactly once."""
     T, H, ws, rs, head_split = layout
     pieces = plan(T, H, tuple(ws), tuple(rs), head_split)
@@ -202,7 +203,7 @@ def test_eager_calls_turn_autocast_off_inside_the_op(monkeypatch):
 
 def test_eager_calls_skip_the_custom_op_with_the_same_results():
     """Eager module calls run `attend` through EagerDilatedAttention (the custom op's dispatch
-    was 10-23% of the op's host time, docs/performance.md run 81); torch.compile sees the custom
+    was 10-23% of the op's host time); torch.compile sees the custom
     op. Both give the same output and gradients: they share attend and attend_backward."""
     T, H, D, ws, rs = 37, 4, 16, [8, 16, 32], [1, 2, 4]
     q, k, v = make_qkv(2, T, H, D)
@@ -225,7 +226,7 @@ def test_math_fallback_matches_fused_kernel(monkeypatch):
     g = torch.randn(2, T, H, D)
     op = ImprovedDilatedAttention(ws, rs)
     fused = run(op, q, k, v, True, g)
-    monkeypatch.setattr(kernels, "_backend", lambda q: "math")
+    monkeypatch.setattr(sdpa, "_backend", lambda q: "math")
     math_ = run(op, q, k, v, True, g)
     torch.testing.assert_close(fused[0], math_[0])
     for a, b in zip(fused[1], math_[1]):

@@ -1,4 +1,4 @@
-"""longctx/fused.py's Triton kernels (SwiGLU, RoPE) against float64 expressions written here from
+"""longctx/kernels/fused.py's Triton kernels (SwiGLU, RoPE) against float64 expressions written here from
 their definitions, and the model with them against the model without. Without a GPU the kernels
 run in Triton's interpreter (tests/conftest.py)."""
 from types import SimpleNamespace
@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import compiled_targets
-from longctx import fused
+import longctx.kernels
+from longctx.kernels import fused
 from longctx.attention import ImprovedDilatedAttention
 from longctx.model import LongNetLM
 
@@ -175,8 +176,8 @@ def test_compiled_model_runs_swiglu_as_custom_ops_and_matches_the_plain_model(mo
 def test_fused_kernels_are_for_gpu_tensors_only(monkeypatch):
     """available(): a CUDA tensor of a float dtype, with Triton compiled (not interpreted), in
     eager mode and under torch.compile alike (the model picks which kernels to use there)."""
-    monkeypatch.setattr(fused.combine, "SUPPORTED", True)
-    monkeypatch.setattr(fused.combine, "INTERPRETED", False)
+    monkeypatch.setattr(longctx.kernels, "SUPPORTED", True)
+    monkeypatch.setattr(longctx.kernels, "INTERPRETED", False)
     gpu = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)
     assert fused.available(gpu)
     assert not fused.available(SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64))

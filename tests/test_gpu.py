@@ -4,7 +4,7 @@ reference itself computed in the low precision."""
 import pytest
 import torch
 
-from longctx.attention import DilatedAttention, ImprovedDilatedAttention, RingDilatedAttention, kernels
+from longctx.attention import DilatedAttention, ImprovedDilatedAttention, RingDilatedAttention, sdpa
 from reference import reference_attention
 
 pytestmark = pytest.mark.gpu
@@ -28,7 +28,7 @@ def err(a, b):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("case", CASES, ids=[f"T{c[0]}-D{c[2]}" for c in CASES])
 def test_gpu_parity(case, causal, op_cls, dtype, backend, monkeypatch):
-    monkeypatch.setattr(kernels, "CUDA_BACKEND", backend)
+    monkeypatch.setattr(sdpa, "CUDA_BACKEND", backend)
     T, H, D, ws, rs, hs = case
     g = torch.Generator(device="cuda").manual_seed(T)
     q, k, v, dout = (torch.randn(1, T, H, D, device="cuda", dtype=torch.float64, generator=g) for _ in range(4))
@@ -52,7 +52,7 @@ def test_gpu_parity(case, causal, op_cls, dtype, backend, monkeypatch):
 def test_gpu_fused_qkv_views_batch_two(head_split, backend, monkeypatch):
     """q/k/v as views of one (B, T, 3, H, D) projection, batch 2 with a tail segment (the
     batch and segment axes do not fold into one view there): the kernels read the views."""
-    monkeypatch.setattr(kernels, "CUDA_BACKEND", backend)
+    monkeypatch.setattr(sdpa, "CUDA_BACKEND", backend)
     T, H, D, ws, rs = 1000, 8, 64, [256, 512], [1, 2]
     g = torch.Generator(device="cuda").manual_seed(7)
     qkv, dout = (torch.randn(2, T, *s, D, device="cuda", dtype=torch.float64, generator=g) for s in ((3, H), (H,)))
@@ -74,7 +74,8 @@ def test_gpu_combine_matches_the_piecewise_float32_merge(monkeypatch):
     piece-by-piece float32 merge. Same float32 sums in another order, rounded once; cuDNN's dQ
     itself varies from run to run (atomics), so the two agree to bf16 rounding in norm. (The union
     kernels, which take this layout by default, are off: both runs take the per-branch path.)"""
-    from longctx.attention import combine, improved, union
+    from longctx.attention import pieces
+    from longctx.kernels import combine, union
 
     monkeypatch.setattr(union, "ENABLED", False)
 
@@ -83,7 +84,7 @@ def test_gpu_combine_matches_the_piecewise_float32_merge(monkeypatch):
     q, k, v, dout = (torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     op = ImprovedDilatedAttention(ws, rs)
-    assert improved.use_combine(q, *improved._layout(T, H, tuple(ws), tuple(rs), False))
+    assert pieces.use_combine(q, *pieces.pieces_of(T, H, tuple(ws), tuple(rs), False))
     results = []
     for enabled in (True, False):
         monkeypatch.setattr(combine, "ENABLED", enabled)
@@ -99,7 +100,7 @@ def test_gpu_forward_backward_capture_in_a_cuda_graph(layout, monkeypatch):
     """The op makes no host synchronisation: fwd+bwd captures in a CUDA graph (benchmark
     --cuda-graph, torch.compile's reduce-overhead) and its replay equals the eager result.
     LongNet's layout: the union kernels, or (turned off) the per-branch paths."""
-    from longctx.attention import union
+    from longctx.kernels import union
     from longctx.benchmark import graphed
 
     monkeypatch.setattr(union, "ENABLED", layout.startswith("union"))
@@ -134,8 +135,8 @@ def test_gpu_training_step_synchronises_once(tmp_path, monkeypatch):
     for the GPU once: for the event behind the loss's copy to the host, in on_after_backward,
     with the backward already queued. Any other synchronisation (sync debug mode's warnings:
     .item(), blocking copies; it does not see event waits) leaves the GPU idle while the host
-    runs Lightning's step-end work (docs/performance.md, runs 25-26); reading the loss before
-    the backward was queued left it idle 2.7 ms a step at 32K (run 114)."""
+    runs Lightning's step-end work; reading the loss before the backward was queued left it
+    idle 2.7 ms a step at 32K."""
     import os
     import traceback
     import warnings
@@ -192,7 +193,7 @@ def test_gpu_training_step_synchronises_once(tmp_path, monkeypatch):
 
 def test_gpu_fit_validates_under_cuda_graphs(tmp_path):
     """train.py with compile_mode reduce-overhead runs its sanity check, training steps and a
-    validation in between (torch 2.11 failed at the first validation: docs/performance.md run 53)."""
+    validation in between (torch 2.11 failed at the first validation: pytorch#152887)."""
     import os
 
     from longctx.cli import cli_main
@@ -223,7 +224,7 @@ def test_gpu_union_kernels_parity(case, head_split, causal, op_cls, dtype):
     """The op's union kernels (union.py: each distinct pair once, weighted; with head_split, one
     strided softmax per head), on q/k/v views of one fused projection: the same error rule
     against the float64 reference as every other path."""
-    from longctx.attention import union
+    from longctx.kernels import union
     B, T, H, D, ws, rs = case
     assert union.use(torch.empty(1, device="cuda", dtype=dtype), union.layout(T, H, D, ws, rs, head_split))
     check_union_parity(case, head_split, causal, op_cls, dtype)
@@ -234,7 +235,7 @@ def test_gpu_union_kernels_parity(case, head_split, causal, op_cls, dtype):
 def test_gpu_union_split_config_parity(case, causal, monkeypatch):
     """head_split launches with many tiles take SPLIT_CONFIG (the cases above, few tiles, take
     SMALL_CONFIG): the same parity with SMALL_TILES = 0."""
-    from longctx.attention import union
+    from longctx.kernels import union
     monkeypatch.setattr(union, "SMALL_TILES", 0)
     B, T, H, D, ws, rs = case
     lay = union.layout(T, H, D, ws, rs, True)
@@ -263,11 +264,11 @@ def check_union_parity(case, head_split, causal, op_cls, dtype):
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_gpu_rotary_op_trains_like_rope_then_the_op(compiled, monkeypatch):
-    """The LM in bf16 with RoPE inside the union op (rotary_attention.py) against the same model
+    """The LM in bf16 with RoPE inside the union op (attention/rotary.py) against the same model
     rotating q and k itself before the op (LONGCTX_ROTARY=0): the same loss, and gradients within
     bf16 rounding (relative norm), eagerly and under Inductor."""
     import torch.nn.functional as F
-    from longctx import rotary_attention
+    from longctx.attention import rotary
     from longctx.model import LongNetLM
 
     torch.manual_seed(0)
@@ -277,12 +278,12 @@ def test_gpu_rotary_op_trains_like_rope_then_the_op(compiled, monkeypatch):
     params = list(model.parameters())
     calls = []
     if not compiled:  # eagerly: which path each block took
-        real = rotary_attention.applies
-        monkeypatch.setattr(rotary_attention, "applies", lambda op, qkv: calls.append(real(op, qkv)) or calls[-1])
+        real = rotary.applies
+        monkeypatch.setattr(rotary, "applies", lambda op, qkv: calls.append(real(op, qkv)) or calls[-1])
     results = []
     for enabled in (False, True):
         torch._dynamo.reset()
-        monkeypatch.setattr(rotary_attention, "ENABLED", enabled)
+        monkeypatch.setattr(rotary, "ENABLED", enabled)
         run = torch.compile(model) if compiled else model
         with torch.autocast("cuda", torch.bfloat16):
             loss = F.cross_entropy(run(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
@@ -291,3 +292,43 @@ def test_gpu_rotary_op_trains_like_rope_then_the_op(compiled, monkeypatch):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-3, atol=0)
     for a, b in zip(results[1][1], results[0][1]):
         assert (a.float() - b.float()).norm() <= 2e-2 * b.float().norm(), a.shape
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graphed"])
+def test_gpu_decoding_matches_the_full_forward(graph):
+    """Teacher-forced decoding in bf16 (the union kernels in prefill, the cache in decode; the
+    step replayed from a CUDA graph or eager) against the full forward: within bf16 rounding."""
+    from longctx.decode import Decoder
+    from longctx.model import LongNetLM
+
+    torch.manual_seed(0)
+    model = LongNetLM(256, 256, 2, 4, ImprovedDilatedAttention,
+                      dict(segment_lengths=[64, 128, 256], dilation_rates=[1, 2, 4])).cuda().to(torch.bfloat16).eval()
+    idx = torch.randint(0, 256, (2, 600), device="cuda")
+    with torch.no_grad():
+        full = model(idx).float()
+    decoder = Decoder(model, 2, torch.bfloat16, "cuda")
+    if graph:
+        decoder.capture()
+    logits = [decoder.prefill(idx[:, :300]).float().clone()]
+    logits += [decoder.step(idx[:, t]).float().clone() for t in range(300, 599)]
+    got, want = torch.stack(logits, 1), full[:, 299:599]
+    assert (got - want).norm() <= 2e-2 * want.norm()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
+
+
+def test_gpu_chunked_loss_matches_the_plain_head_under_autocast():
+    from longctx.loss import linear_cross_entropy
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    h = torch.randn(5000, 256, device="cuda", requires_grad=True)
+    w = torch.randn(32000, 256, device="cuda", requires_grad=True)
+    t = torch.randint(0, 32000, (5000,), device="cuda")
+    with torch.autocast("cuda", torch.bfloat16):
+        ours = linear_cross_entropy(h, w, t, chunk=1024)
+        plain = F.cross_entropy(F.linear(h, w).float(), t)
+    g_ours, g_plain = torch.autograd.grad(ours, (h, w)), torch.autograd.grad(plain, (h, w))
+    assert abs(ours.item() - plain.item()) <= 1e-3 * abs(plain.item())
+    for a, b in zip(g_ours, g_plain):
+        assert (a.float() - b.float()).norm() <= 2e-2 * b.float().norm()

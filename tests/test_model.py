@@ -122,7 +122,7 @@ def test_compiled_checkpointed_block_keeps_only_its_input_for_backward(device):
     """A checkpointed block, compiled with the partitioner Inductor uses, keeps for backward what
     eager keeps: its input (and the parameters and RoPE angles, alive anyway). Everything inside
     is recomputed, the SwiGLU chunks' own checkpoints included. Under torch 2.11 the compiled
-    block also saved the rotated q and k (3 GiB a block at 1M tokens, docs/performance.md run 64):
+    block also saved the rotated q and k (3 GiB a block at 1M tokens):
     the ops inside an autograd.Function were not tagged as part of the checkpoint."""
     torch._dynamo.reset()
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""MultiheadDilatedAttention and ImprovedMultiheadDilatedAttention (DESIGN §4)."""
+"""MultiheadDilatedAttention and ImprovedMultiheadDilatedAttention (docs/design.md#the-six-variants)."""
 import pytest
 import torch
 

@@ -109,6 +109,32 @@ def bad_checkpoint(kind):
     return make
 
 
+def tokenizer_case(kind):
+    """A tokenizer (or data) that cannot train: missing, corrupt, too large for the model, records
+    without the text field, tokens of the wrong size."""
+    def make(cache, tmp):
+        from longctx.tokenizer import train_bpe
+
+        args = [f"--data.cache_dir={cache}"]
+        if kind == "missing":
+            return [*args, "--data.tokenizer=/nonexistent/tok.json"]
+        if kind == "corrupt":
+            (tmp / "tok.json").write_text('{"model": {"type": "BPE", "vocab": ')
+            return [*args, f"--data.tokenizer={tmp}/tok.json"]
+        if kind == "too-large":
+            train_bpe(["some text to learn from"] * 4, 320).save(str(tmp / "tok.json"))  # 273 tokens: all it finds
+            return [*args, f"--data.tokenizer={tmp}/tok.json", "--model.vocab_size=260"]
+        folder = tmp / "texts"
+        folder.mkdir()
+        if kind == "no-field":
+            (folder / "a.jsonl").write_text('{"body": "text under another name"}\n')
+            return [f"--data.cache_dir={tmp}/c", f"--data.data_dir={folder}"]
+        (folder / "train.bin").write_bytes(b"\0" * 4001)
+        (folder / "val.bin").write_bytes(b"\0" * 400)
+        return [f"--data.data_dir={folder}", "--data.tokens_dtype=uint16"]
+    return make
+
+
 DDP = ["--trainer.strategy=ddp", "--trainer.devices=2", "--config", f"{ROOT}/configs/attention/ring_dilated.yaml"]
 
 # (id, args or a function (corpus, tmp) -> args, expected exit code, message regex). Under DDP
@@ -169,6 +195,15 @@ BAD = [
     ("ckpt-random-bytes", bad_checkpoint("random-bytes"), 2, r"ckpt_path='.*bad.ckpt' is not a PyTorch checkpoint"),
     ("ckpt-plain-state-dict", bad_checkpoint("state-dict"), 2,
      r"ckpt_path='.*bad.ckpt' is not a train.py checkpoint: it has no 'state_dict' and 'hyper_parameters' \(it holds \['w'\]"),
+    ("tokenizer-missing", tokenizer_case("missing"), 2, r"data.tokenizer='/nonexistent/tok.json' does not exist"),
+    ("tokenizer-corrupt", tokenizer_case("corrupt"), 2, r"data.tokenizer='.*tok.json' is not a tokenizer.json or SentencePiece"),
+    ("tokenizer-exceeds-vocab", tokenizer_case("too-large"), 2,
+     r"model.vocab_size=260 is smaller than data.tokenizer='.*tok.json''s 273 tokens: use at least 273, or leave it "
+     r"unset for 320"),
+    ("records-without-text-field", tokenizer_case("no-field"), 2,
+     r"data.text_field='text' is not a field of the records in .*a.jsonl \(they have \['body'\]\)"),
+    ("tokens-of-the-wrong-size", tokenizer_case("tokens"), 2,
+     r"data.tokens_dtype='uint16': .*train.bin has 4001 bytes, not a whole number of 2-byte tokens"),
     ("ckpt-pickled-object", bad_checkpoint("pickled-object"), 2,
      r"ckpt_path='.*bad.ckpt' is not a checkpoint written by train.py: it holds objects other than tensors"),
 ]

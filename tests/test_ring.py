@@ -10,7 +10,8 @@ import torch
 import torch.multiprocessing as mp
 
 import ring_workers
-from longctx.attention import ImprovedDilatedAttention, RingDilatedAttention, combine
+from longctx.attention import ImprovedDilatedAttention, RingDilatedAttention
+from longctx.kernels import SUPPORTED
 
 
 def free_port() -> int:
@@ -33,7 +34,7 @@ def test_ring_matches_reference(world, tmp_path):
     assert checked == [{2: 8, 4: 10}[world]] * world  # P=2 cannot serve the last case (72 % 48)
 
 
-@pytest.mark.skipif(not combine.SUPPORTED, reason="needs Triton >= 3.6 (installed by the test extra)")
+@pytest.mark.skipif(not SUPPORTED, reason="needs Triton >= 3.6 (installed by the test extra)")
 def test_ring_through_combine_matches_reference(tmp_path):
     assert spawn(ring_workers.core_cases_combined, 2, tmp_path) == [8, 8]
 

@@ -1,15 +1,13 @@
-"""The union kernels (longctx/attention/union.py) against tests/reference.py, which builds the
-multiset of branch pairs from DESIGN §3's masks and shares no code with them. Without a GPU they
+"""The union kernels (longctx/kernels/union.py) against tests/reference.py, which builds the
+multiset of branch pairs from the design's masks and shares no code with them. Without a GPU they
 run in Triton's interpreter (tests/conftest.py) in float32; GPU parity in bf16/fp16 is in test_gpu.py."""
 import contextlib
 import os
-import pathlib
 
 import pytest
 import torch
 
-from longctx.attention import union
-from longctx.attention.combine import SUPPORTED
+from longctx.kernels import SUPPORTED, union
 from conftest import load_script
 from reference import reference_attention
 
@@ -53,7 +51,7 @@ def test_union_matches_the_reference_output_lse_and_gradients(case, causal):
     tol = 1e-5 if DTYPE == torch.float32 else 3e-2
     for name, got, want in zip(["out", "dq", "dk", "dv"], [out, dq, dk, dv], [exact, *grads]):
         assert (got.double().cpu() - want).abs().max() <= tol * want.abs().max(), name
-    # the LSE is log Σ_i Σ_keys exp(score) over every branch's keys: the merged LSE of DESIGN §3
+    # the LSE is log Σ_i Σ_keys exp(score) over every branch's keys: the merged LSE of docs/design.md#the-merge-longnet-eq-10
     # (−inf where a head keeps a position in no branch, which only head_split has here)
     counts_lse = reference_lse(qkv.unbind(2)[:2], ws, rs, causal, scale, split)
     assert torch.equal(lse.cpu().isinf(), counts_lse.isinf())
@@ -140,7 +138,7 @@ def test_few_tiles_follows_small_tiles_after_a_first_call(monkeypatch):
 
 def test_the_register_cap_is_for_the_64_row_dkdv_tiles_alone():
     """168 registers fit a third 4-warp program an SM; on the other tilings the cap only spills
-    (the 8-warp ones ran 2-3x slower under it, run 100)."""
+    (the 8-warp ones ran 2-3x slower under it)."""
     rows, _, warps, _ = union.CONFIG["dkdv"]
     assert union.register_cap("dkdv", rows, warps) == {"maxnreg": 168}
     assert union.register_cap("dkdv", 64, 4) == {"maxnreg": 168}
@@ -158,7 +156,7 @@ def test_the_op_uses_union_only_for_compiled_half_precision():
 
 
 def test_sass_probe_counts_the_dkdv_loops_matmuls():
-    """scripts/sass_probe.py compiles the dK/dV local kernel for sm_90 without a GPU (in a fresh
+    """tools/kernels/sass_probe.py compiles the dK/dV local kernel for sm_90 without a GPU (in a fresh
     process: the interpreter that conftest.py selects has no compiler). Its tile (64 keys, 32
     queries, D = 64) is one m64 block a warpgroup, so each loop iteration's four matmuls issue
     k-steps of 16: Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ 64 / 16 = 4 each, dV += Pᵀ·dO and dK += dSᵀ·Q 32 / 16 =
@@ -170,7 +168,7 @@ def test_sass_probe_counts_the_dkdv_loops_matmuls():
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT
-    out = subprocess.run([sys.executable, f"{ROOT}/scripts/sass_probe.py", "dkdv", "local", "long", "64", "32", "4",
+    out = subprocess.run([sys.executable, f"{ROOT}/tools/kernels/sass_probe.py", "dkdv", "local", "long", "64", "32", "4",
                           "3"], capture_output=True, text=True, env=env, timeout=300)
     if "cuobjdump" in out.stderr and "No such file" in out.stderr:
         pytest.skip("this Triton wheel carries no cuobjdump")
@@ -179,7 +177,7 @@ def test_sass_probe_counts_the_dkdv_loops_matmuls():
                        out.stdout)
     assert len(loops) == 2, out.stdout
     # union.register_cap reaches the compiler: without it this kernel takes 181 registers since
-    # run 104's tile order (Triton 3.6), two programs an SM
+    # the tile order by segment (Triton 3.6), two programs an SM
     regs = re.search(r"(\d+) registers, .*: (\d+) programs an SM", out.stdout)
     assert int(regs.group(1)) <= 168 and int(regs.group(2)) == 3, out.stdout
     for total, idle, counts in loops:
@@ -192,7 +190,7 @@ def test_sass_probe_counts_the_dkdv_loops_matmuls():
 def test_sass_probe_counts_what_runs_with_no_wgmma_in_flight():
     """sass_probe.exposed on a hand-written loop body: the wait for all wgmma groups and what
     follows it up to the next issue are exposed, counted over one pass of the cycle."""
-    probe = load_script("sass_probe")
+    probe = load_script("tools/kernels/sass_probe")
     body = ["HGMMA.64x32x16.F32.BF16 R24, gdesc[UR8], RZ, !UPT, gsb0", "FADD R1, R2, R3",
             "WARPGROUP.DEPBAR.LE gsb0, 0x0", "MUFU.EX2 R4, R5", "FMUL R6, R4, R7",
             "HGMMA.64x64x16.F32.BF16 R56, R88, gdesc[UR12], R56, gsb0", "IMAD R8, R9, R10, R11"]
@@ -210,61 +208,13 @@ def test_sass_probe_counts_what_runs_with_no_wgmma_in_flight():
     assert probe.programs_per_sm(32, 1, 0) == 32  # the limit on programs
 
 
-EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "experiments"
-
-
-def patched_copy(dest, patches):
-    """A copy of this tree's longctx/, scripts/ and tests/ under dest with the patches applied in
-    order; the return codes of `git apply`, one a patch."""
-    import shutil
-    import subprocess
-    from conftest import ROOT
-
-    if shutil.which("git") is None:
-        pytest.skip("needs git")
-    for part in ("longctx", "scripts", "tests"):
-        shutil.copytree(f"{ROOT}/{part}", dest / part, ignore=shutil.ignore_patterns("__pycache__"))
-    return [subprocess.run(["git", "apply", str(p)], cwd=dest, capture_output=True, text=True) for p in patches]
-
-
-@pytest.mark.parametrize("name", sorted(p.name for p in EXPERIMENTS.glob("*.patch")))
-def test_the_prepared_experiments_still_apply(name, tmp_path):
-    """docs/experiments' patches (kernel changes prepared without a GPU, which scripts/gpu_check.sh
-    exp times) apply to this tree, alone and after the others: a change to the kernels that breaks
-    one must update or drop it."""
-    from conftest import ROOT
-
-    patches = [EXPERIMENTS / name, *sorted(p for p in EXPERIMENTS.glob("*.patch") if p.name != name)]
-    for patch, out in zip(patches, patched_copy(tmp_path, patches)):
-        assert out.returncode == 0, (patch.name, out.stderr)
-    assert (tmp_path / "longctx/attention/union_kernels.py").read_text() != open(
-        f"{ROOT}/longctx/attention/union_kernels.py").read()
-
-
-def test_the_prepared_experiments_match_the_reference(tmp_path):
-    """With every docs/experiments patch applied, the union kernels still match the reference
-    (two of the parity cases above, run on the patched copy in a fresh process)."""
-    import subprocess
-    import sys
-
-    patches = sorted(EXPERIMENTS.glob("*.patch"))
-    if not patches:
-        pytest.skip("no patch in docs/experiments")
-    assert all(out.returncode == 0 for out in patched_copy(tmp_path, patches))
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_union.py", "-k",
-                          "B1-T256-H5-L64-n3-causal or B2-T256-H7-L32-n3-split-full"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and "2 passed" in out.stdout, out.stdout[-3000:]
-
-
 def test_union_probe_lays_head_splits_work_out_as_the_same_dense_segments():
     """union_probe compares the op with head_split against dense SDPA on the same pairs as one
-    batch of segments (run 111): those segments' dense FLOPs must be the op's counted FLOPs,
-    which branches.dilated_flops derives from the branches, not from segments."""
-    from longctx.attention.branches import dilated_flops
+    batch of segments: those segments' dense FLOPs must be the op's counted FLOPs,
+    which layout.dilated_flops derives from the branches, not from segments."""
+    from longctx.attention.layout import dilated_flops
 
-    probe = load_script("union_probe")
+    probe = load_script("tools/kernels/union_probe")
     seed = probe.SEED
     assert probe.split_segments(8192, seed) == (40, 1024)  # heads 3 / 3 / 2 in 8 / 4 / 2 segments
     for T, layout in [(8192, seed), (32768, seed), (4096, dict(seed, ws=[256, 512], rs=[1, 2], H=5))]:

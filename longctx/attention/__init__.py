@@ -1,34 +1,24 @@
-"""Dilated attention (LongNet) in six variants; see DESIGN §3–§5.
+"""Dilated attention (LongNet) in six variants; docs/design.md has the math they all compute.
 
-`build_attention(name, **kwargs)` builds a variant from its registry name.
+By role: base.py (the core ops' constructor, checks and FLOPs), layout.py (branches, the pieces
+one kernel call serves, FLOPs), reference.py (DilatedAttention: the math in plain PyTorch),
+sdpa.py (PyTorch's fused attention kernels called for their log-sum-exp), pieces.py (the
+per-piece engine), improved.py (ImprovedDilatedAttention: the fast op), ring.py (sequence
+parallel), multihead.py (the (B, T, E) modules), rotary.py (the fast op on a fused q/k/v
+projection with RoPE inside), registry.py (the variants by name and what each declares). The
+Triton kernels live in longctx/kernels.
 """
 from __future__ import annotations
 
-from torch import nn
-
-from .dilated import DilatedAttention
+from .base import DilatedAttentionBase
 from .improved import ImprovedDilatedAttention
 from .multihead import ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention, RingMultiheadDilatedAttention
+from .reference import DilatedAttention
+from .registry import REGISTRY, Variant, build_attention, resolve, variant
 from .ring import RingDilatedAttention
 
-REGISTRY: dict[str, type[nn.Module]] = {
-    "dilated": DilatedAttention,
-    "improved_dilated": ImprovedDilatedAttention,
-    "multihead_dilated": MultiheadDilatedAttention,
-    "improved_multihead_dilated": ImprovedMultiheadDilatedAttention,
-    "ring_dilated": RingDilatedAttention,
-    "ring_multihead_dilated": RingMultiheadDilatedAttention,
-}
-
-
-def build_attention(name: str, **kwargs) -> nn.Module:
-    """Build a variant by name (see REGISTRY); unknown names raise ValueError listing the valid ones."""
-    if name not in REGISTRY:
-        raise ValueError(f"unknown attention name {name!r}: valid names are {sorted(REGISTRY)}")
-    return REGISTRY[name](**kwargs)
-
-
 __all__ = [
+    "DilatedAttentionBase",
     "DilatedAttention",
     "ImprovedDilatedAttention",
     "MultiheadDilatedAttention",
@@ -36,5 +26,8 @@ __all__ = [
     "RingDilatedAttention",
     "RingMultiheadDilatedAttention",
     "REGISTRY",
+    "Variant",
     "build_attention",
+    "resolve",
+    "variant",
 ]

@@ -4,12 +4,13 @@ Shapes: B batch, T sequence length, H heads, D head dim.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from .branches import default_scale, dilated_flops, head_groups, validate_branches, validate_common, validate_qkv
+from .layout import default_scale, dilated_flops, head_groups, validate_branches, validate_common, validate_qkv
 
 
 class DilatedAttentionBase(nn.Module):
@@ -27,6 +28,12 @@ class DilatedAttentionBase(nn.Module):
 
     # The fused paths cannot replay the kernels' dropout RNG per piece in backward.
     supports_dropout = True
+    # What the LM and the trainer read (registry.Variant). context_parallel: the op takes a
+    # `process_group` attribute and this rank's contiguous shard of the sequence. fused_rope: the
+    # block may run the op's math on its fused q/k/v projection with RoPE inside (rotary.py),
+    # bypassing forward: a subclass that changes the math must leave it False.
+    context_parallel = False
+    fused_rope = False
 
     def __init__(
         self,
@@ -62,8 +69,19 @@ class DilatedAttentionBase(nn.Module):
         already have the compute dtype, and the float32 merge must stay float32."""
         return torch.autocast(tensor.device.type, enabled=False)
 
+    @classmethod
+    def check_shard(cls, shard_len: int, world: int, num_heads: int, segment_lengths, dilation_rates,
+                    head_split: bool) -> None:
+        """A context-parallel op's rules for `world` ranks holding `shard_len` tokens each
+        (ValueError when they fail), checked on every rank before any communication."""
+
+    def single_rank(self) -> bool:
+        """Whether this call sees the whole sequence (always, but for a context-parallel op whose
+        group has several ranks)."""
+        return True
+
     def flops(self, batch: int, seq_len: int, num_heads: int, head_dim: int, is_causal: bool = False) -> int:
-        """Forward FLOPs (DESIGN §3); backward is conventionally 2.5× this."""
+        """Forward FLOPs (docs/design.md#flops); backward is conventionally 2.5× this."""
         return dilated_flops(
             batch, seq_len, num_heads, head_dim, self.segment_lengths, self.dilation_rates, self.head_split, is_causal
         )
@@ -73,3 +91,11 @@ class DilatedAttentionBase(nn.Module):
             f"segment_lengths={list(self.segment_lengths)}, dilation_rates={list(self.dilation_rates)}, "
             f"head_split={self.head_split}, dropout={self.dropout}"
         )
+
+
+def profiler_label(name: str):
+    """torch.profiler.record_function(name) while a profiler runs, else nothing: the label costs
+    host time on every call, and eager calls at 8K-32K are bound by host time."""
+    if torch._C._autograd._profiler_enabled():
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()

@@ -1,4 +1,4 @@
-"""Multihead dilated attention modules: (B, T, E) in, (B, T, E) out (DESIGN §4).
+"""Multihead dilated attention modules: (B, T, E) in, (B, T, E) out (docs/design.md#the-six-variants).
 
 Shapes: B batch, T sequence length, E embed dim, H heads, D = E / H.
 
@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .branches import check_positive_int
-from .dilated import DilatedAttention
+from ..checks import check_positive_int
 from .improved import ImprovedDilatedAttention
+from .reference import DilatedAttention
 from .ring import RingDilatedAttention
 
 

@@ -1,7 +1,7 @@
-"""RingDilatedAttention: dilated attention with the sequence split over a process group (DESIGN §5).
+"""RingDilatedAttention: dilated attention with the sequence split over a process group (docs/design.md#the-ring).
 
 Shapes: B batch, l = T/P tokens on this rank, H heads, D head dim; g heads and m = l/r kept rows
-of a cross-rank piece. Pieces and their strided row views are improved.py's.
+of a cross-rank piece. Pieces and their strided row views are pieces.py's.
 
 Rank p holds tokens p·l … p·l + l − 1. For branch (w, r), with w clipped to T:
 - w ≤ l (l % w == 0): every segment lies inside one rank, computed locally like Improved.
@@ -15,7 +15,7 @@ Rank p holds tokens p·l … p·l + l − 1. For branch (w, r), with w clipped t
   after the last step.
 A rank never holds more than two K/V blocks of one branch: memory O(T/P).
 Local and ring pieces' results (and gradients) then combine as Improved's do: in one pass
-(combine.py) on a GPU with Triton, else merged piece by piece in float32.
+(kernels/combine.py) on a GPU with Triton, else merged piece by piece in float32.
 """
 from __future__ import annotations
 
@@ -24,28 +24,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import combine
+from ..kernels import combine, unit_last_stride
+from . import pieces as engine
 from .base import DilatedAttentionBase
-from .branches import Piece, branch_pieces, head_groups, index_scope
-from .improved import (
-    acc_dtype,
-    attend_piece,
-    backward_pieces,
-    finish_grads,
-    fresh_flags,
-    kernel_rows,
-    merge_into,
-    merge_piece,
-    new_output,
-    op_forward,
-    piece_grads,
-    read_rows,
-    sum_grads,
-    unit_last_stride,
-    use_combine,
-    write_grad,
-)
-from .kernels import attn_bwd, attn_fwd
+from .improved import op_forward
+from .layout import Piece, branch_pieces, head_groups, index_scope
+from .sdpa import attn_bwd, attn_fwd
 
 
 @dataclass(frozen=True)
@@ -109,16 +93,16 @@ def _wait(reqs) -> None:
 def _ring_forward(q, kv, ring: Ring, is_causal, scale, group):
     """Attend this rank's kept queries to every block of the sub-ring. q: (B, l, H, D);
     kv: (2, B, g, m, D) this rank's dilated K/V rows. Returns o (B, g, m, D), lse (B, g, m) float32."""
-    qg = kernel_rows(q, ring.piece)
-    o_acc = kv.new_zeros(kv.shape[1:], dtype=acc_dtype(kv.dtype))
-    lse_acc = kv.new_full(kv.shape[1:4], float("-inf"), dtype=acc_dtype(kv.dtype))
+    qg = engine.kernel_rows(q, ring.piece)
+    o_acc = kv.new_zeros(kv.shape[1:], dtype=engine.acc_dtype(kv.dtype))
+    lse_acc = kv.new_full(kv.shape[1:4], float("-inf"), dtype=engine.acc_dtype(kv.dtype))
     cur, spare, first = kv, torch.empty_like(kv), True
     for step in range(len(ring.peers)):
         src = (ring.pos - step) % len(ring.peers)
         reqs = _exchange(cur, spare, ring, group) if step < len(ring.peers) - 1 else []
         if not (is_causal and src > ring.pos):
             o, lse = attn_fwd(qg, cur[0], cur[1], is_causal and src == ring.pos, scale)
-            merge_into(o_acc, lse_acc, o, lse, first)
+            engine.merge_into(o_acc, lse_acc, o, lse, first)
             first = False
         _wait(reqs)
         cur, spare = spare, cur
@@ -130,10 +114,10 @@ def _ring_backward(saved, lse, ring: Ring, is_causal, scale, group) -> list[torc
     float32."""
     dout, q, k, v, out = saved
     piece = ring.piece
-    dog, qg, og, lg = (kernel_rows(x, piece) for x in (dout, q, out, lse))
-    cur = torch.stack([read_rows(k, piece), read_rows(v, piece)]).flatten(1, 2)  # (2, B, g, m, D)
+    dog, qg, og, lg = (engine.kernel_rows(x, piece) for x in (dout, q, out, lse))
+    cur = torch.stack([engine.read_rows(k, piece), engine.read_rows(v, piece)]).flatten(1, 2)  # (2, B, g, m, D)
     spare = torch.empty_like(cur)
-    dkv = torch.zeros(cur.shape, dtype=acc_dtype(cur.dtype), device=cur.device)
+    dkv = torch.zeros(cur.shape, dtype=engine.acc_dtype(cur.dtype), device=cur.device)
     dkv_in = torch.empty_like(dkv)
     dq = torch.zeros(cur.shape[1:], dtype=dkv.dtype, device=cur.device)
     steps = len(ring.peers)
@@ -162,23 +146,23 @@ class _RingFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, layout, is_causal, scale, group):
         q, k, v = (unit_last_stride(x) for x in (q, k, v))
         pieces = [x.piece if isinstance(x, Ring) else x for x in layout]
-        fresh = fresh_flags(pieces)
-        combined = use_combine(q, pieces, fresh)  # keep every piece's result, merge once at the end
+        fresh = engine.fresh_flags(pieces)
+        combined = engine.use_combine(q, pieces, fresh)  # keep every piece's result, merge once at the end
         if not combined:
-            out, lse = new_output(q, pieces[0], all(fresh))
+            out, lse = engine.new_output(q, pieces[0], all(fresh))
         outs, lses = [], []
         with index_scope():
             for item, piece, is_fresh in zip(layout, pieces, fresh):
                 if isinstance(item, Piece):
-                    o, lse_p = attend_piece(q, k, v, piece, is_causal, scale)
+                    o, lse_p = engine.attend_piece(q, k, v, piece, is_causal, scale)
                 else:  # (B, g, m, D): the ring piece's one segment per batch row
-                    kv = torch.stack([read_rows(k, piece), read_rows(v, piece)]).flatten(1, 2)
+                    kv = torch.stack([engine.read_rows(k, piece), engine.read_rows(v, piece)]).flatten(1, 2)
                     o, lse_p = _ring_forward(q, kv, item, is_causal, scale, group)
                 if combined:
                     outs.append(o)
                     lses.append(lse_p)
                 else:
-                    merge_piece(out, lse, piece, o.unflatten(0, (q.shape[0], -1)), lse_p.unflatten(0, (q.shape[0], -1)), is_fresh)
+                    engine.merge_piece(out, lse, piece, o.unflatten(0, (q.shape[0], -1)), lse_p.unflatten(0, (q.shape[0], -1)), is_fresh)
         if combined:
             out, lse = combine.merge_pieces(q, pieces, outs, lses)
         out = out.to(q.dtype)
@@ -192,20 +176,20 @@ class _RingFunction(torch.autograd.Function):
         local, rings = _split(ctx.layout)
         # Backward order (local pieces, then rings) decides which writes are fresh.
         pieces = [*local, *(ring.piece for ring in rings)]
-        fresh = fresh_flags(pieces)
-        dtype = q.dtype if all(fresh) else acc_dtype(q.dtype)
+        fresh = engine.fresh_flags(pieces)
+        dtype = q.dtype if all(fresh) else engine.acc_dtype(q.dtype)
         saved = (unit_last_stride(dout), q, k, v, out)
         ring_grads = (_ring_backward(saved, lse, ring, ctx.is_causal, ctx.scale, ctx.group) for ring in rings)
-        if use_combine(q, pieces, fresh):
-            local_grads = [piece_grads(saved, lse, p, ctx.is_causal, ctx.scale) for p in local]
-            return (*sum_grads(q, pieces, [*local_grads, *ring_grads]), None, None, None, None)
+        if engine.use_combine(q, pieces, fresh):
+            local_grads = [engine.piece_grads(saved, lse, p, ctx.is_causal, ctx.scale) for p in local]
+            return (*engine.sum_grads(q, pieces, [*local_grads, *ring_grads]), None, None, None, None)
         grads = [None, None, None]
         with index_scope():
-            backward_pieces(grads, saved, lse, local, fresh[: len(local)], ctx.is_causal, ctx.scale, dtype)
+            engine.backward_pieces(grads, saved, lse, local, fresh[: len(local)], ctx.is_causal, ctx.scale, dtype)
             for ring, gs, is_fresh in zip(rings, ring_grads, fresh[len(local):]):
                 for i in range(3):
-                    write_grad(grads, i, ring.piece, gs[i], is_fresh, q, dtype)
-        return (*finish_grads(grads, q), None, None, None, None)
+                    engine.write_grad(grads, i, ring.piece, gs[i], is_fresh, q, dtype)
+        return (*engine.finish_grads(grads, q), None, None, None, None)
 
 
 class RingDilatedAttention(DilatedAttentionBase):
@@ -214,7 +198,7 @@ class RingDilatedAttention(DilatedAttentionBase):
     Args:
         process_group: the context-parallel group; None means the default group when
             torch.distributed is initialised, else a single rank. On a single rank (a group of
-            one) it runs ImprovedDilatedAttention's custom op (DESIGN §5: P = 1 must equal it).
+            one) it runs ImprovedDilatedAttention's custom op, whose function it then is.
 
     forward(query, key, value, is_causal=False): this rank's contiguous shard (B, T/P, H, D)
     of each; returns this rank's shard of the output. Every rank of the group must call it
@@ -222,6 +206,8 @@ class RingDilatedAttention(DilatedAttentionBase):
     """
 
     supports_dropout = False
+    context_parallel = True
+    fused_rope = True  # on one rank it is ImprovedDilatedAttention's op
 
     def __init__(self, segment_lengths, dilation_rates, *, softmax_scale=None, dropout=0.0, head_split=False,
                  process_group=None):
@@ -237,11 +223,19 @@ class RingDilatedAttention(DilatedAttentionBase):
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         return group, dist.get_world_size(group), dist.get_rank(group), lambda r: dist.get_global_rank(group, r)
 
+    @classmethod
+    def check_shard(cls, shard_len, world, num_heads, segment_lengths, dilation_rates, head_split) -> None:
+        ring_layout(shard_len, world, 0, num_heads, tuple(segment_lengths), tuple(dilation_rates), head_split,
+                    lambda r: r)
+
+    def single_rank(self) -> bool:
+        return self.group_info()[1] == 1
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
-        if self.group_info()[1] == 1:
+        if self.single_rank():
             # One rank: every piece is local, so this is ImprovedDilatedAttention's op, whose custom
             # op a compiled block keeps in its graph (the ring below breaks it in two and runs
-            # eagerly: 97 against 79 ms a 32K step under CUDA graphs, docs/performance.md run 59).
+            # eagerly: 97 against 79 ms a 32K step under CUDA graphs on an H100).
             return op_forward(self, query, key, value, is_causal)
         return self._ring_forward(query, key, value, is_causal)
 

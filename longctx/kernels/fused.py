@@ -1,7 +1,7 @@
 """Fused Triton kernels for the model's eager elementwise work: SwiGLU's silu(gate)·up and RoPE.
 
 Why: an eager training step of the LongNet-size model at 32K spends 43 ms of its 112 in unfused
-elementwise kernels (docs/performance.md, run 52), where torch.compile's fused kernels take 15.
+elementwise kernels (on an H100), where torch.compile's fused kernels take 15.
 Two of the biggest sources are these:
 - SwiGLU: gate and up are the two halves of one projection, so every kernel on them reads a
   strided half (ATen's non-vectorised path); forward is silu then mul (and autograd keeps
@@ -16,10 +16,10 @@ Two of the biggest sources are these:
   forward reads x and a and writes h = x + a and the normalised h in the autocast dtype;
   backward reads h, the two incoming gradients and writes the gradients of x and a, with the
   weight's gradient summed per program. An eager 32K step on an H100: 72.7–73.2 → 64.9–65.6 ms,
-  the elementwise kernels 10.0 → 3.8 ms; 1M eager 3.46 → 3.18 s (docs/performance.md runs 134–135).
+  the elementwise kernels 10.0 → 3.8 ms; 1M eager 3.46 → 3.18 s.
 Under torch.compile SwiGLU's kernels run as custom ops (nothing elementwise to fuse them with);
 RoPE and RMSNorm keep their plain expressions, which Inductor fuses with the kernels next to
-them, except where rotary_attention.py takes RoPE into the attention op (rotate_qk, eager and
+them, except where attention/rotary.py takes RoPE into the attention op (rotate_qk, eager and
 compiled).
 
 Shapes: x (…, 2·hidden) for SwiGLU; x (B, l, H, D) and cos/sin (1, l, 1, D/2) float32 for RoPE;
@@ -32,11 +32,7 @@ import os
 
 import torch
 
-from .attention import combine
-from .attention.improved import unit_last_stride
-
-triton = combine.triton
-tl = combine.tl if triton is not None else None
+from . import compiled_triton, sm_count, tl, triton, unit_last_stride
 
 # LONGCTX_FUSED=0 keeps the plain PyTorch expressions on the GPU too (for A/B runs).
 ENABLED = os.environ.get("LONGCTX_FUSED", "1") != "0"
@@ -47,7 +43,7 @@ def available(x: torch.Tensor) -> bool:
     """Whether the model may use these kernels for x: on CUDA with Triton >= 3.6, in a dtype they
     compute in float32 without loss. Under torch.compile the model takes SwiGLU's (swiglu_op) but
     keeps RoPE's plain expression, which Inductor fuses with its neighbours (model.rotate)."""
-    return ENABLED and combine.compiled_triton(x.device) and x.dtype in DTYPES
+    return ENABLED and compiled_triton(x.device) and x.dtype in DTYPES
 
 
 if triton is not None:
@@ -178,7 +174,7 @@ class _SwiGLU(torch.autograd.Function):
 # Compiled: the same kernels as custom ops, one opaque node each way. Nothing elementwise sits
 # next to SwiGLU (gate_up comes from a matmul, its output goes to one, and so do the gradients),
 # so Inductor loses no fusion; its own backward kernel read the halves through a masked
-# concatenation and ran at ~2.4 TB/s (docs/performance.md run 110).
+# concatenation and ran at ~2.4 TB/s on an H100.
 swiglu_op = torch.library.custom_op("longctx::swiglu", _swiglu_forward, mutates_args=())
 swiglu_backward_op = torch.library.custom_op("longctx::swiglu_backward", _swiglu_backward, mutates_args=())
 
@@ -239,7 +235,7 @@ def _rms_backward(h, rstd, weight, gy, gh, x_dtype, a_dtype):
     over a run of rows, write the weight's gradient per program; one sum adds them."""
     E = h.shape[-1]
     n = h.numel() // E
-    sms = combine.sm_count(h.device.index) if h.device.type == "cuda" else 1
+    sms = sm_count(h.device.index) if h.device.type == "cuda" else 1
     programs = min(n, 8 * sms)
     rows = triton.cdiv(n, programs)
     programs = triton.cdiv(n, rows)
@@ -335,7 +331,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 def rotate_qk(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """qkv (B, l, 3, H, D) with unit last stride -> (2, B, l, H, D), contiguous: q and k rotated
-    by cos/sin (l, D/2) float32 as rope does, in one kernel (rotary_attention.py; no autograd). v
+    by cos/sin (l, D/2) float32 as rope does, in one kernel (attention/rotary.py; no autograd). v
     is not read: the attention kernels take it from qkv, strided."""
     B, L, _, H, D = qkv.shape
     if not (qkv.stride(-1) == 1 and qkv.stride(3) == D and qkv.stride(2) == H * D):

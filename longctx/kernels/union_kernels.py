@@ -3,13 +3,13 @@
 Shapes: B batch, T sequence length, H heads, D head dim; LSE (B, T, H) float32, and the
 backward's STATS (2, B·H, T) float32: log2 LSE and Δ, contiguous in T, which the dQ local pass
 writes for the passes after it (the dK/dV loops read a block of each per iteration: contiguous,
-they cost ~100 instructions a block fewer than LSE's stride-H rows, run 96). The loops step
+they cost ~100 instructions a block fewer than LSE's stride-H rows). The loops step
 their row pointers by one block rather than recomputing them from the positions (the dQ and
 dK/dV loops 8–20% fewer instructions; not the forward's, whose masked loop then spills).
 Every kernel's grid is (B·H, tiles); positions are indices into T, and a tile's rows are positions
 first + i·step. Under head_split (SPLIT branches, each head in one) every head runs one branch of
 dilation r = 2^branch: its local tiles step by r, and the programs past its tiles zero the rows
-it does not keep (output 0, LSE −inf, zero gradients: DESIGN §3), so no buffer needs clearing.
+it does not keep (output 0, LSE −inf, zero gradients: docs/design.md#the-merge-longnet-eq-10), so no buffer needs clearing.
 The backward writes dQ, dK and dV through one set of strides (sgb, sgt, sgh: separate tensors,
 or the slots of one packed gradient) and, with ROPE, rotates dQ and dK back first (_put). Where
 tiles and rows are is in union_tiles.py.
@@ -43,8 +43,8 @@ def _fwd_keys(acc, m_i, l_i, q, qpos, q_w, kp, vp, sk, sv, start, step, n_blocks
               LEVEL: tl.constexpr, N_BR: tl.constexpr, MASK: tl.constexpr, BN: tl.constexpr, D: tl.constexpr):
     """Online softmax of a query tile over n_blocks blocks of BN keys at start + i·step. (Tried
     and left out: the row max of the raw scores where there are no weights, FlashAttention's
-    order, no faster at 8K, runs 76-77; moving the running max only when a row's grew by 2^8,
-    to skip most rescales, 8% slower at 64K, run 83.)"""
+    order, no faster at 8K; moving the running max only when a row's grew by 2^8, to skip most
+    rescales, 8% slower at 64K.)"""
     k_w = _col_weights(start, step, h, k, LEVEL, N_BR, BN)
     for i in range(n_blocks):
         kpos = start + (i * BN + tl.arange(0, BN)) * step
@@ -161,10 +161,10 @@ def _fwd_upper(Q, K, V, O, LSE, sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, T, 
 def _put(ptr, pos, row_stride, g, COS, SIN, ADD: tl.constexpr, ROPE: tl.constexpr, R: tl.constexpr, D: tl.constexpr):
     """Write float32 gradient rows g (R, D) at positions pos of a (T, D) slice with row stride, or
     add them to the rows there (ADD, the upper passes). ROPE: rotate them back by RoPE's angles at
-    pos first, which makes them the gradient of the unrotated input (rotary_attention.py rotates
+    pos first, which makes them the gradient of the unrotated input (attention/rotary.py rotates
     q and k inside the op): (g1·cos + g2·sin, g2·cos − g1·sin) of g's halves, with COS and SIN
     (T, D/2) float32. A rotation is linear, so the local pass's rows and the upper pass's sum
-    rotate alike. Costs 0.03-0.04 ms a layer at 32K (run 119), after the loop."""
+    rotate alike. Costs 0.03-0.04 ms a layer at 32K on an H100, after the loop."""
     if ROPE:
         g1, g2 = tl.split(tl.permute(tl.reshape(g, (R, 2, D // 2)), (0, 2, 1)))
         half = pos.to(tl.int64)[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :]

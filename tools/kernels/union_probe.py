@@ -1,13 +1,13 @@
-"""The union kernels (longctx/attention/union.py) on the GPU: tile sweep, then against the op's
+"""The union kernels (longctx/kernels/union.py) on the GPU: tile sweep, then against the op's
 per-branch path and dense SDPA.
 
 1. Sweep: at the first length, each pass (fwd, dq, dkdv) under a few (rows, cols, warps, stages)
    tilings, each captured in a CUDA graph; the fastest goes into union.CONFIG for the rest.
 2. Per length: forward+backward, graphed, of dense causal SDPA (cuDNN), the op with
    LONGCTX_UNION off (per-branch cuDNN calls and the one-pass combine) and on (union kernels);
-   milliseconds, counted TFLOP/s (branches.dilated_flops, backward = 2.5x forward) and the ratio
+   milliseconds, counted TFLOP/s (layout.dilated_flops, backward = 2.5x forward) and the ratio
    to dense; the union's local and upper passes timed apart; with head_split (not causal), also
-   dense SDPA on the op's own pairs laid out as one batch of segments (run 111).
+   dense SDPA on the op's own pairs laid out as one batch of segments.
 The long preset's layout: 12 heads of 64, segments 2048 … 32768, dilations 1 … 16, causal, bf16.
 `seed`: the seed preset's at 8K instead, with head_split (8 heads, segments 1024 … 4096,
 dilations 1 … 4, not causal), at batch 1, 2 and 4.
@@ -15,27 +15,27 @@ dilations 1 … 4, not causal), at batch 1, 2 and 4.
 3. `local`: each direction's local pass alone at 64K under tilings that union.CONFIG cannot
    take (256-row tiles, which the upper pass's class tiles do not allow on the long preset).
 4. `rotary`: each pass on contiguous q/k/v, on packed views, and packed with RoPE's rotation
-   in the backward (rotary_attention.py, run 119).
+   in the backward (attention/rotary.py).
 
-Usage: python scripts/union_probe.py [lengths...]   (default 65536 131072 262144)
-       python scripts/union_probe.py seed
-       python scripts/union_probe.py local [T]   (T a multiple of 32768, the largest segment; default 65536)
-       python scripts/union_probe.py rotary [T...]   (default 32768)
+Usage: python tools/kernels/union_probe.py [lengths...]   (default 65536 131072 262144)
+       python tools/kernels/union_probe.py seed
+       python tools/kernels/union_probe.py local [T]   (T a multiple of 32768, the largest segment; default 65536)
+       python tools/kernels/union_probe.py rotary [T...]   (default 32768)
 """
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from longctx.attention import union
-from longctx.attention.branches import dilated_flops, head_groups
+from longctx.kernels import union
+from longctx.attention.layout import dilated_flops, head_groups
 from longctx.attention.improved import dilated_attention
 from longctx.benchmark import graphed, timed
 
 LONG = dict(ws=[2048, 4096, 8192, 16384, 32768], rs=[1, 2, 4, 8, 16], H=12, causal=True, split=False)
 SEED = dict(ws=[1024, 2048, 4096], rs=[1, 2, 4], H=8, causal=False, split=True)
 D = 64
-SWEEP = {  # runs 71-73 swept more (64-row tiles, 8 warps, 2 stages, 16 or 128 columns): slower everywhere
+SWEEP = {  # wider sweeps found (64-row tiles, 8 warps, 2 stages, 16 or 128 columns): slower everywhere
     "fwd": [(128, 64, 4, 4), (128, 64, 4, 3)],
     "dq": [(128, 32, 4, 4), (128, 32, 4, 3)],
     "dkdv": [(128, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 4, 3), (128, 32, 4, 5), (128, 16, 4, 3)],
@@ -90,7 +90,7 @@ CONSTS = {"fwd": {}, "dq": {"ROPE": False}, "dkdv": {"ROPE": False}}  # each dir
 def rotary(T=32768, B=1, spec=LONG):
     """Each pass graphed, as the op runs it (contiguous q/k/v and gradients), then with q/k/v and
     the gradients as views of packed buffers, with RoPE's rotation in the backward's epilogues
-    (rotary_attention.py) or not: what the strides cost, and what the rotation costs."""
+    (attention/rotary.py) or not: what the strides cost, and what the rotation costs."""
     for packed, grads, rope in [(False, False, False), (True, True, False), (False, True, False), (False, True, True),
                                 (True, True, True)]:
         q, lay, causal, args = pass_args(T, B, spec, packed, rope, grads)
@@ -110,9 +110,9 @@ def passes(T, B, spec, which=("local", "upper")):
 
 
 LOCAL_SWEEP = {  # (rows, cols, warps, stages), each after union.CONFIG's own, which the others are compared with
-    "fwd": [(128, 32, 4, 4), (128, 64, 8, 4), (64, 64, 4, 4), (256, 32, 8, 4)],  # 128 × 32: the pipelined forward's (run 100)
+    "fwd": [(128, 32, 4, 4), (128, 64, 8, 4), (64, 64, 4, 4), (256, 32, 8, 4)],  # 128 × 32: the pipelined forward's
     "dq": [(128, 64, 8, 3), (256, 32, 8, 3), (256, 64, 8, 2), (128, 64, 4, 3)],
-    # dkdv: 64-row tiles with deeper pipelines, for its wait on the next q/dO block (run 101; sass_probe:
+    # dkdv: 64-row tiles with deeper pipelines, for its wait on the next q/dO block (sass_probe:
     # 4 stages 167 registers, 3 programs an SM; 5 stages 226, 2)
     "dkdv": [(64, 32, 4, 4), (64, 32, 4, 5), (256, 32, 8, 3), (128, 32, 4, 4), (128, 64, 8, 2), (256, 16, 8, 3)],
 }

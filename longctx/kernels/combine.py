@@ -1,12 +1,12 @@
 """One-pass combine of every piece's output (or gradient) into the (B, T, H, D) result: Triton.
 
-Shapes: B batch, T sequence length, H heads, D head dim; a piece (branches.py) has S segments,
+Shapes: B batch, T sequence length, H heads, D head dim; a piece (attention/layout.py) has S segments,
 g heads and m kept rows per segment, and its kernel output is (N = B·S, g, m, D), any strides
 with a unit last one; its LSE is (N, g, m).
 
-Why: merging piece by piece into float32 buffers (improved.py's merge_piece / write_grad) moves
+Why: merging piece by piece into float32 buffers (attention/pieces.py's merge_piece / write_grad) moves
 ~29 bytes per output element forward and ~65 backward in the LongNet layout, in many passes
-(docs/performance.md, run 19: 16 of 92 ms of a 32K training step). Keeping every piece's result
+(16 of 92 ms of a 32K training step on an H100). Keeping every piece's result
 and pulling them together once, in float32 registers, moves ~6 bytes per element forward (read
 each covering piece once, write the result) and ~18 backward, and rounds once, as before.
 
@@ -16,46 +16,20 @@ and reads those rows; positions no piece keeps get 0 and LSE −inf, as in the r
 
 - forward (`merge_pieces`): LongNet Eq. 10, lse = log Σ_p exp(lse_p), out = Σ_p exp(lse_p − lse)·o_p;
 - backward (`sum_pieces`): the gradient of a (position, head) is the sum of its pieces' gradients,
-  each already the exact gradient against the merged softmax (kernels.py).
+  each already the exact gradient against the merged softmax (attention/sdpa.py).
 
 Runs on CUDA, and on CPU tensors through Triton's interpreter (tests only: it is slow).
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # installs without Triton keep improved.py's PyTorch merge
-    triton = None
+from . import INTERPRETED, compiled_triton, tl, triton
 
-from .branches import Piece
-
-# TRITON_INTERPRET=1 (set before Triton is imported; tests/conftest.py does on CPU-only machines)
-# runs the same kernels on CPU tensors through Triton's interpreter: for tests, far too slow to train.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-# Tuples of tensors and nested constexpr tuples as kernel arguments: tested with Triton 3.6
-# (torch 2.11's) on the GPU, and 3.6 and 3.9 in the interpreter.
-SUPPORTED = triton is not None and tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 6)
-
-# LONGCTX_COMBINE=0 keeps improved.py's piece-by-piece float32 merge on the GPU too (for A/B runs).
+# LONGCTX_COMBINE=0 keeps the op's piece-by-piece float32 merge on the GPU too (for A/B runs).
 ENABLED = os.environ.get("LONGCTX_COMBINE", "1") != "0"
-
-
-def compiled_triton(device: torch.device) -> bool:
-    """Whether Triton kernels run compiled on this device: CUDA with Triton >= 3.6, not interpreted."""
-    return SUPPORTED and device.type == "cuda" and not INTERPRETED
-
-
-@functools.lru_cache(maxsize=None)
-def sm_count(index: int) -> int:
-    """Streaming multiprocessors of CUDA device `index` (asked on launch paths, so cached)."""
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def available(device: torch.device) -> bool:
@@ -64,7 +38,7 @@ def available(device: torch.device) -> bool:
     return ENABLED and compiled_triton(device)
 
 
-def piece_geometry(p: Piece) -> tuple[int, ...]:
+def piece_geometry(p) -> tuple[int, ...]:
     """The compile-time description of a strided piece: its row j of head h0 + i·hs sits at
     start + s·w + off0 + i·offstep + j·r, for s < S, i < g, j < m."""
     assert p.strided, "combine reads pieces through their geometry: gathered pieces have none"
@@ -130,8 +104,8 @@ if triton is not None:
     def _merge_kernel(out_ptr, lse_ptr, outs, lses, T, H: tl.constexpr, D: tl.constexpr, GEOMS: tl.constexpr,
                       O_STRIDES: tl.constexpr, L_STRIDES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         # Each row as two halves, d and d + half: 4 threads share a row's index math, LSE load and
-        # weights instead of 8, a quarter fewer instructions (docs/performance.md, run 48; it did
-        # not pay in the sum kernel, whose per-row work is smaller).
+        # weights instead of 8, a quarter fewer instructions (it did not pay in the sum kernel,
+        # whose per-row work is smaller).
         half: tl.constexpr = BLOCK_D // 2
         b, h, t, live, d, pos = _tile(T, H, BLOCK_T, half)
         # Online LongNet Eq. 10: running max LSE, Σ exp(lse_p − top) and Σ exp(lse_p − top)·o_p.
@@ -172,8 +146,7 @@ if triton is not None:
 
 # Elements (positions × head dim) per program, at 4 warps. Both kernels are bound by instruction
 # issue more than by bytes (per-row index math, repeated by the threads sharing a row, and the
-# bf16 → float32 unpacking). On an H100 at 32K (scripts/combine_probe.py, docs/performance.md
-# runs 41–42 and 48; a copy of the merge's bytes takes 56 us): the merge, rows in halves, 104 us
+# bf16 → float32 unpacking). On an H100 at 32K (a copy of the merge's bytes takes 56 us): the merge, rows in halves, 104 us
 # at 4096 (129 at 2048 with whole rows, 156 at 4096); the sum 60 us at 1024 (75 at 4096).
 MERGE_TILE, SUM_TILE = 4096, 1024
 
@@ -201,7 +174,7 @@ def _strides(tensors, dims: int) -> tuple:
     return tuple(x.stride()[:3] for x in tensors)
 
 
-def merge_pieces(like: torch.Tensor, pieces: tuple[Piece, ...], outs: list, lses: list):
+def merge_pieces(like: torch.Tensor, pieces: tuple, outs: list, lses: list):
     """LongNet Eq. 10 over all pieces at once: (out (B, T, H, D) in like's dtype, lse (B, T, H)
     float32) from each piece's output outs[i] (N, g, m, D) and LSE lses[i] (N, g, m)."""
     out = torch.empty_like(like, memory_format=torch.contiguous_format)
@@ -211,7 +184,7 @@ def merge_pieces(like: torch.Tensor, pieces: tuple[Piece, ...], outs: list, lses
     return out, lse
 
 
-def sum_pieces(like: torch.Tensor, pieces: tuple[Piece, ...], parts: list) -> torch.Tensor:
+def sum_pieces(like: torch.Tensor, pieces: tuple, parts: list) -> torch.Tensor:
     """The (B, T, H, D) sum, in like's dtype, of every piece's rows parts[i] (N, g, m, D)."""
     out = torch.empty_like(like, memory_format=torch.contiguous_format)
     _launch(_sum_kernel, out, tuple(parts), tile=SUM_TILE, GEOMS=tuple(map(piece_geometry, pieces)), STRIDES=_strides(parts, 4))

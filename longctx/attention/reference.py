@@ -1,4 +1,4 @@
-"""DilatedAttention: the reference. DESIGN §3 in plain PyTorch, written to be read.
+"""DilatedAttention: the reference. docs/design.md#the-math in plain PyTorch, written to be read.
 
 Shapes: B batch, T sequence length, H heads, D head dim; n segments, m kept rows, g heads.
 Every branch computes, per head, softmax attention inside each dilated segment and returns an
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import DilatedAttentionBase
-from .branches import head_groups
+from .layout import head_groups
 
 
 def merge_branches(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:

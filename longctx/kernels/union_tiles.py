@@ -105,7 +105,7 @@ def _stats(STATS, T):
 @triton.jit
 def _branch_stride(h, H, SPLIT: tl.constexpr):
     """Head h's dilation 2^i under head_split: branch i's heads are the i-th of SPLIT contiguous
-    groups, as even as possible with earlier groups one larger (branches.head_groups)."""
+    groups, as even as possible with earlier groups one larger (layout.head_groups)."""
     base = H // SPLIT
     big = H % SPLIT * (base + 1)  # heads in the larger groups
     return 1 << tl.where(h < big, h // (base + 1), H % SPLIT + (h - big) // base)
@@ -117,7 +117,7 @@ def _local_tile(T, H, h, L: tl.constexpr, BM: tl.constexpr, CAUSAL: tl.constexpr
     """Local-pass tile: its segment's first row, its own first row, the rows' step r (1 without
     head_split), and whether it is one of the head's T / (r·BM) tiles (the longest causal rows
     first). BY_SEGMENT (backward): a segment's tiles run consecutively, so L2 keeps the rows they
-    share (tile-major kept the H100's DRAM 80-88% busy, run 101); else tile-major (forward, runs 102-104)."""
+    share (tile-major kept the H100's DRAM 80-88% busy); else tile-major (the forward, where it was faster)."""
     r = 1
     if SPLIT > 0:
         r = _branch_stride(h, H, SPLIT)

@@ -1,4 +1,5 @@
-"""Branch bookkeeping shared by every dilated-attention variant (DESIGN §3).
+"""The plan of a dilated-attention layout, shared by every variant (docs/design.md#the-math):
+branches, the pieces one attention call each can serve, and the FLOP count.
 
 Shapes: B batch, T sequence length, H heads, D head dim, k number of branches.
 
@@ -6,7 +7,7 @@ A *branch* is one (segment length w, dilation rate r) pair. Inside each segment 
 head h keeps the positions whose index within the segment is ≡ h mod r. This file turns a branch
 into *pieces*: sets of (segment, kept row, head) triples that one attention call can serve:
 the full segments, and the tail segment (whose heads keep ceil(t/r) or floor(t/r) rows).
-A *strided* piece is one improved.py reads in place as a view: heads h0, h0 + step, … whose
+A *strided* piece is one pieces.py reads in place as a view: heads h0, h0 + step, … whose
 offsets (h mod r) also step evenly, e.g. the heads sharing one offset, or a run of consecutive
 heads whose offsets count up 0, 1, 2, … (then the next head's rows sit one position further).
 A branch that would need many such pieces runs as gathered pieces instead (MAX_STRIDED_PIECES).
@@ -18,27 +19,13 @@ import functools
 import math
 import os
 from dataclasses import dataclass
-from numbers import Integral
 from typing import Sequence
 
 import torch
 
+from ..checks import is_positive_int
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, Integral) and not isinstance(x, bool)
-
-
-def is_positive_int(x) -> bool:
-    """An integer >= 1 (bools excluded): the rule for every size and count in the project."""
-    return _is_int(x) and x >= 1
-
-
-def check_positive_int(name: str, value) -> int:
-    if not is_positive_int(value):
-        raise ValueError(f"{name}={value!r} must be a positive integer")
-    return value
 
 
 def validate_branches(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -114,7 +101,7 @@ def head_groups(num_heads: int, num_branches: int, head_split: bool) -> list[ran
 
 
 # A branch that would need more strided pieces than this runs as gathered pieces (one call for
-# all its heads): each call costs ~0.3 ms of host time (H200 profile, docs/performance.md run 10),
+# all its heads): each call costs ~0.3 ms of host time (an H200's profile),
 # while a gather moves only the branch's T·H/r rows. 3 keeps every branch of the LongNet
 # layouts (12 heads, r = 2^i) strided. LONGCTX_MAX_STRIDED_PIECES overrides it, for A/B runs.
 MAX_STRIDED_PIECES = int(os.environ.get("LONGCTX_MAX_STRIDED_PIECES", "3"))
@@ -255,7 +242,7 @@ def plan(seq_len: int, num_heads: int, segment_lengths: tuple, dilation_rates: t
 
 
 def dilated_flops(batch, seq_len, num_heads, head_dim, segment_lengths, dilation_rates, head_split, is_causal) -> int:
-    """Forward FLOPs of dilated attention (DESIGN §3): 4·D per (query, key) pair kept, counting
+    """Forward FLOPs of dilated attention (docs/design.md#flops): 4·D per (query, key) pair kept, counting
     clipped and tail segments exactly; causal halves the count (the convention used for dense
     causal attention, so ratios against SDPA stay like for like)."""
     total = 0

@@ -4,13 +4,13 @@ Each pass's local kernel runs twice after its inputs are made (the first compile
 `ncu -k regex:_fwd_local --launch-skip 1 --launch-count 1` profiles a warm launch. gpu_check.sh's
 `ncu` stage runs this under ncu for each pass and prints where the warps stall.
 
-Usage: python scripts/ncu_union.py fwd|dq|dkdv [T]
+Usage: python tools/kernels/ncu_union.py fwd|dq|dkdv [T]
 """
 import sys
 
 import torch
 
-from longctx.attention import union
+from longctx.kernels import union
 from union_probe import CONSTS, LONG, pass_args
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Shapes: B batch, T sequence length, H heads, D head dim; LSE (B, T, H) float32.
 
 Which layouts. LongNet's: r = 1, 2, 4, …, 2^(n−1) and w_i = L·r_i (every branch keeps L rows a
 segment), T a multiple of w_n, every head running every branch (no head_split). Then:
-- LongNet Eq. 10 is one softmax over the multiset union of the branches' keys (DESIGN §3), so a
+- LongNet Eq. 10 is one softmax over the multiset union of the branches' keys (docs/design.md#the-merge-longnet-eq-10), so a
   pair that m branches share can be scored once with weight m, i.e. log m added to its score;
 - head h keeps position x in branches 1 … λ(x) + 1, where λ(x) = #{j < n : x ≡ h (mod 2^j)}
   (offsets nest: h mod r_j is h mod r_i reduced, for r_j | r_i);
@@ -24,13 +24,13 @@ Two passes per direction:
 Backward is FlashAttention-2's: Δ = rowsum(dO∘O) (in the local dQ pass), then dQ over keys and
 dK/dV over queries, each recomputing P = m·exp(z − LSE) against the exact merged LSE.
 
-With head_split (each head in one branch, DESIGN §3) the same layouts need no weights: head h of
+With head_split (each head in one branch, docs/design.md#head-split) the same layouts need no weights: head h of
 branch i keeps the positions ≡ h (mod 2^i) of each segment, L of them, which is the local pass
 with its rows stepping by 2^i, and no upper pass. The pieces path would run one cuDNN call per
 strided head group and branch (four at the seed's 8 heads); this is one launch per direction.
 
 The kernels are in union_kernels.py, their tiles' geometry in union_tiles.py. They run on CUDA in
-fp16/bf16, and on CPU tensors through Triton's interpreter (tests only). rotary_attention.py runs
+fp16/bf16, and on CPU tensors through Triton's interpreter (tests only). attention/rotary.py runs
 them on the LM block's fused projection with RoPE inside (backward's `rope`).
 """
 from __future__ import annotations
@@ -42,8 +42,8 @@ from typing import NamedTuple
 
 import torch
 
-from .branches import head_groups
-from .combine import SUPPORTED, compiled_triton, sm_count
+from ..attention.layout import head_groups
+from . import SUPPORTED, compiled_triton, sm_count
 
 if SUPPORTED:
     from .union_kernels import KERNELS
@@ -52,10 +52,10 @@ if SUPPORTED:
 ENABLED = os.environ.get("LONGCTX_UNION", "1") != "0"
 
 # (rows, columns, warps, stages) per kernel: rows are the program's own tile (queries for fwd and
-# dq, keys for dkdv), columns the tile it loops over. Measured on an H100 (scripts/union_probe.py;
-# docs/performance.md runs 71-77, 85): CONFIG on the long preset, where dkdv takes 64 rows since
-# its loop lost ~100 instructions a block (H200, runs 96-97: 3 programs an SM, with register_cap
-# since run 104, against 255 registers and spills at 128 rows; 1.66 against 1.74 ms at 64K); with
+# dq, keys for dkdv), columns the tile it loops over. Measured on an H100 (tools/kernels/union_probe.py):
+# CONFIG on the long preset, where dkdv takes 64 rows since its loop lost ~100 instructions a
+# block (an H200: 3 programs an SM, with register_cap, against 255 registers and spills at 128
+# rows; 1.66 against 1.74 ms at 64K); with
 # head_split (the seed preset at 8K), SPLIT_CONFIG at batch 4, where dq without weights takes 64
 # columns (8% faster; 31% slower with the long preset's weights), and SMALL_CONFIG at batch 1,
 # where 64-row tiles fill the 132 SMs more evenly (640 tiles, not 320): it is for head_split
@@ -80,8 +80,8 @@ def layout(T: int, H: int, D: int, segment_lengths, dilation_rates, head_split: 
     also, for the tiles, D a power of two in [16, 128] and L / r_n a multiple of 16 whose tiles
     hold whole periods of λ, 2^(n−1) positions; under head_split, L a multiple of 16). Not one
     branch: with nothing to merge, the op's one cuDNN call over the segments runs faster than
-    these kernels (~84% of cuDNN's rate); train.py's dense baseline (w = T, r = 1) ran them from
-    run 74 to run 122, 3,286 ms a 128K step against cuDNN's 2,727 (runs 117 and 50)."""
+    these kernels (~84% of cuDNN's rate): train.py's dense baseline (w = T, r = 1) took 3,286 ms
+    a 128K step through them against cuDNN's 2,727 on an H100."""
     ws, rs = list(segment_lengths), list(dilation_rates)
     n, L = len(rs), ws[0]
     if n == 1 or rs != [1 << i for i in range(n)] or ws != [L << i for i in range(n)] or T % ws[-1]:
@@ -115,8 +115,8 @@ def register_cap(name: str, rows: int, warps: int) -> dict:
     """Launch options capping a kernel's registers where that fits one more program an SM: the
     local dK/dV pass at 64 rows and 4 warps takes 181 registers since its tiles run by segment
     (sass_probe; two programs an SM), 168 three, with 40 bytes of stack outside its loops (the upper
-    pass and head_split's need no more): the op 1-6% faster on an H100 (runs 104-105). Across
-    every tiling the cap made the 8-warp ones 2-3x slower (run 100)."""
+    pass and head_split's need no more): the op 1-6% faster on an H100. Across every tiling the
+    cap made the 8-warp ones 2-3x slower."""
     return {"maxnreg": 168} if name == "dkdv" and (rows, warps) == (64, 4) else {}
 
 
@@ -183,7 +183,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, is_c
 def backward(dout, q, k, v, out, lse, lay: Layout, is_causal: bool, scale: float, grads=None, rope=None):
     """Exact (dq, dk, dv) (B, T, H, D) of forward, given its out and lse and dout (B, T, H, D).
     grads: the three (B, T, H, D) buffers to write them into, with one set of strides (views of
-    one packed gradient, rotary_attention.py), else new contiguous ones. rope: (cos, sin) (T, D/2) float32
+    one packed gradient, attention/rotary.py), else new contiguous ones. rope: (cos, sin) (T, D/2) float32
     when q and k were rotated by RoPE from inputs the caller differentiates: dq and dk come out
     rotated back, the gradient of those inputs (the kernels' epilogues do it in float32)."""
     B, T, H, D = q.shape

@@ -5,14 +5,14 @@ Each NAME=PATH names a directory that holds another copy of the `longctx` packag
 compile apart from ours. For each layout and each copy: the union forward, and the backward
 (dQ then dK/dV passes), each captured in a CUDA graph, timed in turns (ours, theirs, ours, …) so
 that the host's drift falls on both; the gradients must agree with ours to bf16's rounding.
-The sums of the two graphs run 5-9% above one graph of forward and backward (docs/performance.md
-run 106): read the ratios between trees, not the times against dense SDPA measured elsewhere.
+The sums of the two graphs run 5-9% above one graph of forward and backward: read the ratios
+between trees, not the times against dense SDPA measured elsewhere.
 
 The layouts: the long preset (12 heads of 64, segments 2048 … 32768, causal) at 64K, 128K and
 256K, batch 1; the seed preset with head_split (8 heads, segments 1024 … 4096, full) at 8K,
 batch 1, 2 and 4.
 
-Usage: python scripts/ab_probe.py [NAME=PATH ...]   (none: this tree's timings alone)
+Usage: python tools/kernels/ab_probe.py [NAME=PATH ...]   (none: this tree's timings alone)
        AB_CASES=256K …: only the cases whose label holds one of these words
 """
 import importlib
@@ -22,7 +22,7 @@ import sys
 import types
 from pathlib import Path
 
-from longctx.attention import union
+from longctx.kernels import union
 from longctx.benchmark import graphed, timed
 
 from union_probe import D, LONG, SEED, inputs  # the presets' layouts and inputs, as union_probe times them
@@ -53,7 +53,7 @@ def main(others: dict[str, str]) -> None:
         fns, grads, saved = {}, {}, {}
         for name, mod in modules.items():
             # out and lse must outlive the backward's graph, which reads them at their addresses (a
-            # later capture's empty_cache would unmap them: illegal accesses in runs 96 and 98)
+            # later capture's empty_cache would unmap them: illegal accesses seen on an H200)
             saved[name] = out, lse = mod.forward(q, k, v, lay, causal, scale)
             grads[name] = mod.backward(do, q, k, v, out, lse, lay, causal, scale)
             fns[name] = (graphed(lambda mod=mod: mod.forward(q, k, v, lay, causal, scale)),

@@ -6,12 +6,12 @@ tensors (any strides with a unit last dim, e.g. a transposed (N, L, H, D) buffer
 
 The backward takes the *final* output and LSE of the row (after merging branches), not this
 call's own: then P = exp(z − L) and D = rowsum(dO ∘ O) are the merged softmax's, and the
-gradient is exact (DESIGN §3 "Exact gradient").
+gradient is exact (docs/design.md#exact-gradients).
 
 Kernel choice:
 - CUDA fp16/bf16: cuDNN's `aten._scaled_dot_product_cudnn_attention` (+ `_backward`), or
   flash (`_scaled_dot_product_flash_attention`) with LONGCTX_CUDA_ATTENTION=flash. On an H100
-  (scripts/kernel_probe.py, 2026-11-25) cuDNN ran the long preset's branch shapes at 332 TF/s
+  (tools/kernels/kernel_probe.py, 2026-11-25) cuDNN ran the long preset's branch shapes at 332 TF/s
   forward and 307 backward against flash's 237 and 216; docs/performance.md has the table.
 - CPU: `aten._scaled_dot_product_flash_attention_for_cpu` (+ `_backward`).
 - Anything else (fp32/fp64 on CUDA, fp64 on CPU, or a torch without those private ops): an
@@ -98,7 +98,7 @@ def _no_dropout_rng(device: torch.device):
     """Placeholder philox (seed, offset) for a backward without dropout: their values are never
     used (dropout 0 drops nothing), so they are left uninitialised, with no kernel launch. Made
     per call, not cached: a tensor kept between calls is a stray allocation in a CUDA-graph pool
-    (torch.compile's mode="reduce-overhead" refused the step, docs/performance.md run 18)."""
+    (torch.compile's mode="reduce-overhead" refused the step)."""
     return torch.empty(2, dtype=torch.uint64, device=device), torch.empty((), dtype=torch.uint64, device=device)
 
 

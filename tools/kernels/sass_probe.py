@@ -6,16 +6,16 @@ Triton's wheel carries, and prints each loop's instructions a thread an iteratio
 with the kernel's registers and stack (spills), and how many of them run while the warpgroup
 has no wgmma in flight (after a wait for all, before the next issue: the tensor cores idle for
 it unless another program's matmuls fill them). Counting before timing: a loop that loses
-instructions between two wgmma waits is shorter on the critical path (docs/performance.md,
-run 96); on the H200 the local passes' rates went with that share (performance.md, session 15).
+instructions between two wgmma waits is shorter on the critical path; on an H200 the local
+passes' rates went with that share.
 Use the Triton the GPU runs (the device image's torch 2.11 has Triton 3.6; newer ones compile
 differently), e.g. in a venv over this one: `pip install --no-deps triton==3.6.0`.
 
-Usage: python scripts/sass_probe.py KERNEL [local|upper] [long|seed|rotary] [rows cols warps stages]
+Usage: python tools/kernels/sass_probe.py KERNEL [local|upper] [long|seed|rotary] [rows cols warps stages]
   KERNEL: fwd, dq or dkdv; tiles default to union.CONFIG (long, rotary) or union.SMALL_CONFIG (seed);
   long: the long preset's layout (L = 2048, 5 branches, causal); seed: head_split's (L = 1024,
   3 branches, one a head, full); rotary: long, with the backward rotating dQ and dK back
-  (rotary_attention.py).
+  (attention/rotary.py).
 """
 import collections
 import os
@@ -28,8 +28,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from longctx.attention import union
-from longctx.attention.union_kernels import KERNELS
+from longctx.kernels import union
+from longctx.kernels.union_kernels import KERNELS
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
             "DV": "*bf16", "LSE": "*fp32", "STATS": "*fp32", "COS": "*fp32", "SIN": "*fp32"}
@@ -45,7 +45,7 @@ def compile_sm90(name: str, which: str, preset: str, rows: int, cols: int, warps
     if which == "upper":
         constants.pop("SPLIT")
     if name != "fwd":
-        constants["ROPE"] = preset == "rotary"  # rotary_attention.py's backward
+        constants["ROPE"] = preset == "rotary"  # attention/rotary.py's backward
     signature, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
         if arg in constants:

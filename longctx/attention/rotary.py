@@ -1,20 +1,20 @@
 """ImprovedDilatedAttention's union kernels on the block's fused q/k/v projection, with RoPE inside
 the op: what model.CoreAttention runs where `applies` holds.
 
-Why (docs/performance.md runs 112 and 118): around the op, a compiled 32K step of the LongNet-size
+Why: around the op, a compiled 32K step of the LongNet-size
 model spent 2.7 ms in four memory-bound kernels of Inductor's: RoPE's rotation of q and k (0.95),
 the copy of v into a contiguous tensor (0.41), the rotation's backward (0.92) and the stack of dq,
 dk and dv into the projection's gradient (0.42). Here:
 - forward: one kernel (fused.rotate_qk) reads q and k from the projection's output qkv
   (B, T, 3, H, D) and writes them rotated into one buffer (2, B, T, H, D); the union kernels read
-  those contiguous slots and v from qkv in place (strided rows cost them nothing measurable, run
-  119). Backward keeps the rotated q and k and qkv itself (for v): one (B, T, H, D) tensor more
-  than the rotated q and k and a copy of v would be, for one copy less (run 124);
+  those contiguous slots and v from qkv in place (strided rows cost them nothing measurable).
+  Backward keeps the rotated q and k and qkv itself (for v): one (B, T, H, D) tensor more
+  than the rotated q and k and a copy of v would be, for one copy less;
 - backward: the union kernels write dq and dk rotated back (RoPE's backward, in their epilogues,
   in float32) and dv straight into one (B, T, 3, H, D) gradient, the projection's output's.
-Measured on an H100 (runs 118–120): `_rope` 1.26 ms a step, the epilogues 0.3–0.5 ms, the step
+Measured on an H100: `_rope` 1.26 ms a step, the epilogues 0.3–0.5 ms, the step
 1.1–1.4 ms faster (train.py at 32K 62.6 against 63.7 ms in one call); with v read in place
-`_rope` takes 0.86 ms (run 124).
+`_rope` takes 0.86 ms.
 The same function as model.rotate on q and k and then the op (the GPU tests compare the two);
 every other case (another variant or layout, the CPU, float32) runs just that.
 
@@ -27,20 +27,17 @@ import os
 
 import torch
 
-from . import fused
-from .attention import union
-from .attention.improved import ImprovedDilatedAttention, _label, unit_last_stride
-from .attention.ring import RingDilatedAttention
+from ..kernels import fused, union, unit_last_stride
+from .base import profiler_label
 
 ENABLED = os.environ.get("LONGCTX_ROTARY", "1") != "0"
 
 
 def applies(op: torch.nn.Module, qkv: torch.Tensor) -> bool:
-    """Whether op (a core op) on qkv (B, T, 3, H, D) runs here: ImprovedDilatedAttention, or the
-    ring on one rank (which runs Improved's op), on a layout and device the union kernels take."""
-    if not ENABLED or not isinstance(op, (ImprovedDilatedAttention, RingDilatedAttention)):
-        return False
-    if isinstance(op, RingDilatedAttention) and op.group_info()[1] != 1:
+    """Whether op (a core op) on qkv (B, T, 3, H, D) runs here: a variant that declares
+    fused_rope (ImprovedDilatedAttention, and the ring on one rank, which runs Improved's op), on
+    a layout and device the union kernels take."""
+    if not (ENABLED and op.fused_rope and op.single_rank()):
         return False
     B, T, _, H, D = qkv.shape
     return union.use(qkv, union.layout(T, H, D, op.segment_lengths, op.dilation_rates, op.head_split))
@@ -119,7 +116,7 @@ class EagerRotaryAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, cos, sin, config):
-        with _label("longctx::rotary_dilated_attention"):
+        with profiler_label("longctx::rotary_dilated_attention"):
             out, lse, rotated = attend(qkv, cos, sin, *config)
         ctx.save_for_backward(qkv, rotated, cos, sin, out, lse)
         ctx.config = config
@@ -127,5 +124,5 @@ class EagerRotaryAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        with _label("longctx::rotary_dilated_attention_backward"):
+        with profiler_label("longctx::rotary_dilated_attention_backward"):
             return attend_backward(dout, *ctx.saved_tensors, *ctx.config), None, None, None

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from longctx.attention import kernels
+from longctx.attention import sdpa as kernels
 
 
 def bench(fn, reps=20, warmup=3):

@@ -1,4 +1,4 @@
-"""longctx/rotary_attention.py (RoPE inside the union op, on the packed q/k/v projection) against
+"""longctx/attention/rotary.py (RoPE inside the union op, on the packed q/k/v projection) against
 tests/reference.py with RoPE written from its definition. Without a GPU the kernels run in
 Triton's interpreter in float32; the GPU tests (test_gpu.py) compare bf16 training with the path
 off and on."""
@@ -7,9 +7,8 @@ import torch
 
 from conftest import compiled_targets
 from longctx import model as lm
-from longctx import rotary_attention
-from longctx.attention import ImprovedDilatedAttention, union
-from longctx.attention.combine import SUPPORTED
+from longctx.attention import ImprovedDilatedAttention, rotary
+from longctx.kernels import SUPPORTED, union
 from reference import reference_attention
 from test_model import rope_by_hand
 from test_union import layouts, poisoned_empty
@@ -33,7 +32,7 @@ def angles(T, D, offset=0):
     (2, 256, 7, 16, 32, 3, True, True),
 ], ids=lambda c: f"B{c[0]}-T{c[1]}-H{c[2]}-L{c[4]}-n{c[5]}" + ("-split" if c[6] else "") + ("-padded" if c[7] else ""))
 def test_rotary_op_matches_rope_then_the_reference(case, causal):
-    """Output and the packed projection's gradient equal RoPE on q and k, then DESIGN §3's
+    """Output and the packed projection's gradient equal RoPE on q and k, then the design's
     attention, differentiated by autograd in float64; every element is written (NaN-filled
     buffers), and the forward keeps q and k rotated, each contiguous (v is read from qkv)."""
     B, T, H, D, L, n, split, padded = case
@@ -48,8 +47,8 @@ def test_rotary_op_matches_rope_then_the_reference(case, causal):
     if padded:  # rows of D + 8 elements, v strided in them
         packed = torch.zeros(B, T, 3, H, D + 8, device=DEVICE, dtype=DTYPE)[..., :D].copy_(packed)
     with poisoned_empty(DEVICE):
-        out, lse, rotated = rotary_attention.attend(packed, *half, *config)
-        dqkv = rotary_attention.attend_backward(dout.to(DEVICE, DTYPE), packed, rotated, *half, out, lse, *config)
+        out, lse, rotated = rotary.attend(packed, *half, *config)
+        dqkv = rotary.attend_backward(dout.to(DEVICE, DTYPE), packed, rotated, *half, out, lse, *config)
     exact_in = qkv.clone().requires_grad_()
     q, k, v = exact_in.unbind(2)
     exact = reference_attention(rope_by_hand(q, 5), rope_by_hand(k, 5), v, ws, rs, causal, head_split=split, scale=0.3)
@@ -69,8 +68,8 @@ def test_the_model_runs_the_rotary_op_where_it_applies(monkeypatch):
     with LONGCTX_ROTARY=0 (ENABLED off) it does not take it."""
     calls = []
     monkeypatch.setattr(union, "use", lambda q, lay: lay is not None)  # the union kernels, interpreted
-    real = rotary_attention.attend
-    monkeypatch.setattr(rotary_attention, "attend", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = rotary.attend
+    monkeypatch.setattr(rotary, "attend", lambda *a: calls.append(a[0].shape) or real(*a))
     torch.manual_seed(0)
     kw = dict(segment_lengths=[32, 64], dilation_rates=[1, 2])
     model = lm.LongNetLM(256, 32, 2, 2, ImprovedDilatedAttention, kw)
@@ -84,7 +83,7 @@ def test_the_model_runs_the_rotary_op_where_it_applies(monkeypatch):
 
     fused, fused_grads = loss_and_grads()
     assert calls == [(1, 128, 3, 2, 16)] * 2  # both blocks
-    monkeypatch.setattr(rotary_attention, "ENABLED", False)
+    monkeypatch.setattr(rotary, "ENABLED", False)
     plain, plain_grads = loss_and_grads()
     assert len(calls) == 2
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
@@ -98,10 +97,10 @@ def test_rotary_path_only_for_improved_and_the_single_rank_ring(monkeypatch):
     monkeypatch.setattr(union, "use", lambda q, lay: lay is not None)
     qkv = torch.zeros(1, 128, 3, 2, 16)
     kw = dict(segment_lengths=[32, 64], dilation_rates=[1, 2])
-    assert rotary_attention.applies(ImprovedDilatedAttention(**kw), qkv)
-    assert rotary_attention.applies(RingDilatedAttention(**kw), qkv)  # no process group: one rank
-    assert not rotary_attention.applies(DilatedAttention(**kw), qkv)  # the reference stays plain
-    assert not rotary_attention.applies(ImprovedDilatedAttention([32, 96], [1, 3]), qkv)  # not a union layout
+    assert rotary.applies(ImprovedDilatedAttention(**kw), qkv)
+    assert rotary.applies(RingDilatedAttention(**kw), qkv)  # no process group: one rank
+    assert not rotary.applies(DilatedAttention(**kw), qkv)  # the reference stays plain
+    assert not rotary.applies(ImprovedDilatedAttention([32, 96], [1, 3]), qkv)  # not a union layout
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="interpreted kernels on CPU tensors; test_gpu.py runs it in bf16")
@@ -117,10 +116,10 @@ def test_compiled_model_runs_the_rotary_op_as_one_node(monkeypatch, checkpointin
                          activation_checkpointing=checkpointing)
     idx = torch.randint(0, 256, (1, 129))
     params = list(model.parameters())
-    monkeypatch.setattr(rotary_attention, "ENABLED", False)
+    monkeypatch.setattr(rotary, "ENABLED", False)
     plain = torch.nn.functional.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[0, 1:])
     plain_grads = torch.autograd.grad(plain, params)
-    monkeypatch.setattr(rotary_attention, "ENABLED", True)
+    monkeypatch.setattr(rotary, "ENABLED", True)
     logits, targets = compiled_targets(model, idx[:, :-1])  # the checkpoints' nodes too
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx[0, 1:])
     grads = torch.autograd.grad(loss, params)

@@ -1,6 +1,6 @@
 """Where the time of one ImprovedDilatedAttention forward+backward goes (torch.profiler).
 
-python scripts/profile_op.py [T] [head_split] [seed|long] — defaults: the seed preset at 8K with
+python tools/kernels/profile_op.py [T] [head_split] [seed|long] — defaults: the seed preset at 8K with
 head_split. `long`: the benchmark's long preset (12 heads, segments 2048·2^i, dilations 2^i, causal).
 Prints the top ops by self CPU time and by CUDA time, and the launch count.
 """
