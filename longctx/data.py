@@ -1,5 +1,6 @@
-"""Data: a byte-level corpus as a memmap, random windows of seq_len + 1 tokens, and a
-synthetic passkey-retrieval task whose accuracy by distance shows whether long context is used.
+"""Data: a corpus as a token memmap (bytes, or a tokenizer's ids: corpus.py), random windows of
+seq_len + 1 tokens, and a synthetic passkey-retrieval task whose accuracy by distance shows
+whether long context is used.
 
 Batches are dicts: "tokens" (B, T + 1) long, and for the passkey task "answer" (B, T + 1) bool
 (the positions whose prediction is scored) and "bucket" (B,) long (the distance bucket).
@@ -8,11 +9,6 @@ data-parallel rank and size); the LightningModule cuts each rank's shard after t
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import platform
-import sysconfig
 from pathlib import Path
 
 import lightning as L
@@ -20,93 +16,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 
-from .attention.branches import check_positive_int
+from . import corpus
+from .checks import check_positive_int
+from .tokenizer import Tokenizer, load_tokenizer
 
-VAL_PERCENT = 5  # files whose path hashes below this go to validation
-
-
-# Where pip puts packages, inside the standard library's folder: not the standard library. Left
-# out of the default corpus, which is then the same on every install of one Python release (with
-# them it was 18,248 files and 229 MB here, the standard library's own .py files 1,790 and 32 MB).
-INSTALLED_PACKAGES = frozenset({"site-packages", "dist-packages"})
-
-
-def _files(root: Path, suffixes: tuple[str, ...] | None, skip: frozenset = frozenset()) -> list[Path]:
-    """Files under root with one of `suffixes` (any, if None), sorted; folders named in `skip`
-    are not entered."""
-    found = []
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = [d for d in dirs if d not in skip]
-        paths = map(Path(folder).joinpath, names)
-        found += [p for p in paths if (suffixes is None or p.suffix in suffixes) and p.is_file()]
-    return sorted(found)
-
-
-def _is_val(rel: str) -> bool:
-    return int(hashlib.md5(rel.encode()).hexdigest(), 16) % 100 < VAL_PERCENT
-
-
-def build_corpus(source: Path, out: Path, suffixes: tuple[str, ...] | None, skip: frozenset = frozenset()) -> dict:
-    """Concatenate the bytes of every file under `source` (see _files) into out/{train,val}.bin
-    with a progress bar; write meta.json last, so a half-built corpus is never taken for a
-    finished one. The split is by file (_is_val); when that leaves a split empty (a folder of one
-    file, say), by bytes instead: the last VAL_PERCENT% of the concatenation validates."""
-    from tqdm.auto import tqdm
-
-    files = _files(source, suffixes, skip)
-    if not files:
-        kind = " or ".join(suffixes) + " " if suffixes else ""
-        raise ValueError(f"data.data_dir={str(source)!r} contains no {kind}files to train on")
-    flags = [_is_val(str(p.relative_to(source))) for p in files]
-    by_file = 0 < sum(flags) < len(files)
-    total = sum(p.stat().st_size + 1 for p in files)
-    cut = total - max(1, total * VAL_PERCENT // 100)  # where validation starts when split by bytes
-    out.mkdir(parents=True, exist_ok=True)
-    sizes = {}
-    for split in ("train", "val"):
-        tmp = out / f"{split}.bin.tmp"
-        digest, n, pos = hashlib.sha256(), 0, 0
-        lo, hi = (0, cut) if split == "train" else (cut, total)
-        with open(tmp, "wb") as f:
-            for path, is_val in tqdm(list(zip(files, flags)), desc=f"building {out.name}/{split}.bin", unit="file",
-                                     leave=False):
-                if by_file and is_val != (split == "val"):
-                    continue
-                data = path.read_bytes() + b"\n"
-                if not by_file:
-                    start, pos = pos, pos + len(data)
-                    data = data[max(lo - start, 0):max(hi - start, 0)]
-                f.write(data)
-                digest.update(data)
-                n += len(data)
-        os.replace(tmp, out / f"{split}.bin")
-        sizes[split] = dict(bytes=n, sha256=digest.hexdigest())
-    meta = dict(source=str(source), files=len(files), split="by file" if by_file else "by bytes", splits=sizes)
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out / "meta.json")
-    return meta
-
-
-def load_split(folder: Path, split: str, verify: bool = True) -> np.memmap:
-    """The split's tokens as a read-only uint8 memmap, checked against meta.json."""
-    meta = json.loads((folder / "meta.json").read_text())
-    expected = meta["splits"][split]
-    path = folder / f"{split}.bin"
-    size = path.stat().st_size if path.exists() else -1
-    if size != expected["bytes"]:
-        raise ValueError(
-            f"corpus file {path} has {size} bytes but meta.json says {expected['bytes']}: it is truncated or "
-            f"corrupt; delete {folder} to rebuild it"
-        )
-    if verify:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                digest.update(chunk)
-        if digest.hexdigest() != expected["sha256"]:
-            raise ValueError(f"corpus file {path} does not match its checksum in meta.json: delete {folder} to rebuild it")
-    return np.memmap(path, dtype=np.uint8, mode="r")
+VAL_PERCENT = corpus.VAL_PERCENT
+TOKEN_DTYPES = ("uint8", "uint16", "uint32", "int32", "int64")
 
 
 class WindowDataset(Dataset):
@@ -136,15 +51,25 @@ class WindowDataset(Dataset):
 
 class PasskeyDataset(Dataset):
     """Passkey retrieval: random-letter filler with `<key=DDDDD>` planted at a chosen distance
-    before the end, which reads `<key?DDDDD>`; the five answer digits are scored. Distance
-    bucket b of `buckets` covers [T·2^(b−buckets), T·2^(b+1−buckets)) tokens before the end."""
+    before the end, which reads `<key?DDDDD>`; the answer's digit tokens are scored. Distance
+    bucket b of `buckets` covers [T·2^(b−buckets), T·2^(b+1−buckets)) tokens before the end.
+    With a tokenizer the pieces are its tokens: the filler is a slice of one tokenized stream of
+    random letters, the key and question are tokenized apart, so the scored tokens are known."""
 
-    KEY, ASK, DIGITS = b"<key=", b"<key?", 5
+    DIGITS = 5
 
-    def __init__(self, seq_len: int, n: int, seed: int, buckets: int):
-        self.need = len(self.KEY) + len(self.ASK) + 2 * (self.DIGITS + 1)
+    def __init__(self, seq_len: int, n: int, seed: int, buckets: int, tokenizer: Tokenizer | None = None):
+        tok = tokenizer or Tokenizer()
+        self.encode = lambda text: np.asarray(tok.encode(text), dtype=np.int64)
+        self.key, self.ask, self.close = (self.encode(s) for s in ("<key=", "<key?", ">"))
+        digits = [self.encode(str(d) * self.DIGITS) for d in range(10)]
+        self.need = len(self.key) + len(self.ask) + 2 * (len(self.close) + max(map(len, digits)))
         if seq_len < 4 * self.need:
             raise ValueError(f"data.seq_len={seq_len} is too short for the passkey task: need >= {4 * self.need}")
+        letters = np.random.default_rng(seed).integers(ord("a"), ord("z") + 1, size=seq_len + 1, dtype=np.uint8)
+        self.filler = self.encode(letters.tobytes().decode())
+        self.filler = np.tile(self.filler, -(-2 * (seq_len + 1) // len(self.filler)))  # room for random offsets
+        self.max_token = int(max(self.filler.max(), *(x.max() for x in (self.key, self.ask, self.close, *digits))))
         self.seq_len, self.n, self.seed, self.buckets = seq_len, n, seed, buckets
 
     def __len__(self) -> int:
@@ -154,19 +79,18 @@ class PasskeyDataset(Dataset):
         rng = np.random.default_rng((self.seed, i))
         T = self.seq_len + 1
         bucket = i % self.buckets
-        tail = len(self.ASK) + self.DIGITS + 1
+        digits = self.encode("".join(map(str, rng.integers(0, 10, size=self.DIGITS))))
+        key = np.concatenate([self.key, digits, self.close])
+        ask = np.concatenate([self.ask, digits, self.close])
         lo = max(self.need, int(T * 2.0 ** (bucket - self.buckets)))
-        hi = max(lo + 1, min(T - len(self.KEY) - self.DIGITS - 1, int(T * 2.0 ** (bucket + 1 - self.buckets))))
+        hi = max(lo + 1, min(T - len(key), int(T * 2.0 ** (bucket + 1 - self.buckets))))
         distance = int(rng.integers(lo, hi))  # from the key's start to the end
-        seq = rng.integers(ord("a"), ord("z") + 1, size=T, dtype=np.int64)
-        digits = np.frombuffer(bytes(rng.integers(ord("0"), ord("9") + 1, size=self.DIGITS, dtype=np.uint8)), np.uint8)
-        key = np.frombuffer(self.KEY, np.uint8).tolist() + digits.tolist() + [ord(">")]
-        ask = np.frombuffer(self.ASK, np.uint8).tolist() + digits.tolist() + [ord(">")]
-        start = T - distance
-        seq[start : start + len(key)] = key
-        seq[T - tail :] = ask
+        start = int(rng.integers(0, len(self.filler) - T + 1))
+        seq = self.filler[start : start + T].copy()
+        seq[T - distance : T - distance + len(key)] = key
+        seq[T - len(ask) :] = ask
         answer = np.zeros(T, dtype=bool)
-        answer[T - 1 - self.DIGITS : T - 1] = True
+        answer[T - len(self.close) - len(digits) : T - len(self.close)] = True
         return {"tokens": torch.from_numpy(seq), "answer": torch.from_numpy(answer), "bucket": torch.tensor(bucket)}
 
 
@@ -211,22 +135,30 @@ class ResumableDataLoader(DataLoader):
 
 
 class TextDataModule(L.LightningDataModule):
-    """Args:
+    """Training windows from a corpus (the built-in one, a folder of your files, a Hugging Face
+    dataset, or tokens you prepared) or the synthetic passkey task, for every data-parallel rank.
+
+    Args:
         seq_len: tokens per training window (linked to model.seq_len).
-        batch_size: windows per step per data-parallel rank.
-        task: "text" (next-byte prediction on a corpus) or "passkey" (synthetic long-range recall).
-        data_dir: a folder of your own text files (every file under it is read as bytes);
-            None builds the default corpus from this Python's standard-library sources.
-        cache_dir: where prepared corpora live (one folder per corpus).
-        train_windows / val_windows: windows per training epoch / in validation.
+        batch_size: windows per step on each data-parallel rank.
+        task: text (next-token prediction on the corpus) or passkey (synthetic long-range recall).
+        data_dir: a folder of your own text, .jsonl or .parquet files; null: this Python's standard-library sources.
+        tokenizer: a tokenizer.json, a folder holding one, or a SentencePiece .model; null: bytes (256 tokens).
+        text_field: the field holding the text in .jsonl, .parquet and Hugging Face dataset records.
+        hf_dataset: a Hugging Face dataset name (streamed; needs internet) or local dataset folder, instead of data_dir.
+        tokens_dtype: read data_dir as already tokenized data, train.bin and val.bin of this dtype (e.g. uint16).
+        cache_dir: where prepared corpora are kept, one folder each.
+        train_windows: windows in a training epoch.
+        val_windows: windows in a validation pass.
         passkey_buckets: distance buckets of the passkey task.
-        num_workers: DataLoader workers.
+        num_workers: DataLoader worker processes.
         seed: window offsets and shuffling.
     """
 
     def __init__(self, seq_len: int = 1024, batch_size: int = 8, task: str = "text", data_dir: str | None = None,
-                 cache_dir: str = "data", train_windows: int = 20000, val_windows: int = 64, passkey_buckets: int = 4,
-                 num_workers: int = 0, seed: int = 1234):
+                 tokenizer: str | None = None, text_field: str = "text", hf_dataset: str | None = None,
+                 tokens_dtype: str | None = None, cache_dir: str = "data", train_windows: int = 20000,
+                 val_windows: int = 64, passkey_buckets: int = 4, num_workers: int = 0, seed: int = 1234):
         super().__init__()
         for key, value in (("seq_len", seq_len), ("batch_size", batch_size), ("train_windows", train_windows),
                            ("val_windows", val_windows), ("passkey_buckets", passkey_buckets)):
@@ -235,40 +167,72 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"data.task={task!r} must be 'text' or 'passkey'")
         if data_dir is not None and not Path(data_dir).is_dir():
             raise ValueError(f"data.data_dir={data_dir!r} does not exist or is not a folder")
+        if tokens_dtype is not None and (tokens_dtype not in TOKEN_DTYPES or data_dir is None):
+            raise ValueError(f"data.tokens_dtype={tokens_dtype!r} must be one of {list(TOKEN_DTYPES)}, with data.data_dir "
+                             "the folder holding train.bin and val.bin")
+        if hf_dataset is not None and data_dir is not None:
+            raise ValueError(f"data.hf_dataset={hf_dataset!r} and data.data_dir={data_dir!r}: give one source")
         self.save_hyperparameters()
         self.seq_len, self.batch_size, self.task = seq_len, batch_size, task
+        self.tokenizer = load_tokenizer(tokenizer)
 
-    def corpus_folder(self) -> tuple[Path, Path, tuple[str, ...] | None, frozenset]:
-        """(source, cache folder, suffixes, folders skipped) of the corpus to train on."""
-        if self.hparams.data_dir is None:
-            source = Path(sysconfig.get_paths()["stdlib"])
-            name = f"stdlib-py{platform.python_version()}"
-            return source, Path(self.hparams.cache_dir) / name, (".py",), INSTALLED_PACKAGES
-        source = Path(self.hparams.data_dir).resolve()
-        tag = hashlib.md5(str(source).encode()).hexdigest()[:8]
-        return source, Path(self.hparams.cache_dir) / f"{source.name}-{tag}", None, frozenset()
+    def corpus_folder(self) -> tuple[str, Path]:
+        """(source, cache folder) of the corpus to train on."""
+        h = self.hparams
+        if h.hf_dataset is not None:
+            source = h.hf_dataset
+        else:
+            source = "stdlib" if h.data_dir is None else str(Path(h.data_dir).resolve())
+        return source, Path(h.cache_dir) / corpus.cache_name(h.data_dir, h.hf_dataset, self.tokenizer)
 
     def prepare_data(self) -> None:
-        if self.task == "text":
-            source, folder, suffixes, skip = self.corpus_folder()
-            if not (folder / "meta.json").exists():
-                build_corpus(source, folder, suffixes, skip)
+        h = self.hparams
+        if self.task != "text" or h.tokens_dtype is not None:
+            return
+        source, folder = self.corpus_folder()
+        if (folder / "meta.json").exists():
+            return
+        raw = self.tokenizer.kind == "bytes"
+        if h.hf_dataset is not None:
+            docs, total = corpus.hub_documents(h.hf_dataset, "train", h.text_field, raw), None
+        else:
+            root, files = corpus.source_files(h.data_dir)
+            docs, total = corpus.documents(root, files, h.text_field, raw), len(files)
+        corpus.build(docs, folder, self.tokenizer, source, total)
+
+    def _split(self, name: str) -> np.ndarray:
+        h = self.hparams
+        if h.tokens_dtype is not None:
+            return corpus.load_tokens(Path(h.data_dir), name, h.tokens_dtype)
+        return corpus.load_split(self.corpus_folder()[1], name)
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
         if self.task == "passkey":
-            self.train_set = PasskeyDataset(h.seq_len, h.train_windows, h.seed, h.passkey_buckets)
-            self.val_set = PasskeyDataset(h.seq_len, h.val_windows, h.seed + 1, h.passkey_buckets)
+            self.train_set = PasskeyDataset(h.seq_len, h.train_windows, h.seed, h.passkey_buckets, self.tokenizer)
+            self.val_set = PasskeyDataset(h.seq_len, h.val_windows, h.seed + 1, h.passkey_buckets, self.tokenizer)
             return
-        folder = self.corpus_folder()[1]
-        self.train_set = WindowDataset(load_split(folder, "train"), h.seq_len, h.train_windows, h.seed, True, "train")
-        self.val_set = WindowDataset(load_split(folder, "val"), h.seq_len, h.val_windows, h.seed, False, "validation")
+        self.train_set = WindowDataset(self._split("train"), h.seq_len, h.train_windows, h.seed, True, "train")
+        self.val_set = WindowDataset(self._split("val"), h.seq_len, h.val_windows, h.seed, False, "validation")
 
     def max_token(self) -> int:
-        """The largest token id the model will see."""
+        """The largest token id the model will see (a tokenizer's vocabulary bounds it)."""
         if self.task == "passkey":
-            return ord("z")  # lowercase filler, digits and "<key=?>"; "z" is the largest
+            return self.train_set.max_token
+        if self.tokenizer.kind != "bytes":
+            return self.tokenizer.vocab_size - 1
         return int(max(self.train_set.tokens.max(), self.val_set.tokens.max()))
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each token id decodes to: the denominator of bits per byte."""
+        return self.tokenizer.token_bytes()
+
+    def state_dict(self) -> dict:
+        """Kept in every checkpoint: the tokenizer itself, so generation needs nothing else."""
+        return {"tokenizer": self.tokenizer.serialized()}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass  # the tokenizer comes from data.tokenizer, which resuming takes from the checkpoint
 
     def _layout(self):
         layout = getattr(self.trainer.lightning_module, "layout", None) if self.trainer else None
