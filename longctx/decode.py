@@ -1,0 +1,205 @@
+"""Incremental decoding with a bounded dilated-attention KV cache (docs/design.md#decoding).
+
+Shapes: B batch, H heads, D head dim, E model width; a layer's cache holds R rows a head.
+
+A query at position t of head h attends, in branch i, only to the rows of its own segment
+[⌊t/w_i⌋·w_i, t] that head h keeps (those ≡ h mod r_i within the segment), and only when it
+keeps t itself. So a layer keeps, per head, the current segment's kept K/V rows of each branch
+it runs: ⌈w_i / r_i⌉ slots per branch, R = Σ_i ⌈w_i / r_i⌉ rows a head in all (the branches a
+head does not run, under head_split, are never valid), whatever the context length.
+
+Row j of branch i holds the segment's j-th kept position of that head: a new position writes
+its slot, and a slot is valid while j ≤ the current position's slot, so a segment boundary
+needs no reset: the old segment's rows above the new slot are masked until overwritten. The
+branches' rows are separate copies, so one softmax over all valid rows is the softmax over the
+multiset union of the branches' keys, i.e. LongNet Eq. 10 (docs/design.md#the-merge-longnet-eq-10).
+Every step is a fixed sequence of tensor operations on a position held in a device tensor, so
+it can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .attention.layout import default_scale, head_groups
+from .model import LongNetLM, MultiheadAdapter, bound_rotation
+
+
+class LayerCache:
+    """The cache of one attention layer of `op`'s layout (segment_lengths, dilation_rates,
+    head_split) for `num_heads` heads: k and v (B, H, R, D) in `dtype`, and the layout of its rows.
+
+    Per branch i (of nb): width[i] = w_i, rate[i] = r_i, start[i] its first row; per head
+    runs[i, h] whether head h runs branch i and offset[i, h] = h mod r_i. Per row: its branch and
+    its slot j within the branch."""
+
+    def __init__(self, op, num_heads: int, head_dim: int, batch: int, dtype: torch.dtype, device):
+        ws, rs = op.segment_lengths, op.dilation_rates
+        groups = head_groups(num_heads, len(ws), op.head_split)
+        self.scale = default_scale(head_dim, op.softmax_scale)
+        slots = [-(-w // r) for w, r in zip(ws, rs)]
+        self.rows_per_head = sum(slots)
+        as_long = dict(dtype=torch.long, device=device)
+        self.width, self.rate = torch.tensor(ws, **as_long), torch.tensor(rs, **as_long)
+        self.start = torch.tensor([sum(slots[:i]) for i in range(len(ws))], **as_long)
+        heads = torch.arange(num_heads, **as_long)
+        self.runs = torch.stack([torch.isin(heads, torch.tensor(list(g), **as_long)) for g in groups])  # (nb, H)
+        self.offset = heads[None, :] % self.rate[:, None]  # (nb, H)
+        self.row_branch = torch.cat([torch.full((n,), i, **as_long) for i, n in enumerate(slots)])  # (R,)
+        self.row_slot = torch.cat([torch.arange(n, **as_long) for n in slots])  # (R,)
+        self.full = 1 in rs  # every position is kept by some branch: no head is ever left empty
+        shape = (batch, num_heads, self.rows_per_head, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def _where(self, t: torch.Tensor):
+        """For position t (a 0-dim long tensor): whether each head keeps t in each branch (nb, H)
+        and its slot there (nb, H)."""
+        u = (t % self.width)[:, None]  # t's index within its segment, per branch
+        kept = self.runs & (u % self.rate[:, None] == self.offset)
+        return kept, (u - self.offset).div(self.rate[:, None], rounding_mode="floor")
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Store position t's k and v (B, H, D) in the slots of the branches whose heads keep
+        t; return the rows valid for a query at t (H, R)."""
+        kept, slot = self._where(t)
+        rows = self.start[:, None] + slot.clamp(min=0)  # (nb, H)
+        heads = torch.arange(k.shape[1], device=k.device).expand_as(rows)
+        for cache, new in ((self.k, k), (self.v, v)):
+            old = cache[:, heads, rows]  # (B, nb, H, D)
+            cache[:, heads, rows] = torch.where(kept[None, :, :, None], new[:, None].to(cache.dtype), old)
+        branch = self.row_branch
+        return kept[branch].T & (self.row_slot[None, :] <= slot[branch].T)
+
+    def attend(self, q: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Softmax attention of q (B, H, D) over the valid rows (H, R): (B, H, D), 0 for a head
+        with none (possible only without an r = 1 branch)."""
+        if self.full:
+            out = F.scaled_dot_product_attention(q[:, :, None].to(self.k.dtype), self.k, self.v,
+                                                 attn_mask=valid[None, :, None, :], scale=self.scale)
+            return out[:, :, 0].to(q.dtype)
+        scores = torch.einsum("bhd,bhrd->bhr", q.float(), self.k.float()) * self.scale
+        scores = scores.masked_fill(~valid[None], float("-inf"))
+        top = scores.amax(-1, keepdim=True)
+        weights = torch.exp(scores - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
+        total = weights.sum(-1, keepdim=True)
+        out = torch.einsum("bhr,bhrd->bhd", weights, self.v.float()) / total.clamp(min=torch.finfo(torch.float32).tiny)
+        return out.to(q.dtype)
+
+    def fill(self, k: torch.Tensor, v: torch.Tensor, length: int) -> None:
+        """Store the kept rows of the segments holding position length − 1, from a prompt's k
+        and v (B, length, H, D): what a decode step at `length` may read."""
+        for i in range(len(self.start)):
+            w, r, first = int(self.width[i]), int(self.rate[i]), int(self.start[i])
+            s0 = (length - 1) // w * w
+            for h in torch.nonzero(self.runs[i]).flatten().tolist():
+                if s0 + h % r >= length:
+                    continue  # no row of this head yet in the segment
+                pos = torch.arange(s0 + h % r, length, r, device=k.device)
+                self.k[:, h, first : first + len(pos)] = k[:, pos, h]
+                self.v[:, h, first : first + len(pos)] = v[:, pos, h]
+
+
+def core_op(attn):
+    """The core op of a block's attention (CoreAttention's op, or a multihead module's)."""
+    return attn.attn.attention if isinstance(attn, MultiheadAdapter) else attn.op
+
+
+def qkv_of(attn, h: torch.Tensor, rope):
+    """q, k, v (B, l, H, D) of the block's attention input h (B, l, E), q and k rotated."""
+    if isinstance(attn, MultiheadAdapter):
+        q, k, v = attn.attn._project(h, h, h)
+    else:
+        q, k, v = attn.qkv(h).unflatten(-1, (3, attn.n_heads, -1)).unbind(2)
+    return rope(q), rope(k), v
+
+
+def attention_output(attn, out: torch.Tensor) -> torch.Tensor:
+    """The block's attention output (B, 1, E) from the heads' (B, H, D)."""
+    out = out[:, None].flatten(-2)
+    if isinstance(attn, MultiheadAdapter):
+        m = attn.attn
+        return m.out_proj(m.norm(out) if m.norm is not None else out)
+    return attn.proj(out)
+
+
+class Decoder:
+    """A LongNetLM's prefill and one-token steps over LayerCaches, for `batch` sequences of equal
+    length. prefill(idx (B, P)) -> the last position's logits (B, V); step(token (B,)) -> the
+    next position's logits (B, V). The next position lives in a device tensor (`t`), so step can
+    be captured in a CUDA graph (capture() before prefill: it runs the step twice)."""
+
+    def __init__(self, model: LongNetLM, batch: int, dtype: torch.dtype, device):
+        self.model = model
+        dim = model.dim // model.n_heads
+        self.caches = [LayerCache(core_op(b.attn), model.n_heads, dim, batch, dtype, device) for b in model.blocks]
+        self.t = torch.zeros((), dtype=torch.long, device=device)
+        self.graph = None
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.caches)
+
+    @torch.no_grad()
+    def prefill(self, idx: torch.Tensor) -> torch.Tensor:
+        """Run the prompt through the model's own forward (the fast op), keeping each layer's
+        rotated k and v rows that the decode steps will read."""
+        length = idx.shape[1]
+
+        def keep(cache):
+            def hook(attn, args):
+                _, k, v = qkv_of(attn, *args)
+                cache.fill(k, v, length)
+            return hook
+
+        handles = [b.attn.register_forward_pre_hook(keep(c)) for b, c in zip(self.model.blocks, self.caches)]
+        try:
+            h = self.model.features(idx)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.t.fill_(length)
+        return self.model.head(h[:, -1])
+
+    def _step(self, token: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        x = model.embed(token[:, None])
+        if model.residual_dtype is not None:
+            x = x.to(model.residual_dtype)
+        angles = (self.t.float() * model.rotary.inv_freq)[None, None, None, :]
+        rope = bound_rotation(angles.cos(), angles.sin())
+        for block, cache in zip(model.blocks, self.caches):
+            q, k, v = qkv_of(block.attn, block.norm1(x), rope)
+            out = cache.attend(q[:, 0], cache.write(k[:, 0], v[:, 0], self.t))
+            h, y = block.norm2.add(x, attention_output(block.attn, out))
+            x = h + block.mlp(y)
+        self.t += 1
+        return model.head(model.norm(x))[:, 0]
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        if self.graph is None:
+            return self._step(token)
+        self.token.copy_(token)
+        self.graph.replay()
+        return self.logits
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Capture the step in a CUDA graph (warm-up on a side stream first), then clear the
+        caches and position it ran on."""
+        self.token = torch.zeros(self.caches[0].k.shape[0], dtype=torch.long, device=self.t.device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._step(self.token)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step(self.token)
+        for cache in self.caches:
+            cache.k.zero_()
+            cache.v.zero_()
+        self.t.zero_()
