@@ -31,18 +31,23 @@ def _no_space(error: BaseException) -> bool:
     return False
 
 
-def _tmp_name(path: str) -> str:
-    """A hidden temporary file beside `path`, unique to this process and call; it names the
-    host and the pid that wrote it, so a later save can tell a dead writer's leftover."""
+def _tmp_prefix(path: str) -> str:
+    """What the temporary files of `path` written on this host start with: hidden, beside it."""
     folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}.{socket.gethostname()}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    return os.path.join(folder, f".{name}.{socket.gethostname()}.")
+
+
+def _tmp_name(path: str) -> str:
+    """A temporary file unique to this process and call; it names the pid that wrote it, so a
+    later save can tell a dead writer's leftover."""
+    return f"{_tmp_prefix(path)}{os.getpid()}.{os.urandom(4).hex()}.tmp"
 
 
 def _remove_leftovers(path: str) -> None:
     """Temporary files of `path` left by writers of this host that no longer run (a SIGKILL
     while saving): each can be as large as a checkpoint."""
-    folder, name = os.path.split(path)
-    prefix = f".{name}.{socket.gethostname()}."
+    folder = os.path.dirname(path)
+    prefix = os.path.basename(_tmp_prefix(path))
     for entry in os.listdir(folder or "."):
         if not (entry.startswith(prefix) and entry.endswith(".tmp")):
             continue

@@ -31,7 +31,8 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        before = torch.softmax(sorted_logits, -1).cumsum(-1) - torch.softmax(sorted_logits, -1)
+        probs = torch.softmax(sorted_logits, -1)
+        before = probs.cumsum(-1) - probs  # the probability of the more likely tokens
         drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before >= top_p)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, -1)

@@ -67,8 +67,11 @@ def take_architecture(model: dict, saved: dict, defaults: dict, path: str) -> li
     setting given another value than the checkpoint's."""
     taken, conflicts = [], []
     for key in differences(model, saved):
-        if model.get(key) is None if key == "attention" else _canonical(key, model.get(key)) == _canonical(
-                key, defaults.get(key)):
+        if key == "attention":  # its default is None: any value given is a choice
+            unset = model.get(key) is None
+        else:
+            unset = _canonical(key, model.get(key)) == _canonical(key, defaults.get(key))
+        if unset:
             model[key] = saved[key]
             taken.append(f"model.{key}={saved[key]!r}")
         else:
