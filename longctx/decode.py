@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .attention.layout import default_scale, head_groups
+from .kernels import compiled_triton
+from .kernels import decode as decode_kernel
 from .model import LongNetLM, MultiheadAdapter, bound_rotation
 
 
@@ -76,7 +78,10 @@ class LayerCache:
 
     def attend(self, q: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Softmax attention of q (B, H, D) over the valid rows (H, R): (B, H, D), 0 for a head
-        with none (possible only without an r = 1 branch)."""
+        with none (possible only without an r = 1 branch). On CUDA, the split-rows kernel: a
+        fused attention call runs one program per head over all R rows, most SMs idle."""
+        if compiled_triton(q.device) and self.k.dtype in (torch.float16, torch.bfloat16):
+            return decode_kernel.attend(q, self.k, self.v, valid, self.scale)
         if self.full:
             out = F.scaled_dot_product_attention(q[:, :, None].to(self.k.dtype), self.k, self.v,
                                                  attn_mask=valid[None, :, None, :], scale=self.scale)

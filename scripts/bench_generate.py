@@ -7,6 +7,9 @@ step replayed from a CUDA graph. The dense baseline is the same weights with one
 whole context (exact dense causal attention) and a full cache: decoded eagerly with SDPA over the
 filled prefix (flash or cuDNN, no mask) and graphed over the masked full buffer; the faster is
 reported. Its cache is filled with random values: decode time does not depend on them.
+dilated_sdpa_tokens_per_s: the dilated step with its attention by SDPA (one fused call over the
+masked rows) instead of the split-rows kernel. Each row's *_step_floor_fraction is the bytes a step must read (every weight, the cache's rows)
+at the copy bandwidth measured in the run, over the step's time: 1.0 would be memory-bound.
 `python scripts/bench_generate.py --help` for the options. GPU only.
 """
 import argparse
@@ -16,7 +19,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+import longctx.decode
 from longctx.attention import ImprovedDilatedAttention
+from longctx.kernels import compiled_triton
 from longctx.decode import Decoder, qkv_of, attention_output
 from longctx.model import LongNetLM, bound_rotation
 
@@ -50,6 +55,15 @@ def dense_eager_step(model, ks, vs, token, t):
     return model.head(model.norm(x))[:, 0]
 
 
+def copy_bandwidth() -> float:
+    """Bytes per second a device-to-device copy of 1 GiB moves (read plus write): the bound a
+    decode step's reads are compared with, measured in the same run."""
+    src = torch.empty(2**29, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    return 2 * src.numel() * src.element_size() / timed(lambda: dst.copy_(src), 20)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072, 1048576], help="contexts")
@@ -57,6 +71,7 @@ def main(argv=None):
     p.add_argument("--out", help="a JSON file for the results")
     args = p.parse_args(argv)
     results = []
+    bandwidth = copy_bandwidth()
     for T in args.lengths:
         torch.manual_seed(0)
         model = LongNetLM(256, 768, 12, 12, ImprovedDilatedAttention, layout(T)).cuda().to(torch.bfloat16).eval()
@@ -73,8 +88,20 @@ def main(argv=None):
         prefill_s = time.perf_counter() - start
         token = logits.argmax(-1)
         ours = timed(lambda: decoder.step(token), args.new_tokens)
+        # The same step with attention by one fused SDPA call a head over the masked rows.
+        longctx.decode.compiled_triton = lambda device: False
+        fused = Decoder(model, 1, torch.bfloat16, "cuda")
+        fused.capture()
+        longctx.decode.compiled_triton = compiled_triton
+        fused.t.fill_(T)
+        fused_s = timed(lambda: fused.step(token), args.new_tokens)
+        del fused
+        # A step reads every weight once and the whole cache (the graphed step attends over all
+        # of its rows, masked): its time at the copy bandwidth is the step's floor.
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         row = dict(context=T, branches=len(layout(T)["segment_lengths"]), prefill_s=prefill_s, forward_s=forward_s,
-                   dilated_tokens_per_s=1 / ours, dilated_cache_gib=decoder.nbytes() / 2**30)
+                   dilated_tokens_per_s=1 / ours, dilated_sdpa_tokens_per_s=1 / fused_s, dilated_cache_gib=decoder.nbytes() / 2**30,
+                   dilated_step_floor_fraction=(weight_bytes + decoder.nbytes()) / bandwidth / ours)
         del decoder
         torch.cuda.empty_cache()
         # Dense: the same weights, one branch over the whole context, a full cache.
@@ -94,7 +121,9 @@ def main(argv=None):
         vs = [c.v for c in graphed.caches]
         dense_eager = timed(lambda: dense_eager_step(dense, ks, vs, token, T), args.new_tokens)
         row.update(dense_graph_tokens_per_s=1 / dense_graph, dense_eager_tokens_per_s=1 / dense_eager,
-                   dense_cache_gib=graphed.nbytes() / 2**30)
+                   dense_cache_gib=graphed.nbytes() / 2**30,
+                   dense_step_floor_fraction=(weight_bytes + graphed.nbytes() * T / (T + args.new_tokens))
+                   / bandwidth / min(dense_graph, dense_eager))
         best = max(row["dense_graph_tokens_per_s"], row["dense_eager_tokens_per_s"])
         row.update(speedup=row["dilated_tokens_per_s"] / best, memory_ratio=row["dense_cache_gib"] / row["dilated_cache_gib"],
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30)
@@ -105,7 +134,8 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats()
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, results=results), f, indent=1)
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           copy_bytes_per_s=bandwidth, results=results), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""One query a head against the decode cache's rows (longctx/decode.py), split across the rows.
+
+A decode step's attention reads every kept row of every head once: a bandwidth-bound matrix-vector
+product. One program per (sequence, head) would leave all but B·H SMs idle, so the rows are cut
+into chunks of CHUNK, one program each (B·H·⌈R / CHUNK⌉ programs), which return their chunk's
+running max, sum and unnormalised output; a few PyTorch ops merge the chunks by the same
+log-sum-exp rule as the branches. valid (H, R) says which rows a head may read at this position.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import triton, tl
+
+CHUNK = 512  # rows a program; at the 1M layout's 20,480 rows a head, 40 chunks and 480 programs for 12 heads
+ROWS = 64  # rows a loop iteration loads
+LOG2E = 1.4426950408889634
+
+if triton is not None:
+    @triton.jit
+    def _chunk(q, k, v, valid, acc_out, stat_out, H, R, scale_log2, sqb, sqh, skb, skh, skr, svb, svh, svr,
+               CHUNK: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
+        bh = tl.program_id(0)
+        part = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        d = tl.arange(0, D)
+        qv = tl.load(q + b * sqb + h * sqh + d).to(tl.float32) * scale_log2
+        m = tl.full((), float("-inf"), tl.float32)
+        total = tl.zeros((), tl.float32)
+        acc = tl.zeros((D,), tl.float32)
+        for r0 in range(part * CHUNK, part * CHUNK + CHUNK, ROWS):
+            rows = r0 + tl.arange(0, ROWS)
+            inside = rows < R
+            ok = tl.load(valid + h * R + rows, mask=inside, other=0) != 0
+            kk = tl.load(k + b * skb + h * skh + rows[:, None] * skr + d[None, :], mask=ok[:, None], other=0.0)
+            s = tl.where(ok, tl.sum(kk.to(tl.float32) * qv[None, :], 1), float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 0))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid row yet: nothing to scale
+            p = tl.math.exp2(s - shift)
+            alpha = tl.math.exp2(m - shift)
+            vv = tl.load(v + b * svb + h * svh + rows[:, None] * svr + d[None, :], mask=ok[:, None], other=0.0)
+            acc = acc * alpha + tl.sum(p[:, None] * vv.to(tl.float32), 0)
+            total = total * alpha + tl.sum(p, 0)
+            m = m_new
+        slot = bh * tl.num_programs(1) + part
+        tl.store(acc_out + slot * D + d, acc)
+        tl.store(stat_out + slot * 2, m)
+        tl.store(stat_out + slot * 2 + 1, total)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax attention of q (B, H, D) over the rows of k, v (B, H, R, D) that valid (H, R) marks:
+    (B, H, D) in q's dtype, 0 for a head with no valid row. k and v need a unit last stride."""
+    B, H, R, D = k.shape
+    parts = -(-R // CHUNK)
+    acc = torch.empty((B, H, parts, D), dtype=torch.float32, device=q.device)
+    stats = torch.empty((B, H, parts, 2), dtype=torch.float32, device=q.device)
+    _chunk[(B * H, parts)](q, k, v, valid.to(torch.uint8), acc, stats, H, R, scale * LOG2E,
+                           q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3],
+                           CHUNK=CHUNK, ROWS=ROWS, D=D)
+    m, total = stats.unbind(-1)
+    top = m.amax(-1, keepdim=True)
+    weight = torch.exp2(m - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))  # 0 for empty chunks
+    den = (weight * total).sum(-1, keepdim=True)
+    out = (weight[..., None] * acc).sum(-2) / den.clamp(min=torch.finfo(torch.float32).tiny)
+    return out.to(q.dtype)

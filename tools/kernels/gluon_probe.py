@@ -1,0 +1,251 @@
+"""Probe: a Hopper attention forward in Gluon (TMA loads, asynchronous wgmma, the next tile's
+QKᵀ in flight while this tile's softmax runs), against cuDNN on the same problem.
+
+The problem is the union kernels' local pass without weights: causal attention inside segments
+of W rows (W = T is dense causal attention), q/k/v (B, T, H, D) as the LM block makes them. The
+kernel reads its rows through one TMA descriptor per tensor over the (B·T, H·D) view, so a head's
+tile is a [rows, D] box at column h·D; a dilated branch of rate r would take the (B·T/r, r·H·D)
+view of the same memory, the same box at column (offset·H + h)·D.
+
+One program: a tile of BM queries and one head, a warp per 16 rows (BM = 128: two warpgroups
+sharing the K/V stages). Per key tile j: wait for K_{j+1}, issue S_{j+1} = Q K_{j+1}ᵀ (asynchronous), run the
+softmax of S_j, wait for both in-flight groups, rescale O, issue O += P_j V_j and leave it in
+flight through the next tile's QKᵀ issue and softmax.
+K's stage is reloaded as soon as its QKᵀ retires, V's once its PV retires.
+
+`python tools/kernels/gluon_probe.py [--lengths 32768 131072] [--segments 2048 0]` (0: W = T):
+checks the output and LSE against SDPA in float32, then times the kernel and cuDNN (SDPA on the
+(B·T/W, H, W, D) segments) and prints TFLOP/s, counting 2·D per causal pair and head for each
+of the two matmuls. CUDA with compute capability 9.0 only.
+"""
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                             warpgroup_mma_init, warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+LOG2E = 1.4426950408889634
+
+
+@gluon.jit
+def _softmax(s, m_i, l_i, qk_scale, q_pos, k_pos, MASK: gl.constexpr):
+    """Online softmax of one score tile in the log2 domain: (P, alpha, new max, new sum)."""
+    s = s * qk_scale
+    if MASK:
+        s = gl.where(k_pos[None, :] <= q_pos[:, None], s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1))
+    p = gl.exp2(s - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+
+@gluon.jit
+def _fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, qk_scale,
+         STAGES: gl.constexpr, num_warps: gl.constexpr):
+    BM: gl.constexpr = q_desc.block_type.shape[0]
+    BN: gl.constexpr = k_desc.block_type.shape[0]
+    D: gl.constexpr = q_desc.block_type.shape[1]
+    gl.static_assert(BM == BN, "the diagonal tile is the last one")
+    dtype: gl.constexpr = q_desc.dtype
+
+    tiles = T // BM
+    pid = tiles - 1 - gl.program_id(0)  # the longest rows first
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh - b * H
+    q0 = pid * BM  # position of the tile's first row
+    lo = q0 // W * W  # its segment's first position
+    n = (q0 - lo) // BN + 1  # key tiles, the last on the diagonal
+    row = b * T  # the batch's first row in the (B·T, H·D) view
+    col = h * D
+
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BN, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    q_smem = gl.allocate_shared_memory(dtype, [BM, D], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bar.index(i), count=1)
+        mbarrier.init(v_bar.index(i), count=1)
+
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [row + q0, col], q_bar, q_smem)
+    for i in gl.static_range(STAGES):
+        go = i < n
+        mbarrier.expect(k_bar.index(i), k_desc.block_type.nbytes, pred=go)
+        tma.async_copy_global_to_shared(k_desc, [row + lo + i * BN, col], k_bar.index(i), k_smem.index(i), pred=go)
+        mbarrier.expect(v_bar.index(i), v_desc.block_type.nbytes, pred=go)
+        tma.async_copy_global_to_shared(v_desc, [row + lo + i * BN, col], v_bar.index(i), v_smem.index(i), pred=go)
+
+    zero_s = gl.zeros([BM, BN], gl.float32, s_layout)
+    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(k_bar.index(0), 0)
+    s_cur = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    s_cur = warpgroup_mma_wait(0, deps=(s_cur,))
+    # K_0 has been read: its stage takes K_STAGES.
+    go = STAGES < n
+    mbarrier.expect(k_bar.index(0), k_desc.block_type.nbytes, pred=go)
+    tma.async_copy_global_to_shared(k_desc, [row + lo + STAGES * BN, col], k_bar.index(0), k_smem.index(0), pred=go)
+
+    q_pos = q0 + gl.arange(0, BM, s_rows)
+    m_i = gl.full([BM], float("-inf"), gl.float32, s_rows)
+    l_i = gl.zeros([BM], gl.float32, s_rows)
+    acc = warpgroup_mma_init(gl.zeros([BM, D], gl.float32, o_layout))  # the loop carries O as in flight
+    p_op = gl.zeros([BM, BN], dtype, p_layout)
+    for j in range(n - 1):
+        stage = j % STAGES
+        nxt = (j + 1) % STAGES
+        mbarrier.wait(k_bar.index(nxt), ((j + 1) // STAGES) & 1)
+        s_next = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        p, alpha, m_i, l_i = _softmax(s_cur, m_i, l_i, qk_scale, q_pos, q_pos, False)
+        # O's update from tile j − 1 retires (p_op stays alive until then), and S_{j+1}, issued
+        # before the softmax, with it: waiting for only the older group (num_outstanding=1)
+        # makes ptxas serialise every wgmma (C7514: O's registers read inside a pipeline stage).
+        acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+        if j > 0:  # V_{j−1} has been read: its stage takes V_{j−1+STAGES}
+            prev = (j - 1) % STAGES
+            go = j - 1 + STAGES < n
+            mbarrier.expect(v_bar.index(prev), v_desc.block_type.nbytes, pred=go)
+            tma.async_copy_global_to_shared(v_desc, [row + lo + (j - 1 + STAGES) * BN, col], v_bar.index(prev),
+                                            v_smem.index(prev), pred=go)
+        acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        mbarrier.wait(v_bar.index(stage), (j // STAGES) & 1)
+        acc = warpgroup_mma(p_op, v_smem.index(stage), acc, is_async=True)
+        s_cur = warpgroup_mma_wait(1, deps=(s_next,))  # retired already: O's update stays in flight
+        # K_{j+1} has been read: its stage takes K_{j+1+STAGES}.
+        go = j + 1 + STAGES < n
+        mbarrier.expect(k_bar.index(nxt), k_desc.block_type.nbytes, pred=go)
+        tma.async_copy_global_to_shared(k_desc, [row + lo + (j + 1 + STAGES) * BN, col], k_bar.index(nxt),
+                                        k_smem.index(nxt), pred=go)
+
+    # The diagonal tile, masked.
+    last = n - 1
+    k_pos = lo + last * BN + gl.arange(0, BN, s_cols)
+    p, alpha, m_i, l_i = _softmax(s_cur, m_i, l_i, qk_scale, q_pos, k_pos, True)
+    acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+    acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    mbarrier.wait(v_bar.index(last % STAGES), (last // STAGES) & 1)
+    acc = warpgroup_mma(p_op, v_smem.index(last % STAGES), acc, is_async=True)
+    acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_bar.index(i))
+        mbarrier.invalidate(v_bar.index(i))
+    acc = acc / gl.convert_layout(l_i, o_rows)[:, None]
+    q_smem.store(acc.to(dtype))  # Q's buffer is free: every QKᵀ has retired
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [row + q0, col], q_smem)
+    # LSE in the natural log, (B, T, H) as the union kernels write it.
+    lse = (m_i + gl.log2(l_i)) / 1.4426950408889634
+    gl.store(lse_ptr + (row + q_pos) * H + h, lse)
+    tma.store_wait(0)
+
+
+def forward(q, k, v, W: int, scale: float, BM: int = 128, stages: int = 2):
+    """(out, lse) of causal attention inside segments of W rows; q/k/v (B, T, H, D) contiguous.
+    BM rows a tile (queries and keys alike), one warp per 16 of them."""
+    B, T, H, D = q.shape
+    assert T % W == 0 and W % BM == 0 and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+    out = torch.empty_like(q)
+    lse = torch.empty((B, T, H), dtype=torch.float32, device=q.device)
+    layout = gl.NVMMASharedLayout.get_default_for([BM, D], gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16)
+    descs = [TensorDescriptor(x.view(B * T, H * D), [B * T, H * D], [H * D, 1], [BM, D], layout) for x in (q, k, v, out)]
+    _fwd[(T // BM, B * H)](*descs, lse, T, H, W, scale * LOG2E, STAGES=stages, num_warps=BM // 16)
+    return out, lse
+
+
+def segments_sdpa(q, k, v, W: int, scale: float, backend=None):
+    """SDPA's causal attention on the (B·T/W, H, W, D) segments: (out (B, T, H, D), lse (B, T, H))."""
+    B, T, H, D = q.shape
+    seg = [x.reshape(B * T // W, W, H, D).transpose(1, 2) for x in (q, k, v)]
+    if backend is None:
+        out = F.scaled_dot_product_attention(*seg, is_causal=True, scale=scale)
+        return out.transpose(1, 2).reshape(B, T, H, D), None
+    with sdpa_kernel(backend):
+        out = F.scaled_dot_product_attention(*seg, is_causal=True, scale=scale)
+    return out.transpose(1, 2).reshape(B, T, H, D), None
+
+
+def reference(q, k, v, W: int, scale: float):
+    """float32 output and LSE by the definition, segment by segment."""
+    B, T, H, D = q.shape
+    qs, ks, vs = (x.float().reshape(B * T // W, W, H, D).transpose(1, 2) for x in (q, k, v))
+    s = qs @ ks.transpose(-1, -2) * scale
+    s = s.masked_fill(torch.ones(W, W, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    out = torch.softmax(s, -1) @ vs
+    return out.transpose(1, 2).reshape(B, T, H, D), lse.transpose(1, 2).reshape(B, T, H)
+
+
+def timed(fn, reps: int = 10, calls: int = 10) -> float:
+    """Median over reps of the mean milliseconds of `calls` back-to-back calls (the launches
+    queue ahead of the GPU, so host time between kernels is hidden), after two warm-up calls."""
+    fn(), fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--segments", type=int, nargs="+", default=[2048, 0], help="W per case; 0: W = T")
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--configs", nargs="+", default=["128x2", "128x3", "64x2", "64x3"],
+                   help="tiles as ROWSxSTAGES")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    H, D = args.heads, 64
+    scale = 1 / math.sqrt(D)
+    # Exactness first, on a small case with several segments and tiles.
+    q, k, v = (torch.randn(2, 1024, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ref_out, ref_lse = reference(q, k, v, 512, scale)
+    configs = [tuple(map(int, c.split("x"))) for c in args.configs]
+    for BM, stages in configs:
+        out, lse = forward(q, k, v, 512, scale, BM, stages)
+        print(f"check {BM}x{stages}: max |out - ref| {(out.float() - ref_out).abs().max().item():.2e}, "
+              f"max |lse - ref| {(lse - ref_lse).abs().max().item():.2e}", flush=True)
+    for T in args.lengths:
+        q, k, v = (torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        for W in args.segments:
+            W = W or T
+            flops = 4 * D * H * (T // W) * W * (W + 1) / 2
+            cells = {"cudnn": lambda: segments_sdpa(q, k, v, W, scale, SDPBackend.CUDNN_ATTENTION),
+                     "flash": lambda: segments_sdpa(q, k, v, W, scale, SDPBackend.FLASH_ATTENTION)}
+            for BM, stages in configs:
+                cells[f"gluon {BM}x{stages}"] = lambda BM=BM, stages=stages: forward(q, k, v, W, scale, BM, stages)
+            ms = {name: timed(fn) for name, fn in cells.items()}
+            line = ", ".join(f"{name} {t:.3f} ms {flops / t / 1e9:.0f} TF/s" for name, t in ms.items())
+            print(f"T={T} W={W}: {line}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
