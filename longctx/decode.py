@@ -57,24 +57,30 @@ class LayerCache:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
-    def _where(self, t: torch.Tensor):
-        """For position t (a 0-dim long tensor): whether each head keeps t in each branch (nb, H)
-        and its slot there (nb, H)."""
+    def same_layout(self, other: "LayerCache") -> bool:
+        """Whether other's rows are laid out as this one's (then one locate() serves both)."""
+        mine, theirs = (self.width, self.rate, self.runs, self.start), (other.width, other.rate, other.runs, other.start)
+        return self.k.shape == other.k.shape and all(torch.equal(a, b) for a, b in zip(mine, theirs))
+
+    def locate(self, t: torch.Tensor):
+        """For position t (a 0-dim long tensor): whether each head keeps t in each branch (nb, H),
+        the row it goes to there (nb, H), and the rows valid for a query at t (H, R)."""
         u = (t % self.width)[:, None]  # t's index within its segment, per branch
         kept = self.runs & (u % self.rate[:, None] == self.offset)
-        return kept, (u - self.offset).div(self.rate[:, None], rounding_mode="floor")
+        slot = (u - self.offset).div(self.rate[:, None], rounding_mode="floor")
+        branch = self.row_branch
+        valid = (kept[branch] & (self.row_slot[:, None] <= slot[branch])).T.contiguous()
+        return kept, self.start[:, None] + slot.clamp(min=0), valid
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Store position t's k and v (B, H, D) in the slots of the branches whose heads keep
-        t; return the rows valid for a query at t (H, R)."""
-        kept, slot = self._where(t)
-        rows = self.start[:, None] + slot.clamp(min=0)  # (nb, H)
+    def write(self, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor, rows: torch.Tensor) -> None:
+        """Store a position's k and v (B, H, D) in the rows (nb, H) of the branches whose heads
+        keep it (kept (nb, H), from locate)."""
+        if compiled_triton(k.device):  # one launch, not a gather, a select and a scatter per tensor
+            return decode_kernel.store(k, v, self.k, self.v, kept, rows)
         heads = torch.arange(k.shape[1], device=k.device).expand_as(rows)
         for cache, new in ((self.k, k), (self.v, v)):
             old = cache[:, heads, rows]  # (B, nb, H, D)
             cache[:, heads, rows] = torch.where(kept[None, :, :, None], new[:, None].to(cache.dtype), old)
-        branch = self.row_branch
-        return kept[branch].T & (self.row_slot[None, :] <= slot[branch].T)
 
     def attend(self, q: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Softmax attention of q (B, H, D) over the valid rows (H, R): (B, H, D), 0 for a head
@@ -141,6 +147,8 @@ class Decoder:
         self.model = model
         dim = model.dim // model.n_heads
         self.caches = [LayerCache(core_op(b.attn), model.n_heads, dim, batch, dtype, device) for b in model.blocks]
+        # Every layer of a LongNetLM has the same layout: the step locates its position once.
+        self.shared = all(self.caches[0].same_layout(c) for c in self.caches[1:])
         self.t = torch.zeros((), dtype=torch.long, device=device)
         self.graph = None
 
@@ -175,9 +183,12 @@ class Decoder:
             x = x.to(model.residual_dtype)
         angles = (self.t.float() * model.rotary.inv_freq)[None, None, None, :]
         rope = bound_rotation(angles.cos(), angles.sin())
+        shared = self.caches[0].locate(self.t) if self.shared else None
         for block, cache in zip(model.blocks, self.caches):
             q, k, v = qkv_of(block.attn, block.norm1(x), rope)
-            out = cache.attend(q[:, 0], cache.write(k[:, 0], v[:, 0], self.t))
+            kept, rows, valid = shared or cache.locate(self.t)
+            cache.write(k[:, 0], v[:, 0], kept, rows)
+            out = cache.attend(q[:, 0], valid)
             h, y = block.norm2.add(x, attention_output(block.attn, out))
             x = h + block.mlp(y)
         self.t += 1

@@ -36,3 +36,20 @@ def test_split_rows_attention_matches_softmax_over_the_valid_rows(monkeypatch, d
     assert torch.all(out[:, 1] == 0)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+
+
+def test_store_writes_the_kept_heads_rows_and_nothing_else():
+    g = torch.Generator().manual_seed(1)
+    B, H, R, D, nb = 2, 3, 10, 8, 2
+    k_cache, v_cache = torch.randn(B, H, R, D, generator=g), torch.randn(B, H, R, D, generator=g)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    qkv = torch.randn(B, 1, 3, H, D, generator=g)  # strided views, as the step's projection makes them
+    k, v = qkv[:, 0, 1], qkv[:, 0, 2]
+    kept = torch.tensor([[True, False, True], [False, True, False]])
+    rows = torch.tensor([[0, 0, 4], [5, 9, 5]])  # (branch, head): row 0 of head 1 is not written
+    decode.store(k, v, k_cache, v_cache, kept, rows)
+    expected_k, expected_v = before_k.clone(), before_v.clone()
+    for i, h in [(0, 0), (0, 2), (1, 1)]:
+        expected_k[:, h, rows[i, h]] = k[:, h]
+        expected_v[:, h, rows[i, h]] = v[:, h]
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)

@@ -3,8 +3,10 @@
 A decode step's attention reads every kept row of every head once: a bandwidth-bound matrix-vector
 product. One program per (sequence, head) would leave all but B·H SMs idle, so the rows are cut
 into chunks of CHUNK, one program each (B·H·⌈R / CHUNK⌉ programs), which return their chunk's
-running max, sum and unnormalised output; a few PyTorch ops merge the chunks by the same
-log-sum-exp rule as the branches. valid (H, R) says which rows a head may read at this position.
+running max, sum and unnormalised output; a second kernel, one program a head, merges the chunks
+by the same log-sum-exp rule as the branches (in PyTorch that took a dozen launches, each a few
+microseconds of a step that is a few hundred). valid (H, R) says which rows a head may read at
+this position.
 """
 from __future__ import annotations
 
@@ -49,6 +51,52 @@ if triton is not None:
         tl.store(stat_out + slot * 2 + 1, total)
 
 
+    @triton.jit
+    def _merge(acc_in, stat_in, out, parts, D: tl.constexpr, PARTS: tl.constexpr):
+        bh = tl.program_id(0)
+        i = tl.arange(0, PARTS)
+        d = tl.arange(0, D)
+        inside = i < parts
+        slot = bh * parts + i
+        m = tl.load(stat_in + slot * 2, mask=inside, other=float("-inf"))
+        total = tl.load(stat_in + slot * 2 + 1, mask=inside, other=0.0)
+        top = tl.max(m, 0)
+        weight = tl.math.exp2(m - tl.where(top == float("-inf"), 0.0, top))  # 0 for chunks with no valid row
+        acc = tl.load(acc_in + slot[:, None] * D + d[None, :], mask=inside[:, None], other=0.0)
+        den = tl.maximum(tl.sum(weight * total, 0), 1.1754943508222875e-38)  # a head with no valid row: 0
+        tl.store(out + bh * D + d, (tl.sum(weight[:, None] * acc, 0) / den).to(out.dtype.element_ty))
+
+
+    @triton.jit
+    def _store(k, v, kc, vc, kept, rows, H, NB, skb, skh, svb, svh, scb, sch, scr, D: tl.constexpr):
+        program = tl.program_id(0)  # (b, branch, h)
+        b = program // (NB * H)
+        i = program % (NB * H)
+        h = i % H
+        if tl.load(kept + i) != 0:
+            row = tl.load(rows + i)
+            d = tl.arange(0, D)
+            at = b * scb + h * sch + row * scr + d
+            tl.store(kc + at, tl.load(k + b * skb + h * skh + d).to(kc.dtype.element_ty))
+            tl.store(vc + at, tl.load(v + b * svb + h * svh + d).to(vc.dtype.element_ty))
+
+
+def _bytes(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask as the kernels read it: contiguous bytes (a view, no copy, when it is)."""
+    return mask.contiguous().view(torch.uint8)
+
+
+def store(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kept: torch.Tensor,
+          rows: torch.Tensor) -> None:
+    """Write a position's k and v (B, H, D) into rows (nb, H) of the caches (B, H, R, D), one
+    strided layout for both, where kept (nb, H) says the head keeps it in that branch."""
+    B, H, D = k.shape
+    nb = kept.shape[0]
+    assert k_cache.stride() == v_cache.stride() and k.stride(-1) == v.stride(-1) == 1
+    _store[(B * nb * H,)](k, v, k_cache, v_cache, _bytes(kept), rows.contiguous(), H, nb, k.stride(0), k.stride(1),
+                          v.stride(0), v.stride(1), *k_cache.stride()[:3], D=D)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
     """Softmax attention of q (B, H, D) over the rows of k, v (B, H, R, D) that valid (H, R) marks:
     (B, H, D) in q's dtype, 0 for a head with no valid row. k and v need a unit last stride."""
@@ -56,12 +104,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tenso
     parts = -(-R // CHUNK)
     acc = torch.empty((B, H, parts, D), dtype=torch.float32, device=q.device)
     stats = torch.empty((B, H, parts, 2), dtype=torch.float32, device=q.device)
-    _chunk[(B * H, parts)](q, k, v, valid.to(torch.uint8), acc, stats, H, R, scale * LOG2E,
+    _chunk[(B * H, parts)](q, k, v, _bytes(valid), acc, stats, H, R, scale * LOG2E,
                            q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3],
                            CHUNK=CHUNK, ROWS=ROWS, D=D)
-    m, total = stats.unbind(-1)
-    top = m.amax(-1, keepdim=True)
-    weight = torch.exp2(m - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))  # 0 for empty chunks
-    den = (weight * total).sum(-1, keepdim=True)
-    out = (weight[..., None] * acc).sum(-2) / den.clamp(min=torch.finfo(torch.float32).tiny)
-    return out.to(q.dtype)
+    out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+    _merge[(B * H,)](acc, stats, out, parts, D=D, PARTS=triton.next_power_of_2(parts))
+    return out
