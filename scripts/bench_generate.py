@@ -5,11 +5,13 @@ The LongNet-size model (12 x 768, 12 heads, bf16 weights), LongNet's layout up t
 (timed, against the training forward's rate on the same prompt), then tokens are decoded with the
 step replayed from a CUDA graph. The dense baseline is the same weights with one branch over the
 whole context (exact dense causal attention) and a full cache: decoded eagerly with SDPA over the
-filled prefix (flash or cuDNN, no mask) and graphed over the masked full buffer; the faster is
-reported. Its cache is filled with random values: decode time does not depend on them.
-dilated_sdpa_tokens_per_s: the dilated step with its attention by SDPA (one fused call over the
-masked rows) instead of the split-rows kernel. Each row's *_step_floor_fraction is the bytes a step must read (every weight, the cache's rows)
-at the copy bandwidth measured in the run, over the step's time: 1.0 would be memory-bound.
+filled prefix (flash or cuDNN, no mask) and graphed through the same step as ours (the split-rows
+kernel over the masked full buffer); the faster is reported. Its cache is filled with random
+values: decode time does not depend on them. Also: dilated_sdpa_tokens_per_s, our step with the
+PyTorch path (one SDPA call over the masked rows, the write by indexing) instead of the kernels;
+dilated_eager_tokens_per_s, our step not replayed from a CUDA graph. *_step_floor_fraction: the
+bytes a step must read (every weight, the cache's rows) at the copy bandwidth measured in the
+run, over the step's time (1.0 would be bound by memory).
 `python scripts/bench_generate.py --help` for the options. GPU only.
 """
 import argparse
@@ -88,7 +90,7 @@ def main(argv=None):
         prefill_s = time.perf_counter() - start
         token = logits.argmax(-1)
         ours = timed(lambda: decoder.step(token), args.new_tokens)
-        # The same step with attention by one fused SDPA call a head over the masked rows.
+        # The same step by the PyTorch path: one SDPA call over the masked rows, writes by indexing.
         longctx.decode.compiled_triton = lambda device: False
         fused = Decoder(model, 1, torch.bfloat16, "cuda")
         fused.capture()
@@ -96,11 +98,16 @@ def main(argv=None):
         fused.t.fill_(T)
         fused_s = timed(lambda: fused.step(token), args.new_tokens)
         del fused
+        eager = Decoder(model, 1, torch.bfloat16, "cuda")  # not captured: every launch from Python
+        eager.t.fill_(T)
+        eager_s = timed(lambda: eager.step(token), args.new_tokens)
+        del eager
         # A step reads every weight once and the whole cache (the graphed step attends over all
         # of its rows, masked): its time at the copy bandwidth is the step's floor.
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         row = dict(context=T, branches=len(layout(T)["segment_lengths"]), prefill_s=prefill_s, forward_s=forward_s,
-                   dilated_tokens_per_s=1 / ours, dilated_sdpa_tokens_per_s=1 / fused_s, dilated_cache_gib=decoder.nbytes() / 2**30,
+                   dilated_tokens_per_s=1 / ours, dilated_sdpa_tokens_per_s=1 / fused_s,
+                   dilated_eager_tokens_per_s=1 / eager_s, dilated_cache_gib=decoder.nbytes() / 2**30,
                    dilated_step_floor_fraction=(weight_bytes + decoder.nbytes()) / bandwidth / ours)
         del decoder
         torch.cuda.empty_cache()

@@ -16,6 +16,7 @@ from . import triton, tl
 
 CHUNK = 512  # rows a program; at the 1M layout's 20,480 rows a head, 40 chunks and 480 programs for 12 heads
 ROWS = 64  # rows a loop iteration loads
+MERGE = 64  # chunks a merge iteration loads (a dense cache at 1M has 2,049 a head)
 LOG2E = 1.4426950408889634
 
 if triton is not None:
@@ -52,20 +53,26 @@ if triton is not None:
 
 
     @triton.jit
-    def _merge(acc_in, stat_in, out, parts, D: tl.constexpr, PARTS: tl.constexpr):
+    def _merge(acc_in, stat_in, out, parts, D: tl.constexpr, BLOCK: tl.constexpr):
         bh = tl.program_id(0)
-        i = tl.arange(0, PARTS)
         d = tl.arange(0, D)
-        inside = i < parts
-        slot = bh * parts + i
-        m = tl.load(stat_in + slot * 2, mask=inside, other=float("-inf"))
-        total = tl.load(stat_in + slot * 2 + 1, mask=inside, other=0.0)
-        top = tl.max(m, 0)
-        weight = tl.math.exp2(m - tl.where(top == float("-inf"), 0.0, top))  # 0 for chunks with no valid row
-        acc = tl.load(acc_in + slot[:, None] * D + d[None, :], mask=inside[:, None], other=0.0)
-        den = tl.maximum(tl.sum(weight * total, 0), 1.1754943508222875e-38)  # a head with no valid row: 0
-        tl.store(out + bh * D + d, (tl.sum(weight[:, None] * acc, 0) / den).to(out.dtype.element_ty))
-
+        top = tl.full((), float("-inf"), tl.float32)
+        for p0 in range(0, parts, BLOCK):
+            i = p0 + tl.arange(0, BLOCK)
+            top = tl.maximum(top, tl.max(tl.load(stat_in + (bh * parts + i) * 2, mask=i < parts, other=float("-inf")), 0))
+        shift = tl.where(top == float("-inf"), 0.0, top)  # chunks with no valid row weigh 0
+        den = tl.zeros((), tl.float32)
+        acc = tl.zeros((D,), tl.float32)
+        for p0 in range(0, parts, BLOCK):
+            i = p0 + tl.arange(0, BLOCK)
+            inside = i < parts
+            slot = bh * parts + i
+            weight = tl.math.exp2(tl.load(stat_in + slot * 2, mask=inside, other=float("-inf")) - shift)
+            den += tl.sum(weight * tl.load(stat_in + slot * 2 + 1, mask=inside, other=0.0), 0)
+            acc += tl.sum(weight[:, None] * tl.load(acc_in + slot[:, None] * D + d[None, :], mask=inside[:, None],
+                                                    other=0.0), 0)
+        den = tl.maximum(den, 1.1754943508222875e-38)  # a head with no valid row: 0
+        tl.store(out + bh * D + d, (acc / den).to(out.dtype.element_ty))
 
     @triton.jit
     def _store(k, v, kc, vc, kept, rows, H, NB, skb, skh, svb, svh, scb, sch, scr, D: tl.constexpr):
@@ -108,5 +115,5 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tenso
                            q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3],
                            CHUNK=CHUNK, ROWS=ROWS, D=D)
     out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
-    _merge[(B * H,)](acc, stats, out, parts, D=D, PARTS=triton.next_power_of_2(parts))
+    _merge[(B * H,)](acc, stats, out, parts, D=D, BLOCK=MERGE)
     return out
