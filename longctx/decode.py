@@ -103,16 +103,17 @@ class LayerCache:
     def fill(self, k: torch.Tensor, v: torch.Tensor, length: int) -> None:
         """Store the kept rows of the segments holding position length − 1, from a prompt's k
         and v (B, length, H, D): what a decode step at `length` may read."""
-        for i in range(len(self.start)):
-            w, r, first = int(self.width[i]), int(self.rate[i]), int(self.start[i])
+        heads = torch.arange(self.k.shape[1], device=k.device)[:, None]
+        ends = [*self.start[1:].tolist(), self.rows_per_head]
+        for i, (first, end) in enumerate(zip(self.start.tolist(), ends)):  # every head at once: one gather a branch
+            w, r = int(self.width[i]), int(self.rate[i])
             s0 = (length - 1) // w * w
-            for h in torch.nonzero(self.runs[i]).flatten().tolist():
-                if s0 + h % r >= length:
-                    continue  # no row of this head yet in the segment
-                pos = torch.arange(s0 + h % r, length, r, device=k.device)
-                self.k[:, h, first : first + len(pos)] = k[:, pos, h]
-                self.v[:, h, first : first + len(pos)] = v[:, pos, h]
-
+            pos = s0 + self.offset[i][:, None] + r * torch.arange(end - first, device=k.device)  # (H, slots)
+            ok = (self.runs[i][:, None] & (pos < length))[None, :, :, None]  # rows the prompt has reached
+            pos = pos.clamp(max=length - 1)
+            for cache, new in ((self.k, k), (self.v, v)):
+                rows = cache[:, :, first:end]
+                rows.copy_(torch.where(ok, new[:, pos, heads].to(cache.dtype), rows))
 
 def core_op(attn):
     """The core op of a block's attention (CoreAttention's op, or a multihead module's)."""
