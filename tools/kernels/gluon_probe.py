@@ -13,10 +13,11 @@ softmax of S_j, wait for both in-flight groups, rescale O, issue O += P_j V_j an
 flight through the next tile's QKᵀ issue and softmax.
 K's stage is reloaded as soon as its QKᵀ retires, V's once its PV retires.
 
-`python tools/kernels/gluon_probe.py [--lengths 32768 131072] [--segments 2048 0]` (0: W = T):
-checks the output and LSE against SDPA in float32, then times the kernel and cuDNN (SDPA on the
-(B·T/W, H, W, D) segments) and prints TFLOP/s, counting 2·D per causal pair and head for each
-of the two matmuls. CUDA with compute capability 9.0 only.
+`python tools/kernels/gluon_probe.py [--lengths 32768 131072] [--segments 2048 0] [--rates 1 4]`
+(W 0: W = T): checks the output and LSE against a float32 reference, then times the kernel on
+the strided rows, the kernel on a contiguous copy of them, and cuDNN (SDPA on the copy's
+segments) and prints TFLOP/s, counting 2·D per causal pair and head for each of the two matmuls.
+CUDA with compute capability 9.0 only.
 """
 import argparse
 import math
@@ -47,7 +48,7 @@ def _softmax(s, m_i, l_i, qk_scale, q_pos, k_pos, MASK: gl.constexpr):
 
 
 @gluon.jit
-def _fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, qk_scale,
+def _fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
          STAGES: gl.constexpr, num_warps: gl.constexpr):
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BN: gl.constexpr = k_desc.block_type.shape[0]
@@ -55,6 +56,7 @@ def _fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, qk_scale,
     gl.static_assert(BM == BN, "the diagonal tile is the last one")
     dtype: gl.constexpr = q_desc.dtype
 
+    # T and W count a head's kept rows (positions ≡ h mod R): T / R and W / R of the layout's.
     tiles = T // BM
     pid = tiles - 1 - gl.program_id(0)  # the longest rows first
     bh = gl.program_id(1)
@@ -63,8 +65,9 @@ def _fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, qk_scale,
     q0 = pid * BM  # position of the tile's first row
     lo = q0 // W * W  # its segment's first position
     n = (q0 - lo) // BN + 1  # key tiles, the last on the diagonal
-    row = b * T  # the batch's first row in the (B·T, H·D) view
-    col = h * D
+    off = h % R  # the head's offset: its rows are positions off + j·R
+    row = b * T  # the batch's first row in the (B·T/R, R·H·D) view
+    col = (off * H + h) * D
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                        instr_shape=[16, BN, 16])
@@ -158,20 +161,22 @@ def _fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, qk_scale,
     tma.async_copy_shared_to_global(o_desc, [row + q0, col], q_smem)
     # LSE in the natural log, (B, T, H) as the union kernels write it.
     lse = (m_i + gl.log2(l_i)) / 1.4426950408889634
-    gl.store(lse_ptr + (row + q_pos) * H + h, lse)
+    gl.store(lse_ptr + ((row + q_pos) * R + off) * H + h, lse)
     tma.store_wait(0)
 
 
-def forward(q, k, v, W: int, scale: float, BM: int = 128, stages: int = 2):
-    """(out, lse) of causal attention inside segments of W rows; q/k/v (B, T, H, D) contiguous.
-    BM rows a tile (queries and keys alike), one warp per 16 of them."""
+def forward(q, k, v, W: int, scale: float, BM: int = 128, stages: int = 2, R: int = 1):
+    """(out, lse) of causal attention inside segments of W rows, head h keeping the positions
+    ≡ h (mod R) of each (a dilated branch; the rest of out and lse is left unwritten); q/k/v
+    (B, T, H, D) contiguous. BM rows a tile (queries and keys alike), one warp per 16 of them."""
     B, T, H, D = q.shape
-    assert T % W == 0 and W % BM == 0 and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+    assert T % W == 0 and W % (BM * R) == 0 and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
     out = torch.empty_like(q)
     lse = torch.empty((B, T, H), dtype=torch.float32, device=q.device)
     layout = gl.NVMMASharedLayout.get_default_for([BM, D], gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16)
-    descs = [TensorDescriptor(x.view(B * T, H * D), [B * T, H * D], [H * D, 1], [BM, D], layout) for x in (q, k, v, out)]
-    _fwd[(T // BM, B * H)](*descs, lse, T, H, W, scale * LOG2E, STAGES=stages, num_warps=BM // 16)
+    shape = [B * T // R, R * H * D]  # row j holds positions j·R … j·R + R − 1: a head's kept row is one box
+    descs = [TensorDescriptor(x.view(shape), shape, [R * H * D, 1], [BM, D], layout) for x in (q, k, v, out)]
+    _fwd[(T // R // BM, B * H)](*descs, lse, T // R, H, W // R, R, scale * LOG2E, STAGES=stages, num_warps=BM // 16)
     return out, lse
 
 
@@ -198,6 +203,13 @@ def reference(q, k, v, W: int, scale: float):
     return out.transpose(1, 2).reshape(B, T, H, D), lse.transpose(1, 2).reshape(B, T, H)
 
 
+def kept(x, R: int):
+    """The rows each head keeps at rate R, (B, T/R, H, D): x[:, j·R + h mod R, h]."""
+    B, T, H, D = x.shape
+    h = torch.arange(H, device=x.device)
+    return x[:, torch.arange(0, T, R, device=x.device)[:, None] + h % R, h]
+
+
 def timed(fn, reps: int = 10, calls: int = 10) -> float:
     """Median over reps of the mean milliseconds of `calls` back-to-back calls (the launches
     queue ahead of the GPU, so host time between kernels is hidden), after two warm-up calls."""
@@ -219,6 +231,8 @@ def main(argv=None):
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--segments", type=int, nargs="+", default=[2048, 0], help="W per case; 0: W = T")
     p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--rates", type=int, nargs="+", default=[1, 4],
+                   help="dilation rates: each is timed on its strided rows and, as cuDNN is, on a contiguous copy of them")
     p.add_argument("--configs", nargs="+", default=["128x2", "128x3", "64x2", "64x3"],
                    help="tiles as ROWSxSTAGES")
     args = p.parse_args(argv)
@@ -229,23 +243,32 @@ def main(argv=None):
     q, k, v = (torch.randn(2, 1024, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     ref_out, ref_lse = reference(q, k, v, 512, scale)
     configs = [tuple(map(int, c.split("x"))) for c in args.configs]
-    for BM, stages in configs:
-        out, lse = forward(q, k, v, 512, scale, BM, stages)
-        print(f"check {BM}x{stages}: max |out - ref| {(out.float() - ref_out).abs().max().item():.2e}, "
-              f"max |lse - ref| {(lse - ref_lse).abs().max().item():.2e}", flush=True)
+    for R in args.rates:
+        ref_out, ref_lse = reference(*(kept(x, R) for x in (q, k, v)), 512 // R, scale)
+        for BM, stages in configs:
+            if 512 % (BM * R):
+                continue
+            out, lse = forward(q, k, v, 512, scale, BM, stages, R)
+            got_lse = kept(lse[..., None], R)[..., 0]
+            print(f"check rate {R}, {BM}x{stages}: max |out - ref| {(kept(out, R).float() - ref_out).abs().max().item():.2e}, "
+                  f"max |lse - ref| {(got_lse - ref_lse).abs().max().item():.2e}", flush=True)
     for T in args.lengths:
         q, k, v = (torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         for W in args.segments:
             W = W or T
-            flops = 4 * D * H * (T // W) * W * (W + 1) / 2
-            cells = {"cudnn": lambda: segments_sdpa(q, k, v, W, scale, SDPBackend.CUDNN_ATTENTION),
-                     "flash": lambda: segments_sdpa(q, k, v, W, scale, SDPBackend.FLASH_ATTENTION)}
-            for BM, stages in configs:
-                cells[f"gluon {BM}x{stages}"] = lambda BM=BM, stages=stages: forward(q, k, v, W, scale, BM, stages)
-            ms = {name: timed(fn) for name, fn in cells.items()}
-            line = ", ".join(f"{name} {t:.3f} ms {flops / t / 1e9:.0f} TF/s" for name, t in ms.items())
-            print(f"T={T} W={W}: {line}", flush=True)
-
+            for R in args.rates:
+                # A head keeps T/R rows in segments of W/R: its pairs are those of dense attention there.
+                flops = 4 * D * H * (T // W) * (W // R) * (W // R + 1) / 2
+                packed = [kept(x, R).contiguous() for x in (q, k, v)]
+                cells = {"cudnn": lambda: segments_sdpa(*packed, W // R, scale, SDPBackend.CUDNN_ATTENTION)}
+                for BM, stages in configs:
+                    cells[f"gluon {BM}x{stages}"] = lambda BM=BM, stages=stages: forward(q, k, v, W, scale, BM, stages, R)
+                    if R > 1:
+                        cells[f"packed {BM}x{stages}"] = lambda BM=BM, stages=stages: forward(*packed, W // R, scale, BM,
+                                                                                                stages)
+                ms = {name: timed(fn) for name, fn in cells.items()}
+                line = ", ".join(f"{name} {t:.3f} ms {flops / t / 1e9:.0f} TF/s" for name, t in ms.items())
+                print(f"T={T} W={W} R={R}: {line}", flush=True)
 
 if __name__ == "__main__":
     main()
