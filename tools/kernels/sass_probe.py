@@ -12,7 +12,9 @@ Use the Triton the GPU runs (the device image's torch 2.11 has Triton 3.6; newer
 differently), e.g. in a venv over this one: `pip install --no-deps triton==3.6.0`.
 
 Usage: python tools/kernels/sass_probe.py KERNEL [local|upper] [long|seed|rotary] [rows cols warps stages]
-  KERNEL: fwd, dq or dkdv; tiles default to union.CONFIG (long, rotary) or union.SMALL_CONFIG (seed);
+       python tools/kernels/sass_probe.py gluon [rows stages]
+  KERNEL: fwd, dq or dkdv; gluon: gluon_probe.py's forward (default 64 rows, 2 stages), with
+  ptxas's verdict on whether it serialises the wgmma (C7514); tiles default to union.CONFIG (long, rotary) or union.SMALL_CONFIG (seed);
   long: the long preset's layout (L = 2048, 5 branches, causal); seed: head_split's (L = 1024,
   3 branches, one a head, full); rotary: long, with the backward rotating dQ and dK back
   (attention/rotary.py).
@@ -61,6 +63,34 @@ def compile_sm90(name: str, which: str, preset: str, rows: int, cols: int, warps
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def compile_gluon_sm90(rows: int, stages: int):
+    """gluon_probe.py's forward compiled for sm_90 (bf16, head dim 64, rows × 64 TMA boxes)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import gluon_probe
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    fn = gluon_probe._fwd
+    box = f"tensordesc<bf16[{rows}, 64],{gl.NVMMASharedLayout.get_default_for([rows, 64], gl.bfloat16)!r}>"
+    signature = {arg: box for arg in ("q_desc", "k_desc", "v_desc", "o_desc")}
+    signature.update(lse_ptr="*fp32", T="i32", H="i32", W="i32", R="i32", qk_scale="fp32", STAGES="constexpr",
+                     num_warps="constexpr")
+    src = GluonASTSource(fn, signature, constexprs={"STAGES": stages, "num_warps": rows // 16})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": rows // 16})
+
+
+def serialised(kernel) -> bool:
+    """Whether ptxas serialises the kernel's wgmma (its C7514 note: accumulator registers read
+    by other instructions while a wgmma may still write them)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        out = subprocess.run([tool("ptxas"), "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    return "C7514" in out.stdout + out.stderr
+
+
 def tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
@@ -105,11 +135,16 @@ def opcode(instruction: str) -> str:
 
 def main(argv):
     name = argv[0] if argv else sys.exit(__doc__)
-    which = argv[1] if len(argv) > 1 else "local"
-    preset = argv[2] if len(argv) > 2 else "long"
-    config = union.SMALL_CONFIG if preset == "seed" else union.CONFIG
-    rows, cols, warps, stages = [int(x) for x in argv[3:7]] or config[name]
-    kernel = compile_sm90(name, which, preset, rows, cols, warps, stages)
+    if name == "gluon":
+        rows, stages = [int(x) for x in argv[1:3]] or (64, 2)
+        warps, which, preset, cols = rows // 16, "forward", "causal segments", rows
+        kernel = compile_gluon_sm90(rows, stages)
+    else:
+        which = argv[1] if len(argv) > 1 else "local"
+        preset = argv[2] if len(argv) > 2 else "long"
+        config = union.SMALL_CONFIG if preset == "seed" else union.CONFIG
+        rows, cols, warps, stages = [int(x) for x in argv[3:7]] or config[name]
+        kernel = compile_sm90(name, which, preset, rows, cols, warps, stages)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:
@@ -121,12 +156,11 @@ def main(argv):
           f"{triton.__version__}: {regs.group(1)} registers, {regs.group(2)} bytes of stack, "
           f"{kernel.metadata.shared} bytes of shared memory: "
           f"{programs_per_sm(int(regs.group(1)), warps, kernel.metadata.shared)} programs an SM; "
-          f"{sass.count(';')} instructions in all")
+          f"{sass.count(';')} instructions in all; wgmma serialised by ptxas: {serialised(kernel)}")
     for address, body in loops(sass):
         counts = collections.Counter(opcode(t) for t in body)
         print(f"  loop at {address:#x}: {len(body)} instructions an iteration, {exposed(body)} with no wgmma "
               "in flight; " + ", ".join(f"{op} {n}" for op, n in counts.most_common(14)))
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])
