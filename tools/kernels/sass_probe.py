@@ -12,9 +12,10 @@ Use the Triton the GPU runs (the device image's torch 2.11 has Triton 3.6; newer
 differently), e.g. in a venv over this one: `pip install --no-deps triton==3.6.0`.
 
 Usage: python tools/kernels/sass_probe.py KERNEL [local|upper] [long|seed|rotary] [rows cols warps stages]
-       python tools/kernels/sass_probe.py gluon [rows stages]
-  KERNEL: fwd, dq or dkdv; gluon: gluon_probe.py's forward (default 64 rows, 2 stages), with
-  ptxas's verdict on whether it serialises the wgmma (C7514); tiles default to union.CONFIG (long, rotary) or union.SMALL_CONFIG (seed);
+       python tools/kernels/sass_probe.py gluon|gluon_ws [rows stages]
+  KERNEL: fwd, dq or dkdv; gluon: gluon_probe.py's forward (default 64 rows, 2 stages), gluon_ws
+  gluon_ws_probe.py's (64 rows); each line ends with ptxas's verdict on whether it serialises the
+  wgmma (C7514); tiles default to union.CONFIG (long, rotary) or union.SMALL_CONFIG (seed);
   long: the long preset's layout (L = 2048, 5 branches, causal); seed: head_split's (L = 1024,
   3 branches, one a head, full); rotary: long, with the backward rotating dQ and dK back
   (attention/rotary.py).
@@ -63,14 +64,16 @@ def compile_sm90(name: str, which: str, preset: str, rows: int, cols: int, warps
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def compile_gluon_sm90(rows: int, stages: int):
-    """gluon_probe.py's forward compiled for sm_90 (bf16, head dim 64, rows × 64 TMA boxes)."""
+def compile_gluon_sm90(name: str, rows: int, stages: int):
+    """gluon_probe.py's (or gluon_ws_probe.py's) forward compiled for sm_90 (bf16, head dim 64,
+    rows × 64 TMA boxes)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import gluon_probe
+    import gluon_ws_probe
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    fn = gluon_probe._fwd
+    fn = gluon_probe._fwd if name == "gluon" else gluon_ws_probe._fwd_ws
     box = f"tensordesc<bf16[{rows}, 64],{gl.NVMMASharedLayout.get_default_for([rows, 64], gl.bfloat16)!r}>"
     signature = {arg: box for arg in ("q_desc", "k_desc", "v_desc", "o_desc")}
     signature.update(lse_ptr="*fp32", T="i32", H="i32", W="i32", R="i32", qk_scale="fp32", STAGES="constexpr",
@@ -135,10 +138,10 @@ def opcode(instruction: str) -> str:
 
 def main(argv):
     name = argv[0] if argv else sys.exit(__doc__)
-    if name == "gluon":
+    if name in ("gluon", "gluon_ws"):
         rows, stages = [int(x) for x in argv[1:3]] or (64, 2)
         warps, which, preset, cols = rows // 16, "forward", "causal segments", rows
-        kernel = compile_gluon_sm90(rows, stages)
+        kernel = compile_gluon_sm90(name, rows, stages)
     else:
         which = argv[1] if len(argv) > 1 else "local"
         preset = argv[2] if len(argv) > 2 else "long"
