@@ -116,10 +116,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 "and resume with --ckpt_path last")
 
 
-def read_checkpoint(path: str) -> dict:
+def read_checkpoint(path: str, key: str = "ckpt_path") -> dict:
     """A Lightning checkpoint of train.py, memory-mapped (only what is used gets read), or a
-    ValueError naming the path and what is wrong with it."""
-    where = f"ckpt_path={path!r}"
+    ValueError naming the setting (key), the path and what is wrong with it."""
+    where = f"{key}={path!r}"
     if not os.path.exists(path):
         raise ValueError(f"{where} does not exist")
     if os.path.isdir(path):
@@ -144,5 +144,5 @@ def read_checkpoint(path: str) -> dict:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         keys = list(ckpt)[:4] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{where} is not a train.py checkpoint: it has no 'state_dict' and 'hyper_parameters' "
-                              f"(it holds {keys}; a plain model state_dict cannot resume a run)")
+                              f"(it holds {keys}: a plain model state_dict is not a run's checkpoint)")
     return ckpt

@@ -12,6 +12,7 @@ import argparse
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -74,15 +75,37 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
     return torch.cat(out, 1)
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids; ValueError for an empty prompt or text the tokenizer can only
+    encode as its unknown token (the model would see none of it)."""
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError("the prompt is empty: give --prompt, --prompt_file or text on standard input")
+    if tokenizer.unk_id is not None and tokenizer.unk_id in ids:
+        raise ValueError(f"the prompt has text the tokenizer ({tokenizer.name}) cannot encode: it becomes the "
+                         f"unknown token (id {tokenizer.unk_id}) at {ids.count(tokenizer.unk_id)} place(s)")
+    return ids
+
+
+def fail(message: str) -> None:
+    """One line on standard error and exit status 2: a setting or input that cannot work."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def load(checkpoint: str, device: torch.device):
     """(model, tokenizer, training length) from a train.py checkpoint."""
     from .checkpoint import read_checkpoint
     from .lit_module import LongContextLM
     from .tokenizer import Tokenizer, from_serialized
 
-    saved = read_checkpoint(checkpoint)
-    module = LongContextLM(**{k: v for k, v in saved["hyper_parameters"].items() if not k.startswith("_")})
-    module.load_state_dict(saved["state_dict"])
+    saved = read_checkpoint(checkpoint, key="--checkpoint")
+    try:
+        module = LongContextLM(**{k: v for k, v in saved["hyper_parameters"].items() if not k.startswith("_")})
+        module.load_state_dict(saved["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as e:  # no hparams, others' hparams, others' weights
+        raise ValueError(f"--checkpoint={checkpoint!r} is not a longctx run's checkpoint "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     state = saved.get("TextDataModule", {}).get("tokenizer")
     tokenizer = from_serialized(state) if state else Tokenizer()
     model = module.model.to(device)
@@ -120,17 +143,19 @@ def main(argv=None) -> None:
     p.add_argument("--no_graph", action="store_true", help="run the decode step eagerly on CUDA")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_p is not None and not 0 < args.top_p <= 1):
-        raise SystemExit("error: --max_new_tokens must be >= 1, --temperature >= 0 and --top_p in (0, 1]")
-    prompt = args.prompt if args.prompt is not None else (open(args.prompt_file).read() if args.prompt_file
-                                                           else sys.stdin.read())
+        fail(f"--max_new_tokens={args.max_new_tokens}, --temperature={args.temperature}, --top_p={args.top_p}: "
+             "need max_new_tokens >= 1, temperature >= 0 (0: greedy) and top_p in (0, 1]")
+    try:
+        prompt = args.prompt if args.prompt is not None else (Path(args.prompt_file).read_text(encoding="utf-8")
+                                                              if args.prompt_file else sys.stdin.read())
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read the prompt from {args.prompt_file or 'standard input'}: {e}")
     device = torch.device(args.device)
     try:
         model, tokenizer, trained = load(args.checkpoint, device)
+        ids = prompt_ids(tokenizer, prompt)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    ids = tokenizer.encode(prompt)
-    if not ids:
-        raise SystemExit("error: the prompt is empty")
+        fail(str(e))
     if len(ids) + args.max_new_tokens > trained:
         warnings.warn(f"{len(ids) + args.max_new_tokens} positions: beyond {trained}, the training length, positions "
                       "were never trained", stacklevel=1)

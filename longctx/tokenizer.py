@@ -32,6 +32,7 @@ class Tokenizer:
     kind = "bytes"
     vocab_size = 256
     eot_id: int | None = None
+    unk_id: int | None = None  # the id of text the tokenizer cannot encode (None: it encodes any)
     fingerprint = "bytes"
     name = "bytes"
 
@@ -64,6 +65,8 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         vocab = self.tok.get_vocab(with_added_tokens=True)
         self.eot_id = next((vocab[n] for n in EOT_NAMES if n in vocab), None)
+        unk = getattr(self.tok.model, "unk_token", None)  # byte-level BPE has none: any text encodes
+        self.unk_id = vocab.get(unk) if unk else None
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -109,6 +112,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.proto, self.fingerprint, self.name = proto, fingerprint, name
         self.vocab_size = self.sp.get_piece_size()
         self.eot_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+        self.unk_id = self.sp.unk_id() if self.sp.unk_id() >= 0 else None
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)

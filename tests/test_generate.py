@@ -13,6 +13,7 @@ import torch
 from longctx.attention import REGISTRY
 from longctx.decode import Decoder
 from longctx.generate import generate, sample
+from longctx.lit_module import LongContextLM
 from longctx.model import LongNetLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,3 +105,45 @@ def test_the_command_decodes_with_the_checkpoints_tokenizer(tmp_path):
     assert again.returncode == 0 and again.stdout == out.stdout
     bad = subprocess.run([*run[:3], f"--checkpoint={tmp_path}", "--prompt=x"], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "is a folder, not a checkpoint file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt="], "the prompt is empty"),
+    (["--prompt=x", "--max_new_tokens=0"], "need max_new_tokens >= 1"),
+    (["--prompt=x", "--temperature=-1"], "temperature >= 0"),
+    (["--prompt=x", "--top_p=1.5"], "top_p in (0, 1]"),
+    (["--prompt=x", "--top_p=0"], "top_p in (0, 1]"),
+    (["--prompt_file=/nonexistent/prompt.txt"], "cannot read the prompt from /nonexistent/prompt.txt"),
+    (["--prompt=x", "--checkpoint=PLAIN"], "a plain model state_dict is not a run's checkpoint"),
+    (["--prompt=x", "--checkpoint=FOREIGN"], "is not a longctx run's checkpoint (TypeError"),
+])
+def test_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys, args, message):
+    from longctx.generate import main
+
+    model = LongContextLM(vocab_size=256, d_model=32, n_layers=1, n_heads=2, segment_lengths=[8], dilation_rates=[1],
+                          seq_len=8)
+    paths = {"GOOD": tmp_path / "good.ckpt", "PLAIN": tmp_path / "plain.ckpt", "FOREIGN": tmp_path / "foreign.ckpt"}
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, paths["GOOD"])
+    torch.save(model.model.state_dict(), paths["PLAIN"])
+    torch.save({"state_dict": {}, "hyper_parameters": {"hidden": 12}}, paths["FOREIGN"])
+    args = [a.replace("PLAIN", str(paths["PLAIN"])).replace("FOREIGN", str(paths["FOREIGN"])) for a in args]
+    with pytest.raises(SystemExit) as stop:
+        main([f"--checkpoint={paths['GOOD']}", "--device=cpu", *args])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_a_prompt_the_tokenizer_can_only_encode_as_unknown_is_refused():
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models, pre_tokenizers
+
+    from longctx.generate import prompt_ids
+    from longctx.tokenizer import HFTokenizer
+
+    words = HF(models.WordLevel({"def": 0, "greet": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = HFTokenizer(words.to_str(), "fp", "words")
+    assert prompt_ids(tokenizer, "def greet") == [0, 1]
+    with pytest.raises(ValueError, match=r"cannot encode: it becomes the unknown token \(id 2\) at 2 place"):
+        prompt_ids(tokenizer, "def émoji greet ✓")
