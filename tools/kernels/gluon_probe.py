@@ -47,6 +47,40 @@ def _softmax(s, m_i, l_i, qk_scale, q_pos, k_pos, MASK: gl.constexpr):
     return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
 
+@gluon.constexpr_function
+def mma_layout(n, num_warps):
+    """The wgmma accumulator layout of a (rows, n) tile: a warp per 16 rows."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
+
+
+@gluon.jit
+def _tile(T, H, W, R, BM: gl.constexpr, D: gl.constexpr):
+    """This program's query tile: (head, first row q0, its segment's first row lo, key tiles n,
+    the head's offset, the batch's first row in the (B·T/R, R·H·D) view, the head's column). T
+    and W count a head's kept rows (positions ≡ h mod R): T / R and W / R of the layout's."""
+    pid = T // BM - 1 - gl.program_id(0)  # the longest rows first
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh - b * H
+    q0 = pid * BM
+    lo = q0 // W * W
+    off = h % R  # the head's rows are positions off + j·R
+    return h, q0, lo, (q0 - lo) // BM + 1, off, b * T, (off * H + h) * D
+
+
+@gluon.jit
+def _finish(acc, m_i, l_i, q_smem, o_desc, lse_ptr, row, q0, col, R, off, H, h):
+    """Write O (through Q's buffer, free once every QKᵀ retired) and LSE in the natural log,
+    (B, T, H) as the union kernels write it."""
+    acc = acc / gl.convert_layout(l_i, gl.SliceLayout(1, acc.type.layout))[:, None]
+    q_smem.store(acc.to(q_smem.dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [row + q0, col], q_smem)
+    q_pos = q0 + gl.arange(0, q_smem.shape[0], m_i.type.layout)
+    gl.store(lse_ptr + ((row + q_pos) * R + off) * H + h, (m_i + gl.log2(l_i)) / 1.4426950408889634)
+    tma.store_wait(0)
+
+
 @gluon.jit
 def _fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
          STAGES: gl.constexpr, num_warps: gl.constexpr):
@@ -56,23 +90,10 @@ def _fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
     gl.static_assert(BM == BN, "the diagonal tile is the last one")
     dtype: gl.constexpr = q_desc.dtype
 
-    # T and W count a head's kept rows (positions ≡ h mod R): T / R and W / R of the layout's.
-    tiles = T // BM
-    pid = tiles - 1 - gl.program_id(0)  # the longest rows first
-    bh = gl.program_id(1)
-    b = bh // H
-    h = bh - b * H
-    q0 = pid * BM  # position of the tile's first row
-    lo = q0 // W * W  # its segment's first position
-    n = (q0 - lo) // BN + 1  # key tiles, the last on the diagonal
-    off = h % R  # the head's offset: its rows are positions off + j·R
-    row = b * T  # the batch's first row in the (B·T/R, R·H·D) view
-    col = (off * H + h) * D
+    h, q0, lo, n, off, row, col = _tile(T, H, W, R, BM, D)
 
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BN, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, D, 16])
+    s_layout: gl.constexpr = mma_layout(BN, num_warps)
+    o_layout: gl.constexpr = mma_layout(D, num_warps)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
@@ -155,14 +176,7 @@ def _fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(k_bar.index(i))
         mbarrier.invalidate(v_bar.index(i))
-    acc = acc / gl.convert_layout(l_i, o_rows)[:, None]
-    q_smem.store(acc.to(dtype))  # Q's buffer is free: every QKᵀ has retired
-    fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [row + q0, col], q_smem)
-    # LSE in the natural log, (B, T, H) as the union kernels write it.
-    lse = (m_i + gl.log2(l_i)) / 1.4426950408889634
-    gl.store(lse_ptr + ((row + q_pos) * R + off) * H + h, lse)
-    tma.store_wait(0)
+    _finish(acc, m_i, l_i, q_smem, o_desc, lse_ptr, row, q0, col, R, off, H, h)
 
 
 def forward(q, k, v, W: int, scale: float, BM: int = 128, stages: int = 2, R: int = 1):
@@ -173,11 +187,19 @@ def forward(q, k, v, W: int, scale: float, BM: int = 128, stages: int = 2, R: in
     assert T % W == 0 and W % (BM * R) == 0 and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
     out = torch.empty_like(q)
     lse = torch.empty((B, T, H), dtype=torch.float32, device=q.device)
-    layout = gl.NVMMASharedLayout.get_default_for([BM, D], gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16)
-    shape = [B * T // R, R * H * D]  # row j holds positions j·R … j·R + R − 1: a head's kept row is one box
-    descs = [TensorDescriptor(x.view(shape), shape, [R * H * D, 1], [BM, D], layout) for x in (q, k, v, out)]
+    descs = descriptors((q, k, v, out), R, BM)
     _fwd[(T // R // BM, B * H)](*descs, lse, T // R, H, W // R, R, scale * LOG2E, STAGES=stages, num_warps=BM // 16)
     return out, lse
+
+
+def descriptors(tensors, R: int, BM: int):
+    """TMA descriptors of (B, T, H, D) tensors over their (B·T/R, R·H·D) view: row j holds
+    positions j·R … j·R + R − 1, so a head's kept row is one [BM, D] box."""
+    B, T, H, D = tensors[0].shape
+    layout = gl.NVMMASharedLayout.get_default_for([BM, D], gl.bfloat16 if tensors[0].dtype == torch.bfloat16
+                                                  else gl.float16)
+    shape = [B * T // R, R * H * D]
+    return [TensorDescriptor(x.view(shape), shape, [R * H * D, 1], [BM, D], layout) for x in tensors]
 
 
 def segments_sdpa(q, k, v, W: int, scale: float, backend=None):

@@ -22,10 +22,10 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                              warpgroup_mma_init, warpgroup_mma_wait)
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 import gluon_probe
-from gluon_probe import LOG2E, _softmax, kept, reference, segments_sdpa, timed
+from gluon_probe import (LOG2E, _finish, _softmax, _tile, descriptors, kept, mma_layout, reference, segments_sdpa,
+                         timed)
 
 
 @gluon.jit
@@ -54,10 +54,8 @@ def _compute(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q0, lo,
     D: gl.constexpr = q_smem.shape[1]
     BN: gl.constexpr = k_smem.shape[1]
     dtype: gl.constexpr = q_smem.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BN, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, D, 16])
+    s_layout: gl.constexpr = mma_layout(BN, num_warps)
+    o_layout: gl.constexpr = mma_layout(D, num_warps)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -110,16 +108,7 @@ def _fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
     gl.static_assert(num_warps == 4, "one warpgroup computes: see the module docstring")
     dtype: gl.constexpr = q_desc.dtype
 
-    pid = T // BM - 1 - gl.program_id(0)  # T and W count a head's kept rows, as in gluon_probe
-    bh = gl.program_id(1)
-    b = bh // H
-    h = bh - b * H
-    q0 = pid * BM
-    lo = q0 // W * W
-    n = (q0 - lo) // BN + 1
-    off = h % R
-    row = b * T
-    col = (off * H + h) * D
+    h, q0, lo, n, off, row, col = _tile(T, H, W, R, BM, D)
 
     q_smem = gl.allocate_shared_memory(dtype, [BM, D], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], k_desc.layout)
@@ -146,15 +135,7 @@ def _fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
         (_loads, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, row, lo, col, n, STAGES)),
     ], [1], [24])
 
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, D, 16])
-    acc = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
-    q_smem.store(acc.to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [row + q0, col], q_smem)
-    q_pos = q0 + gl.arange(0, BM, m_i.type.layout)
-    gl.store(lse_ptr + ((row + q_pos) * R + off) * H + h, (m_i + gl.log2(l_i)) / 1.4426950408889634)
-    tma.store_wait(0)
+    _finish(acc, m_i, l_i, q_smem, o_desc, lse_ptr, row, q0, col, R, off, H, h)
 
 
 def forward(q, k, v, W: int, scale: float, stages: int = 2, R: int = 1):
@@ -164,9 +145,7 @@ def forward(q, k, v, W: int, scale: float, stages: int = 2, R: int = 1):
     assert T % W == 0 and W % (BM * R) == 0 and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
     out = torch.empty_like(q)
     lse = torch.empty((B, T, H), dtype=torch.float32, device=q.device)
-    layout = gl.NVMMASharedLayout.get_default_for([BM, D], gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16)
-    shape = [B * T // R, R * H * D]
-    descs = [TensorDescriptor(x.view(shape), shape, [R * H * D, 1], [BM, D], layout) for x in (q, k, v, out)]
+    descs = descriptors((q, k, v, out), R, BM)
     _fwd_ws[(T // R // BM, B * H)](*descs, lse, T // R, H, W // R, R, scale * LOG2E, STAGES=stages, num_warps=4)
     return out, lse
 
