@@ -24,7 +24,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -82,6 +81,23 @@ def _finish(acc, m_i, l_i, q_smem, o_desc, lse_ptr, row, q0, col, R, off, H, h):
 
 
 @gluon.jit
+def _diagonal(s_cur, m_i, l_i, acc, p_op, v_smem, v_ready, qk_scale, q_pos, lo, n, STAGES: gl.constexpr):
+    """The last key tile, on the diagonal: masked softmax, O's last update, every wgmma retired.
+    Returns O (unnormalised), the running max and sum."""
+    BN: gl.constexpr = v_smem.shape[1]
+    last = n - 1
+    k_pos = lo + last * BN + gl.arange(0, BN, gl.SliceLayout(0, s_cur.type.layout))
+    p, alpha, m_i, l_i = _softmax(s_cur, m_i, l_i, qk_scale, q_pos, k_pos, True)
+    acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
+    p_op = gl.convert_layout(p.to(p_op.dtype), p_op.type.layout)
+    mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+    acc = warpgroup_mma(p_op, v_smem.index(last % STAGES), acc, is_async=True)
+    acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+    return acc, m_i, l_i
+
+
+@gluon.jit
 def _fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
          STAGES: gl.constexpr, num_warps: gl.constexpr):
     BM: gl.constexpr = q_desc.block_type.shape[0]
@@ -96,7 +112,6 @@ def _fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
     o_layout: gl.constexpr = mma_layout(D, num_warps)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-    s_cols: gl.constexpr = gl.SliceLayout(0, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
 
     q_smem = gl.allocate_shared_memory(dtype, [BM, D], q_desc.layout)
@@ -161,16 +176,7 @@ def _fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
         tma.async_copy_global_to_shared(k_desc, [row + lo + (j + 1 + STAGES) * BN, col], k_bar.index(nxt),
                                         k_smem.index(nxt), pred=go)
 
-    # The diagonal tile, masked.
-    last = n - 1
-    k_pos = lo + last * BN + gl.arange(0, BN, s_cols)
-    p, alpha, m_i, l_i = _softmax(s_cur, m_i, l_i, qk_scale, q_pos, k_pos, True)
-    acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
-    acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-    p_op = gl.convert_layout(p.to(dtype), p_layout)
-    mbarrier.wait(v_bar.index(last % STAGES), (last // STAGES) & 1)
-    acc = warpgroup_mma(p_op, v_smem.index(last % STAGES), acc, is_async=True)
-    acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+    acc, m_i, l_i = _diagonal(s_cur, m_i, l_i, acc, p_op, v_smem, v_bar, qk_scale, q_pos, lo, n, STAGES)
 
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(STAGES):

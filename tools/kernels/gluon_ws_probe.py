@@ -24,7 +24,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                              warpgroup_mma_init, warpgroup_mma_wait)
 
 import gluon_probe
-from gluon_probe import (LOG2E, _finish, _softmax, _tile, descriptors, kept, mma_layout, reference, segments_sdpa,
+from gluon_probe import (LOG2E, _diagonal, _finish, _softmax, _tile, descriptors, kept, mma_layout, reference, segments_sdpa,
                          timed)
 
 
@@ -86,15 +86,7 @@ def _compute(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q0, lo,
         acc = warpgroup_mma(p_op, v_smem.index(stage), acc, is_async=True)
         s_cur = warpgroup_mma_wait(1, deps=(s_next,))
 
-    last = n - 1
-    k_pos = lo + last * BN + gl.arange(0, BN, gl.SliceLayout(0, s_layout))
-    p, alpha, m_i, l_i = _softmax(s_cur, m_i, l_i, qk_scale, q_pos, k_pos, True)
-    acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
-    acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-    p_op = gl.convert_layout(p.to(dtype), p_layout)
-    mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-    acc = warpgroup_mma(p_op, v_smem.index(last % STAGES), acc, is_async=True)
-    acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+    acc, m_i, l_i = _diagonal(s_cur, m_i, l_i, acc, p_op, v_smem, v_ready, qk_scale, q_pos, lo, n, STAGES)
     return acc, m_i, l_i
 
 
