@@ -76,7 +76,8 @@ class LayerCache:
         """Store a position's k and v (B, H, D) in the rows (nb, H) of the branches whose heads
         keep it (kept (nb, H), from locate)."""
         if compiled_triton(k.device):  # one launch, not a gather, a select and a scatter per tensor
-            return decode_kernel.store(k, v, self.k, self.v, kept, rows)
+            decode_kernel.store(k, v, self.k, self.v, kept, rows)
+            return
         heads = torch.arange(k.shape[1], device=k.device).expand_as(rows)
         for cache, new in ((self.k, k), (self.v, v)):
             old = cache[:, heads, rows]  # (B, nb, H, D)
@@ -114,6 +115,7 @@ class LayerCache:
             for cache, new in ((self.k, k), (self.v, v)):
                 rows = cache[:, :, first:end]
                 rows.copy_(torch.where(ok, new[:, pos, heads].to(cache.dtype), rows))
+
 
 def core_op(attn):
     """The core op of a block's attention (CoreAttention's op, or a multihead module's)."""

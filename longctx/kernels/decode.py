@@ -59,7 +59,8 @@ if triton is not None:
         top = tl.full((), float("-inf"), tl.float32)
         for p0 in range(0, parts, BLOCK):
             i = p0 + tl.arange(0, BLOCK)
-            top = tl.maximum(top, tl.max(tl.load(stat_in + (bh * parts + i) * 2, mask=i < parts, other=float("-inf")), 0))
+            m = tl.load(stat_in + (bh * parts + i) * 2, mask=i < parts, other=float("-inf"))
+            top = tl.maximum(top, tl.max(m, 0))
         shift = tl.where(top == float("-inf"), 0.0, top)  # chunks with no valid row weigh 0
         den = tl.zeros((), tl.float32)
         acc = tl.zeros((D,), tl.float32)

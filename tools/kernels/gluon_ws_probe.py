@@ -24,8 +24,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                              warpgroup_mma_init, warpgroup_mma_wait)
 
 import gluon_probe
-from gluon_probe import (LOG2E, _diagonal, _finish, _softmax, _tile, descriptors, kept, mma_layout, reference, segments_sdpa,
-                         timed)
+from gluon_probe import (LOG2E, _diagonal, _finish, _softmax, _tile, descriptors, kept, mma_layout, reference,
+                         segments_sdpa, timed)
 
 
 @gluon.jit
