@@ -29,6 +29,7 @@ import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from longctx.kernels import union
@@ -89,7 +90,8 @@ def serialised(kernel) -> bool:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
             f.write(kernel.asm["ptx"])
-        out = subprocess.run([tool("ptxas"), "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
+        ptxas = get_ptxas(90).path  # the one Triton compiles sm_90 with (its wheel may carry two)
+        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
                              capture_output=True, text=True, check=True)
     return "C7514" in out.stdout + out.stderr
 
