@@ -1,22 +1,23 @@
 """Probe: a Hopper attention forward in Gluon (TMA loads, asynchronous wgmma, the next tile's
 QKᵀ in flight while this tile's softmax runs), against cuDNN on the same problem.
 
-The problem is the union kernels' local pass without weights: causal attention inside segments
-of W rows (W = T is dense causal attention), q/k/v (B, T, H, D) as the LM block makes them. The
-kernel reads its rows through one TMA descriptor per tensor over the (B·T, H·D) view, so a head's
-tile is a [rows, D] box at column h·D; a dilated branch of rate r would take the (B·T/r, r·H·D)
-view of the same memory, the same box at column (offset·H + h)·D.
+The problem is the union kernels' local pass without weights: attention inside segments of W
+rows, causal (W = T: dense causal attention) or, with `--full`, not (the seed preset's), q/k/v
+(B, T, H, D) as the LM block makes them. Head h may keep only the positions ≡ h (mod R) of each
+segment (a dilated branch of rate R). The kernel reads its rows through one TMA descriptor per
+tensor over the (B·T/R, R·H·D) view of the memory: a head's kept row is then one [rows, D] box at
+column ((h mod R)·H + h)·D, read in place.
 
 One program: a tile of BM queries and one head, a warp per 16 rows (BM = 128: two warpgroups
-sharing the K/V stages). Per key tile j: wait for K_{j+1}, issue S_{j+1} = Q K_{j+1}ᵀ (asynchronous), run the
-softmax of S_j, wait for both in-flight groups, rescale O, issue O += P_j V_j and leave it in
-flight through the next tile's QKᵀ issue and softmax.
+sharing the K/V stages). Per key tile j: wait for K_{j+1}, issue S_{j+1} = Q K_{j+1}ᵀ
+(asynchronous), run the softmax of S_j, wait for both in-flight groups, rescale O, issue O +=
+P_j V_j and leave it in flight through the next tile's QKᵀ issue and softmax.
 K's stage is reloaded as soon as its QKᵀ retires, V's once its PV retires.
 
-`python tools/kernels/gluon_probe.py [--lengths 32768 131072] [--segments 2048 0] [--rates 1 4]`
+`python tools/kernels/gluon_probe.py [--lengths 32768 131072] [--segments 2048 0] [--rates 1 4] [--full]`
 (W 0: W = T): checks the output and LSE against a float32 reference, then times the kernel on
 the strided rows, the kernel on a contiguous copy of them, and cuDNN (SDPA on the copy's
-segments) and prints TFLOP/s, counting 2·D per causal pair and head for each of the two matmuls.
+segments) and prints TFLOP/s, counting 2·D per pair scored and head for each of the two matmuls.
 CUDA with compute capability 9.0 only.
 """
 import argparse
@@ -53,8 +54,9 @@ def mma_layout(n, num_warps):
 
 
 @gluon.jit
-def _tile(T, H, W, R, BM: gl.constexpr, D: gl.constexpr):
-    """This program's query tile: (head, first row q0, its segment's first row lo, key tiles n,
+def _tile(T, H, W, R, BM: gl.constexpr, D: gl.constexpr, CAUSAL: gl.constexpr):
+    """This program's query tile: (head, first row q0, its segment's first row lo, key tiles n
+    (causal: up to the diagonal; else the whole segment),
     the head's offset, the batch's first row in the (B·T/R, R·H·D) view, the head's column). T
     and W count a head's kept rows (positions ≡ h mod R): T / R and W / R of the layout's."""
     pid = T // BM - 1 - gl.program_id(0)  # the longest rows first
@@ -64,7 +66,8 @@ def _tile(T, H, W, R, BM: gl.constexpr, D: gl.constexpr):
     q0 = pid * BM
     lo = q0 // W * W
     off = h % R  # the head's rows are positions off + j·R
-    return h, q0, lo, (q0 - lo) // BM + 1, off, b * T, (off * H + h) * D
+    n = (q0 - lo) // BM + 1 if CAUSAL else W // BM
+    return h, q0, lo, n, off, b * T, (off * H + h) * D
 
 
 @gluon.jit
@@ -81,13 +84,14 @@ def _finish(acc, m_i, l_i, q_smem, o_desc, lse_ptr, row, q0, col, R, off, H, h):
 
 
 @gluon.jit
-def _diagonal(s_cur, m_i, l_i, acc, p_op, v_smem, v_ready, qk_scale, q_pos, lo, n, STAGES: gl.constexpr):
-    """The last key tile, on the diagonal: masked softmax, O's last update, every wgmma retired.
+def _diagonal(s_cur, m_i, l_i, acc, p_op, v_smem, v_ready, qk_scale, q_pos, lo, n, STAGES: gl.constexpr,
+              CAUSAL: gl.constexpr):
+    """The last key tile (causal: on the diagonal, masked): O's last update, every wgmma retired.
     Returns O (unnormalised), the running max and sum."""
     BN: gl.constexpr = v_smem.shape[1]
     last = n - 1
     k_pos = lo + last * BN + gl.arange(0, BN, gl.SliceLayout(0, s_cur.type.layout))
-    p, alpha, m_i, l_i = _softmax(s_cur, m_i, l_i, qk_scale, q_pos, k_pos, True)
+    p, alpha, m_i, l_i = _softmax(s_cur, m_i, l_i, qk_scale, q_pos, k_pos, CAUSAL)
     acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
     p_op = gl.convert_layout(p.to(p_op.dtype), p_op.type.layout)
@@ -99,14 +103,14 @@ def _diagonal(s_cur, m_i, l_i, acc, p_op, v_smem, v_ready, qk_scale, q_pos, lo, 
 
 @gluon.jit
 def _fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
-         STAGES: gl.constexpr, num_warps: gl.constexpr):
+         STAGES: gl.constexpr, CAUSAL: gl.constexpr, num_warps: gl.constexpr):
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BN: gl.constexpr = k_desc.block_type.shape[0]
     D: gl.constexpr = q_desc.block_type.shape[1]
     gl.static_assert(BM == BN, "the diagonal tile is the last one")
     dtype: gl.constexpr = q_desc.dtype
 
-    h, q0, lo, n, off, row, col = _tile(T, H, W, R, BM, D)
+    h, q0, lo, n, off, row, col = _tile(T, H, W, R, BM, D, CAUSAL)
 
     s_layout: gl.constexpr = mma_layout(BN, num_warps)
     o_layout: gl.constexpr = mma_layout(D, num_warps)
@@ -176,7 +180,7 @@ def _fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
         tma.async_copy_global_to_shared(k_desc, [row + lo + (j + 1 + STAGES) * BN, col], k_bar.index(nxt),
                                         k_smem.index(nxt), pred=go)
 
-    acc, m_i, l_i = _diagonal(s_cur, m_i, l_i, acc, p_op, v_smem, v_bar, qk_scale, q_pos, lo, n, STAGES)
+    acc, m_i, l_i = _diagonal(s_cur, m_i, l_i, acc, p_op, v_smem, v_bar, qk_scale, q_pos, lo, n, STAGES, CAUSAL)
 
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(STAGES):
@@ -185,8 +189,8 @@ def _fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
     _finish(acc, m_i, l_i, q_smem, o_desc, lse_ptr, row, q0, col, R, off, H, h)
 
 
-def forward(q, k, v, W: int, scale: float, BM: int = 128, stages: int = 2, R: int = 1):
-    """(out, lse) of causal attention inside segments of W rows, head h keeping the positions
+def forward(q, k, v, W: int, scale: float, BM: int = 128, stages: int = 2, R: int = 1, causal: bool = True):
+    """(out, lse) of attention inside segments of W rows (causal or not), head h keeping the positions
     ≡ h (mod R) of each (a dilated branch; the rest of out and lse is left unwritten); q/k/v
     (B, T, H, D) contiguous. BM rows a tile (queries and keys alike), one warp per 16 of them."""
     B, T, H, D = q.shape
@@ -194,7 +198,8 @@ def forward(q, k, v, W: int, scale: float, BM: int = 128, stages: int = 2, R: in
     out = torch.empty_like(q)
     lse = torch.empty((B, T, H), dtype=torch.float32, device=q.device)
     descs = descriptors((q, k, v, out), R, BM)
-    _fwd[(T // R // BM, B * H)](*descs, lse, T // R, H, W // R, R, scale * LOG2E, STAGES=stages, num_warps=BM // 16)
+    _fwd[(T // R // BM, B * H)](*descs, lse, T // R, H, W // R, R, scale * LOG2E, STAGES=stages, CAUSAL=causal,
+                                 num_warps=BM // 16)
     return out, lse
 
 
@@ -208,24 +213,25 @@ def descriptors(tensors, R: int, BM: int):
     return [TensorDescriptor(x.view(shape), shape, [R * H * D, 1], [BM, D], layout) for x in tensors]
 
 
-def segments_sdpa(q, k, v, W: int, scale: float, backend=None):
-    """SDPA's causal attention on the (B·T/W, H, W, D) segments: (out (B, T, H, D), lse (B, T, H))."""
+def segments_sdpa(q, k, v, W: int, scale: float, backend=None, causal: bool = True):
+    """SDPA's attention on the (B·T/W, H, W, D) segments: (out (B, T, H, D), None)."""
     B, T, H, D = q.shape
     seg = [x.reshape(B * T // W, W, H, D).transpose(1, 2) for x in (q, k, v)]
     if backend is None:
-        out = F.scaled_dot_product_attention(*seg, is_causal=True, scale=scale)
+        out = F.scaled_dot_product_attention(*seg, is_causal=causal, scale=scale)
         return out.transpose(1, 2).reshape(B, T, H, D), None
     with sdpa_kernel(backend):
-        out = F.scaled_dot_product_attention(*seg, is_causal=True, scale=scale)
+        out = F.scaled_dot_product_attention(*seg, is_causal=causal, scale=scale)
     return out.transpose(1, 2).reshape(B, T, H, D), None
 
 
-def reference(q, k, v, W: int, scale: float):
+def reference(q, k, v, W: int, scale: float, causal: bool = True):
     """float32 output and LSE by the definition, segment by segment."""
     B, T, H, D = q.shape
     qs, ks, vs = (x.float().reshape(B * T // W, W, H, D).transpose(1, 2) for x in (q, k, v))
     s = qs @ ks.transpose(-1, -2) * scale
-    s = s.masked_fill(torch.ones(W, W, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    if causal:
+        s = s.masked_fill(torch.ones(W, W, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     lse = torch.logsumexp(s, -1)
     out = torch.softmax(s, -1) @ vs
     return out.transpose(1, 2).reshape(B, T, H, D), lse.transpose(1, 2).reshape(B, T, H)
@@ -236,6 +242,12 @@ def kept(x, R: int):
     B, T, H, D = x.shape
     h = torch.arange(H, device=x.device)
     return x[:, torch.arange(0, T, R, device=x.device)[:, None] + h % R, h]
+
+
+def pairs(T: int, W: int, R: int, causal: bool) -> float:
+    """(query, key) pairs a head scores: its T/R kept rows in segments of W/R, each segment dense."""
+    w = W // R
+    return T // W * (w * (w + 1) / 2 if causal else w * w)
 
 
 def timed(fn, reps: int = 10, calls: int = 10) -> float:
@@ -263,20 +275,20 @@ def main(argv=None):
                    help="dilation rates: each is timed on its strided rows and, as cuDNN is, on a contiguous copy of them")
     p.add_argument("--configs", nargs="+", default=["128x2", "128x3", "64x2", "64x3"],
                    help="tiles as ROWSxSTAGES")
+    p.add_argument("--full", action="store_true", help="non-causal (the seed preset's), not causal")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    H, D = args.heads, 64
+    H, D, causal = args.heads, 64, not args.full
     scale = 1 / math.sqrt(D)
     # Exactness first, on a small case with several segments and tiles.
     q, k, v = (torch.randn(2, 1024, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    ref_out, ref_lse = reference(q, k, v, 512, scale)
     configs = [tuple(map(int, c.split("x"))) for c in args.configs]
     for R in args.rates:
-        ref_out, ref_lse = reference(*(kept(x, R) for x in (q, k, v)), 512 // R, scale)
+        ref_out, ref_lse = reference(*(kept(x, R) for x in (q, k, v)), 512 // R, scale, causal)
         for BM, stages in configs:
             if 512 % (BM * R):
                 continue
-            out, lse = forward(q, k, v, 512, scale, BM, stages, R)
+            out, lse = forward(q, k, v, 512, scale, BM, stages, R, causal)
             got_lse = kept(lse[..., None], R)[..., 0]
             print(f"check rate {R}, {BM}x{stages}: max |out - ref| {(kept(out, R).float() - ref_out).abs().max().item():.2e}, "
                   f"max |lse - ref| {(got_lse - ref_lse).abs().max().item():.2e}", flush=True)
@@ -286,14 +298,15 @@ def main(argv=None):
             W = W or T
             for R in args.rates:
                 # A head keeps T/R rows in segments of W/R: its pairs are those of dense attention there.
-                flops = 4 * D * H * (T // W) * (W // R) * (W // R + 1) / 2
+                flops = pairs(T, W, R, causal) * 4 * D * H
                 packed = [kept(x, R).contiguous() for x in (q, k, v)]
-                cells = {"cudnn": lambda: segments_sdpa(*packed, W // R, scale, SDPBackend.CUDNN_ATTENTION)}
+                cells = {"cudnn": lambda: segments_sdpa(*packed, W // R, scale, SDPBackend.CUDNN_ATTENTION, causal)}
                 for BM, stages in configs:
-                    cells[f"gluon {BM}x{stages}"] = lambda BM=BM, stages=stages: forward(q, k, v, W, scale, BM, stages, R)
+                    cells[f"gluon {BM}x{stages}"] = lambda BM=BM, stages=stages: forward(q, k, v, W, scale, BM, stages, R,
+                                                                                           causal)
                     if R > 1:
                         cells[f"packed {BM}x{stages}"] = lambda BM=BM, stages=stages: forward(*packed, W // R, scale, BM,
-                                                                                                stages)
+                                                                                                stages, 1, causal)
                 ms = {name: timed(fn) for name, fn in cells.items()}
                 line = ", ".join(f"{name} {t:.3f} ms {flops / t / 1e9:.0f} TF/s" for name, t in ms.items())
                 print(f"T={T} W={W} R={R}: {line}", flush=True)

@@ -1,6 +1,6 @@
 """Probe: gluon_probe.py's forward with its loads moved to a producer warp (warp specialisation).
 
-The same problem and math as gluon_probe.py (causal attention inside segments, a dilated
+The same problem and math as gluon_probe.py (attention inside segments, causal or not, a dilated
 branch's rows read in place through the (B·T/R, R·H·D) view). Here one warpgroup computes (64
 query rows: wgmma, softmax, the O update) and one extra warp only issues the TMA loads of K and V
 into a ring of stages. The two hand stages back and forth through mbarriers: ready (the TMA's
@@ -24,8 +24,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                              warpgroup_mma_init, warpgroup_mma_wait)
 
 import gluon_probe
-from gluon_probe import (LOG2E, _diagonal, _finish, _softmax, _tile, descriptors, kept, mma_layout, reference,
-                         segments_sdpa, timed)
+from gluon_probe import (LOG2E, _diagonal, _finish, _softmax, _tile, descriptors, kept, mma_layout, pairs,
+                         reference, segments_sdpa, timed)
 
 
 @gluon.jit
@@ -47,7 +47,7 @@ def _loads(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, r
 
 @gluon.jit
 def _compute(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q0, lo, n, qk_scale,
-             STAGES: gl.constexpr, num_warps: gl.constexpr):
+             STAGES: gl.constexpr, CAUSAL: gl.constexpr, num_warps: gl.constexpr):
     """The warpgroup: gluon_probe._fwd's loop, releasing each stage instead of reloading it.
     Returns O (unnormalised), the running max and sum (log2 domain)."""
     BM: gl.constexpr = q_smem.shape[0]
@@ -86,13 +86,13 @@ def _compute(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q0, lo,
         acc = warpgroup_mma(p_op, v_smem.index(stage), acc, is_async=True)
         s_cur = warpgroup_mma_wait(1, deps=(s_next,))
 
-    acc, m_i, l_i = _diagonal(s_cur, m_i, l_i, acc, p_op, v_smem, v_ready, qk_scale, q_pos, lo, n, STAGES)
+    acc, m_i, l_i = _diagonal(s_cur, m_i, l_i, acc, p_op, v_smem, v_ready, qk_scale, q_pos, lo, n, STAGES, CAUSAL)
     return acc, m_i, l_i
 
 
 @gluon.jit
 def _fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
-            STAGES: gl.constexpr, num_warps: gl.constexpr):
+            STAGES: gl.constexpr, CAUSAL: gl.constexpr, num_warps: gl.constexpr):
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BN: gl.constexpr = k_desc.block_type.shape[0]
     D: gl.constexpr = q_desc.block_type.shape[1]
@@ -100,7 +100,7 @@ def _fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
     gl.static_assert(num_warps == 4, "one warpgroup computes: see the module docstring")
     dtype: gl.constexpr = q_desc.dtype
 
-    h, q0, lo, n, off, row, col = _tile(T, H, W, R, BM, D)
+    h, q0, lo, n, off, row, col = _tile(T, H, W, R, BM, D, CAUSAL)
 
     q_smem = gl.allocate_shared_memory(dtype, [BM, D], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], k_desc.layout)
@@ -123,14 +123,14 @@ def _fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
 
     acc, m_i, l_i = gl.warp_specialize([
         (_compute, (q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q0, lo, n, qk_scale, STAGES,
-                    num_warps)),
+                    CAUSAL, num_warps)),
         (_loads, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, row, lo, col, n, STAGES)),
     ], [1], [24])
 
     _finish(acc, m_i, l_i, q_smem, o_desc, lse_ptr, row, q0, col, R, off, H, h)
 
 
-def forward(q, k, v, W: int, scale: float, stages: int = 2, R: int = 1):
+def forward(q, k, v, W: int, scale: float, stages: int = 2, R: int = 1, causal: bool = True):
     """gluon_probe.forward's result, by the warp-specialised kernel (64-row tiles)."""
     B, T, H, D = q.shape
     BM = 64
@@ -138,7 +138,8 @@ def forward(q, k, v, W: int, scale: float, stages: int = 2, R: int = 1):
     out = torch.empty_like(q)
     lse = torch.empty((B, T, H), dtype=torch.float32, device=q.device)
     descs = descriptors((q, k, v, out), R, BM)
-    _fwd_ws[(T // R // BM, B * H)](*descs, lse, T // R, H, W // R, R, scale * LOG2E, STAGES=stages, num_warps=4)
+    _fwd_ws[(T // R // BM, B * H)](*descs, lse, T // R, H, W // R, R, scale * LOG2E, STAGES=stages, CAUSAL=causal,
+                                    num_warps=4)
     return out, lse
 
 
@@ -148,15 +149,16 @@ def main(argv=None):
     p.add_argument("--segments", type=int, nargs="+", default=[2048, 0], help="W per case; 0: W = T")
     p.add_argument("--rates", type=int, nargs="+", default=[1, 4])
     p.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    p.add_argument("--full", action="store_true", help="non-causal (the seed preset's), not causal")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    H, D = 12, 64
+    H, D, causal = 12, 64, not args.full
     scale = 1 / math.sqrt(D)
     q, k, v = (torch.randn(2, 1024, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     for R in args.rates:
-        ref_out, ref_lse = reference(*(kept(x, R) for x in (q, k, v)), 512 // R, scale)
+        ref_out, ref_lse = reference(*(kept(x, R) for x in (q, k, v)), 512 // R, scale, causal)
         for stages in args.stages:
-            out, lse = forward(q, k, v, 512, scale, stages, R)
+            out, lse = forward(q, k, v, 512, scale, stages, R, causal)
             print(f"check rate {R}, {stages} stages: max |out - ref| "
                   f"{(kept(out, R).float() - ref_out).abs().max().item():.2e}, max |lse - ref| "
                   f"{(kept(lse[..., None], R)[..., 0] - ref_lse).abs().max().item():.2e}", flush=True)
@@ -165,12 +167,12 @@ def main(argv=None):
         for W in args.segments:
             W = W or T
             for R in args.rates:
-                flops = 4 * D * H * (T // W) * (W // R) * (W // R + 1) / 2
+                flops = pairs(T, W, R, causal) * 4 * D * H
                 packed = [kept(x, R).contiguous() for x in (q, k, v)]
-                cells = {"cudnn": lambda: segments_sdpa(*packed, W // R, scale, SDPBackend.CUDNN_ATTENTION),
-                         "gluon 64x2": lambda: gluon_probe.forward(q, k, v, W, scale, 64, 2, R)}
+                cells = {"cudnn": lambda: segments_sdpa(*packed, W // R, scale, SDPBackend.CUDNN_ATTENTION, causal),
+                         "gluon 64x2": lambda: gluon_probe.forward(q, k, v, W, scale, 64, 2, R, causal)}
                 for stages in args.stages:
-                    cells[f"ws x{stages}"] = lambda stages=stages: forward(q, k, v, W, scale, stages, R)
+                    cells[f"ws x{stages}"] = lambda stages=stages: forward(q, k, v, W, scale, stages, R, causal)
                 ms = {name: timed(fn) for name, fn in cells.items()}
                 line = ", ".join(f"{name} {t:.3f} ms {flops / t / 1e9:.0f} TF/s" for name, t in ms.items())
                 print(f"T={T} W={W} R={R}: {line}", flush=True)

@@ -12,9 +12,9 @@ Use the Triton the GPU runs (the device image's torch 2.11 has Triton 3.6; newer
 differently), e.g. in a venv over this one: `pip install --no-deps triton==3.6.0`.
 
 Usage: python tools/kernels/sass_probe.py KERNEL [local|upper] [long|seed|rotary] [rows cols warps stages]
-       python tools/kernels/sass_probe.py gluon|gluon_ws [rows stages]
+       python tools/kernels/sass_probe.py gluon|gluon_ws [rows stages [full]]
   KERNEL: fwd, dq or dkdv; gluon: gluon_probe.py's forward (default 64 rows, 2 stages), gluon_ws
-  gluon_ws_probe.py's (64 rows); each line ends with ptxas's verdict on whether it serialises the
+  gluon_ws_probe.py's (64 rows), causal unless `full`; each line ends with ptxas's verdict on whether it serialises the
   wgmma (C7514); tiles default to union.CONFIG (long, rotary) or union.SMALL_CONFIG (seed);
   long: the long preset's layout (L = 2048, 5 branches, causal); seed: head_split's (L = 1024,
   3 branches, one a head, full); rotary: long, with the backward rotating dQ and dK back
@@ -65,7 +65,7 @@ def compile_sm90(name: str, which: str, preset: str, rows: int, cols: int, warps
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def compile_gluon_sm90(name: str, rows: int, stages: int):
+def compile_gluon_sm90(name: str, rows: int, stages: int, causal: bool = True):
     """gluon_probe.py's (or gluon_ws_probe.py's) forward compiled for sm_90 (bf16, head dim 64,
     rows × 64 TMA boxes)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -78,8 +78,8 @@ def compile_gluon_sm90(name: str, rows: int, stages: int):
     box = f"tensordesc<bf16[{rows}, 64],{gl.NVMMASharedLayout.get_default_for([rows, 64], gl.bfloat16)!r}>"
     signature = {arg: box for arg in ("q_desc", "k_desc", "v_desc", "o_desc")}
     signature.update(lse_ptr="*fp32", T="i32", H="i32", W="i32", R="i32", qk_scale="fp32", STAGES="constexpr",
-                     num_warps="constexpr")
-    src = GluonASTSource(fn, signature, constexprs={"STAGES": stages, "num_warps": rows // 16})
+                     CAUSAL="constexpr", num_warps="constexpr")
+    src = GluonASTSource(fn, signature, constexprs={"STAGES": stages, "CAUSAL": causal, "num_warps": rows // 16})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": rows // 16})
 
 
@@ -142,8 +142,9 @@ def main(argv):
     name = argv[0] if argv else sys.exit(__doc__)
     if name in ("gluon", "gluon_ws"):
         rows, stages = [int(x) for x in argv[1:3]] or (64, 2)
-        warps, which, preset, cols = rows // 16, "forward", "causal segments", rows
-        kernel = compile_gluon_sm90(name, rows, stages)
+        causal = argv[3:4] != ["full"]
+        warps, which, preset, cols = rows // 16, "forward", "causal segments" if causal else "segments", rows
+        kernel = compile_gluon_sm90(name, rows, stages, causal)
     else:
         which = argv[1] if len(argv) > 1 else "local"
         preset = argv[2] if len(argv) > 2 else "long"
