@@ -18,6 +18,8 @@ K's stage is reloaded as soon as its QKᵀ retires, V's once its PV retires.
 (W 0: W = T): checks the output and LSE against a float32 reference, then times the kernel on
 the strided rows, the kernel on a contiguous copy of them, and cuDNN (SDPA on the copy's
 segments) and prints TFLOP/s, counting 2·D per pair scored and head for each of the two matmuls.
+`--union`: instead, the kernel with the long preset's weights against the union kernels' forward
+local pass (the Triton code it would replace), outputs compared and both timed.
 CUDA with compute capability 9.0 only.
 """
 import argparse
@@ -36,9 +38,26 @@ LOG2E = 1.4426950408889634
 
 
 @gluon.jit
-def _softmax(s, m_i, l_i, qk_scale, q_pos, k_pos, MASK: gl.constexpr):
-    """Online softmax of one score tile in the log2 domain: (P, alpha, new max, new sum)."""
+def _weights(q_pos, k0, h, N_BR: gl.constexpr, BN: gl.constexpr):
+    """The union kernels' level-1 weight terms of a (queries, BN keys) tile, log2 m with m =
+    min(λ(x), λ(s)) + 1 (longctx/kernels/union.py): λ(x) counts the dilations 2 … 2^(N_BR−1)
+    that keep x for head h. The same for every key tile: λ has period 2^(N_BR−1), which divides BN."""
+    k_pos = k0 + gl.arange(0, BN, gl.SliceLayout(0, q_pos.type.layout.parent))
+    lam_q = gl.zeros_like(q_pos)
+    lam_k = gl.zeros_like(k_pos)
+    for j in gl.static_range(1, N_BR):
+        lam_q += (((q_pos ^ h) & ((1 << j) - 1)) == 0).to(gl.int32)
+        lam_k += (((k_pos ^ h) & ((1 << j) - 1)) == 0).to(gl.int32)
+    return gl.log2((gl.minimum(lam_q[:, None], lam_k[None, :]) + 1).to(gl.float32))
+
+
+@gluon.jit
+def _softmax(s, bias, m_i, l_i, qk_scale, q_pos, k_pos, MASK: gl.constexpr, WEIGHTS: gl.constexpr):
+    """Online softmax of one score tile in the log2 domain, with the weight terms (bias) when
+    WEIGHTS: (P, alpha, new max, new sum)."""
     s = s * qk_scale
+    if WEIGHTS:
+        s = s + bias
     if MASK:
         s = gl.where(k_pos[None, :] <= q_pos[:, None], s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, 1))
@@ -84,14 +103,14 @@ def _finish(acc, m_i, l_i, q_smem, o_desc, lse_ptr, row, q0, col, R, off, H, h):
 
 
 @gluon.jit
-def _diagonal(s_cur, m_i, l_i, acc, p_op, v_smem, v_ready, qk_scale, q_pos, lo, n, STAGES: gl.constexpr,
-              CAUSAL: gl.constexpr):
+def _diagonal(s_cur, bias, m_i, l_i, acc, p_op, v_smem, v_ready, qk_scale, q_pos, lo, n, STAGES: gl.constexpr,
+              CAUSAL: gl.constexpr, WEIGHTS: gl.constexpr):
     """The last key tile (causal: on the diagonal, masked): O's last update, every wgmma retired.
     Returns O (unnormalised), the running max and sum."""
     BN: gl.constexpr = v_smem.shape[1]
     last = n - 1
     k_pos = lo + last * BN + gl.arange(0, BN, gl.SliceLayout(0, s_cur.type.layout))
-    p, alpha, m_i, l_i = _softmax(s_cur, m_i, l_i, qk_scale, q_pos, k_pos, CAUSAL)
+    p, alpha, m_i, l_i = _softmax(s_cur, bias, m_i, l_i, qk_scale, q_pos, k_pos, CAUSAL, WEIGHTS)
     acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
     p_op = gl.convert_layout(p.to(p_op.dtype), p_op.type.layout)
@@ -103,7 +122,7 @@ def _diagonal(s_cur, m_i, l_i, acc, p_op, v_smem, v_ready, qk_scale, q_pos, lo, 
 
 @gluon.jit
 def _fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
-         STAGES: gl.constexpr, CAUSAL: gl.constexpr, num_warps: gl.constexpr):
+         STAGES: gl.constexpr, CAUSAL: gl.constexpr, N_BR: gl.constexpr, num_warps: gl.constexpr):
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BN: gl.constexpr = k_desc.block_type.shape[0]
     D: gl.constexpr = q_desc.block_type.shape[1]
@@ -149,6 +168,7 @@ def _fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
     tma.async_copy_global_to_shared(k_desc, [row + lo + STAGES * BN, col], k_bar.index(0), k_smem.index(0), pred=go)
 
     q_pos = q0 + gl.arange(0, BM, s_rows)
+    bias = _weights(q_pos, lo, h, N_BR, BN) if N_BR > 1 else 0.0  # N_BR > 1: the long preset's local pass
     m_i = gl.full([BM], float("-inf"), gl.float32, s_rows)
     l_i = gl.zeros([BM], gl.float32, s_rows)
     acc = warpgroup_mma_init(gl.zeros([BM, D], gl.float32, o_layout))  # the loop carries O as in flight
@@ -158,7 +178,7 @@ def _fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
         nxt = (j + 1) % STAGES
         mbarrier.wait(k_bar.index(nxt), ((j + 1) // STAGES) & 1)
         s_next = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        p, alpha, m_i, l_i = _softmax(s_cur, m_i, l_i, qk_scale, q_pos, q_pos, False)
+        p, alpha, m_i, l_i = _softmax(s_cur, bias, m_i, l_i, qk_scale, q_pos, q_pos, False, N_BR > 1)
         # O's update from tile j − 1 retires (p_op stays alive until then), and S_{j+1}, issued
         # before the softmax, with it: waiting for only the older group (num_outstanding=1)
         # makes ptxas serialise every wgmma (C7514: O's registers read inside a pipeline stage).
@@ -180,7 +200,8 @@ def _fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
         tma.async_copy_global_to_shared(k_desc, [row + lo + (j + 1 + STAGES) * BN, col], k_bar.index(nxt),
                                         k_smem.index(nxt), pred=go)
 
-    acc, m_i, l_i = _diagonal(s_cur, m_i, l_i, acc, p_op, v_smem, v_bar, qk_scale, q_pos, lo, n, STAGES, CAUSAL)
+    acc, m_i, l_i = _diagonal(s_cur, bias, m_i, l_i, acc, p_op, v_smem, v_bar, qk_scale, q_pos, lo, n, STAGES, CAUSAL,
+                              N_BR > 1)
 
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(STAGES):
@@ -189,17 +210,20 @@ def _fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
     _finish(acc, m_i, l_i, q_smem, o_desc, lse_ptr, row, q0, col, R, off, H, h)
 
 
-def forward(q, k, v, W: int, scale: float, BM: int = 128, stages: int = 2, R: int = 1, causal: bool = True):
+def forward(q, k, v, W: int, scale: float, BM: int = 128, stages: int = 2, R: int = 1, causal: bool = True,
+            branches: int = 1):
     """(out, lse) of attention inside segments of W rows (causal or not), head h keeping the positions
     ≡ h (mod R) of each (a dilated branch; the rest of out and lse is left unwritten); q/k/v
-    (B, T, H, D) contiguous. BM rows a tile (queries and keys alike), one warp per 16 of them."""
+    (B, T, H, D) contiguous. BM rows a tile (queries and keys alike), one warp per 16 of them.
+    branches > 1: the scores get the union kernels' level-1 weight terms of LongNet's layout of
+    that many branches with W as its first segment: the union forward's local pass."""
     B, T, H, D = q.shape
     assert T % W == 0 and W % (BM * R) == 0 and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
     out = torch.empty_like(q)
     lse = torch.empty((B, T, H), dtype=torch.float32, device=q.device)
     descs = descriptors((q, k, v, out), R, BM)
     _fwd[(T // R // BM, B * H)](*descs, lse, T // R, H, W // R, R, scale * LOG2E, STAGES=stages, CAUSAL=causal,
-                                 num_warps=BM // 16)
+                                 N_BR=branches, num_warps=BM // 16)
     return out, lse
 
 
@@ -244,6 +268,40 @@ def kept(x, R: int):
     return x[:, torch.arange(0, T, R, device=x.device)[:, None] + h % R, h]
 
 
+def union_local(q, k, v, scale: float, branches: int = 5):
+    """The union kernels' forward local pass (longctx/kernels/union.py) on LongNet's layout of
+    `branches` branches from 2,048-row segments: (out, lse) before the upper levels add theirs."""
+    from longctx.kernels import union
+
+    B, T, H, D = q.shape
+    lay = union.layout(T, H, D, [2048 << i for i in range(branches)], [1 << i for i in range(branches)], False)
+    out = torch.empty_like(q)
+    lse = torch.empty((B, T, H), dtype=torch.float32, device=q.device)
+    union._launch("fwd", q, lay, (q, k, v, out, lse, *union._strides(q, k, v), T, H, scale * LOG2E), True,
+                  passes=("local",))
+    return out, lse
+
+
+def compare_union(lengths, configs, H: int, D: int, scale: float) -> None:
+    """The Gluon kernel with the long preset's weights against the union local pass it would
+    replace: their outputs and LSE, and their times, on the same inputs."""
+    for T in lengths:
+        q, k, v = (torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        ref_out, ref_lse = union_local(q, k, v, scale)
+        cells = {"triton local": lambda: union_local(q, k, v, scale)}
+        for BM, stages in configs:
+            out, lse = forward(q, k, v, 2048, scale, BM, stages, 1, True, 5)
+            print(f"T={T} {BM}x{stages} against the Triton local pass: max |out - out'| "
+                  f"{(out.float() - ref_out.float()).abs().max().item():.2e}, max |lse - lse'| "
+                  f"{(lse - ref_lse).abs().max().item():.2e}", flush=True)
+            cells[f"gluon {BM}x{stages}"] = lambda BM=BM, stages=stages: forward(q, k, v, 2048, scale, BM, stages, 1,
+                                                                                   True, 5)
+        flops = pairs(T, 2048, 1, True) * 4 * D * H
+        ms = {name: timed(fn) for name, fn in cells.items()}
+        print(f"T={T} local pass: " + ", ".join(f"{name} {t:.3f} ms {flops / t / 1e9:.0f} TF/s"
+                                                 for name, t in ms.items()), flush=True)
+
+
 def pairs(T: int, W: int, R: int, causal: bool) -> float:
     """(query, key) pairs a head scores: its T/R kept rows in segments of W/R, each segment dense."""
     w = W // R
@@ -276,9 +334,13 @@ def main(argv=None):
     p.add_argument("--configs", nargs="+", default=["128x2", "128x3", "64x2", "64x3"],
                    help="tiles as ROWSxSTAGES")
     p.add_argument("--full", action="store_true", help="non-causal (the seed preset's), not causal")
+    p.add_argument("--union", action="store_true",
+                   help="only the long preset's local pass (weights of 5 branches) against the union kernels'")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     H, D, causal = args.heads, 64, not args.full
+    if args.union:
+        return compare_union(args.lengths, [tuple(map(int, c.split("x"))) for c in args.configs], H, D, 1 / math.sqrt(D))
     scale = 1 / math.sqrt(D)
     # Exactness first, on a small case with several segments and tiles.
     q, k, v = (torch.randn(2, 1024, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))

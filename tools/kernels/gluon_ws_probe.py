@@ -24,7 +24,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                              warpgroup_mma_init, warpgroup_mma_wait)
 
 import gluon_probe
-from gluon_probe import (LOG2E, _diagonal, _finish, _softmax, _tile, descriptors, kept, mma_layout, pairs,
+from gluon_probe import (LOG2E, _diagonal, _finish, _softmax, _tile, _weights, descriptors, kept, mma_layout, pairs,
                          reference, segments_sdpa, timed)
 
 
@@ -46,8 +46,8 @@ def _loads(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, r
 
 
 @gluon.jit
-def _compute(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q0, lo, n, qk_scale,
-             STAGES: gl.constexpr, CAUSAL: gl.constexpr, num_warps: gl.constexpr):
+def _compute(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, h, q0, lo, n, qk_scale,
+             STAGES: gl.constexpr, CAUSAL: gl.constexpr, N_BR: gl.constexpr, num_warps: gl.constexpr):
     """The warpgroup: gluon_probe._fwd's loop, releasing each stage instead of reloading it.
     Returns O (unnormalised), the running max and sum (log2 domain)."""
     BM: gl.constexpr = q_smem.shape[0]
@@ -67,6 +67,7 @@ def _compute(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q0, lo,
     mbarrier.arrive(k_empty.index(0))
 
     q_pos = q0 + gl.arange(0, BM, s_rows)
+    bias = _weights(q_pos, lo, h, N_BR, BN) if N_BR > 1 else 0.0
     m_i = gl.full([BM], float("-inf"), gl.float32, s_rows)
     l_i = gl.zeros([BM], gl.float32, s_rows)
     acc = warpgroup_mma_init(gl.zeros([BM, D], gl.float32, o_layout))
@@ -76,7 +77,7 @@ def _compute(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q0, lo,
         nxt = (j + 1) % STAGES
         mbarrier.wait(k_ready.index(nxt), ((j + 1) // STAGES) & 1)
         s_next = warpgroup_mma(q_smem, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        p, alpha, m_i, l_i = _softmax(s_cur, m_i, l_i, qk_scale, q_pos, q_pos, False)
+        p, alpha, m_i, l_i = _softmax(s_cur, bias, m_i, l_i, qk_scale, q_pos, q_pos, False, N_BR > 1)
         acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))  # PV_{j−1} and S_{j+1} retire
         mbarrier.arrive(k_empty.index(nxt))
         mbarrier.arrive(v_empty.index((j + STAGES - 1) % STAGES), pred=j > 0)
@@ -86,13 +87,14 @@ def _compute(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q0, lo,
         acc = warpgroup_mma(p_op, v_smem.index(stage), acc, is_async=True)
         s_cur = warpgroup_mma_wait(1, deps=(s_next,))
 
-    acc, m_i, l_i = _diagonal(s_cur, m_i, l_i, acc, p_op, v_smem, v_ready, qk_scale, q_pos, lo, n, STAGES, CAUSAL)
+    acc, m_i, l_i = _diagonal(s_cur, bias, m_i, l_i, acc, p_op, v_smem, v_ready, qk_scale, q_pos, lo, n, STAGES,
+                              CAUSAL, N_BR > 1)
     return acc, m_i, l_i
 
 
 @gluon.jit
 def _fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
-            STAGES: gl.constexpr, CAUSAL: gl.constexpr, num_warps: gl.constexpr):
+            STAGES: gl.constexpr, CAUSAL: gl.constexpr, N_BR: gl.constexpr, num_warps: gl.constexpr):
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BN: gl.constexpr = k_desc.block_type.shape[0]
     D: gl.constexpr = q_desc.block_type.shape[1]
@@ -122,15 +124,15 @@ def _fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
     mbarrier.wait(q_bar, 0)
 
     acc, m_i, l_i = gl.warp_specialize([
-        (_compute, (q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, q0, lo, n, qk_scale, STAGES,
-                    CAUSAL, num_warps)),
+        (_compute, (q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, h, q0, lo, n, qk_scale, STAGES,
+                    CAUSAL, N_BR, num_warps)),
         (_loads, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, row, lo, col, n, STAGES)),
     ], [1], [24])
 
     _finish(acc, m_i, l_i, q_smem, o_desc, lse_ptr, row, q0, col, R, off, H, h)
 
 
-def forward(q, k, v, W: int, scale: float, stages: int = 2, R: int = 1, causal: bool = True):
+def forward(q, k, v, W: int, scale: float, stages: int = 2, R: int = 1, causal: bool = True, branches: int = 1):
     """gluon_probe.forward's result, by the warp-specialised kernel (64-row tiles)."""
     B, T, H, D = q.shape
     BM = 64
@@ -139,7 +141,7 @@ def forward(q, k, v, W: int, scale: float, stages: int = 2, R: int = 1, causal: 
     lse = torch.empty((B, T, H), dtype=torch.float32, device=q.device)
     descs = descriptors((q, k, v, out), R, BM)
     _fwd_ws[(T // R // BM, B * H)](*descs, lse, T // R, H, W // R, R, scale * LOG2E, STAGES=stages, CAUSAL=causal,
-                                    num_warps=4)
+                                    N_BR=branches, num_warps=4)
     return out, lse
 
 

@@ -12,9 +12,10 @@ Use the Triton the GPU runs (the device image's torch 2.11 has Triton 3.6; newer
 differently), e.g. in a venv over this one: `pip install --no-deps triton==3.6.0`.
 
 Usage: python tools/kernels/sass_probe.py KERNEL [local|upper] [long|seed|rotary] [rows cols warps stages]
-       python tools/kernels/sass_probe.py gluon|gluon_ws [rows stages [full]]
+       python tools/kernels/sass_probe.py gluon|gluon_ws [rows stages [full|union]]
   KERNEL: fwd, dq or dkdv; gluon: gluon_probe.py's forward (default 64 rows, 2 stages), gluon_ws
-  gluon_ws_probe.py's (64 rows), causal unless `full`; each line ends with ptxas's verdict on whether it serialises the
+  gluon_ws_probe.py's (64 rows), causal unless `full`, with the long preset's weights (5
+  branches) under `union`; each line ends with ptxas's verdict on whether it serialises the
   wgmma (C7514); tiles default to union.CONFIG (long, rotary) or union.SMALL_CONFIG (seed);
   long: the long preset's layout (L = 2048, 5 branches, causal); seed: head_split's (L = 1024,
   3 branches, one a head, full); rotary: long, with the backward rotating dQ and dK back
@@ -65,7 +66,7 @@ def compile_sm90(name: str, which: str, preset: str, rows: int, cols: int, warps
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def compile_gluon_sm90(name: str, rows: int, stages: int, causal: bool = True):
+def compile_gluon_sm90(name: str, rows: int, stages: int, causal: bool = True, branches: int = 1):
     """gluon_probe.py's (or gluon_ws_probe.py's) forward compiled for sm_90 (bf16, head dim 64,
     rows × 64 TMA boxes)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -78,8 +79,9 @@ def compile_gluon_sm90(name: str, rows: int, stages: int, causal: bool = True):
     box = f"tensordesc<bf16[{rows}, 64],{gl.NVMMASharedLayout.get_default_for([rows, 64], gl.bfloat16)!r}>"
     signature = {arg: box for arg in ("q_desc", "k_desc", "v_desc", "o_desc")}
     signature.update(lse_ptr="*fp32", T="i32", H="i32", W="i32", R="i32", qk_scale="fp32", STAGES="constexpr",
-                     CAUSAL="constexpr", num_warps="constexpr")
-    src = GluonASTSource(fn, signature, constexprs={"STAGES": stages, "CAUSAL": causal, "num_warps": rows // 16})
+                     CAUSAL="constexpr", N_BR="constexpr", num_warps="constexpr")
+    constants = {"STAGES": stages, "CAUSAL": causal, "N_BR": branches, "num_warps": rows // 16}
+    src = GluonASTSource(fn, signature, constexprs=constants)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": rows // 16})
 
 
@@ -142,9 +144,10 @@ def main(argv):
     name = argv[0] if argv else sys.exit(__doc__)
     if name in ("gluon", "gluon_ws"):
         rows, stages = [int(x) for x in argv[1:3]] or (64, 2)
-        causal = argv[3:4] != ["full"]
-        warps, which, preset, cols = rows // 16, "forward", "causal segments" if causal else "segments", rows
-        kernel = compile_gluon_sm90(name, rows, stages, causal)
+        causal, branches = argv[3:4] != ["full"], 5 if argv[3:4] == ["union"] else 1
+        preset = ("causal segments" if causal else "segments") + (", 5 branches' weights" if branches > 1 else "")
+        warps, which, cols = rows // 16, "forward", rows
+        kernel = compile_gluon_sm90(name, rows, stages, causal, branches)
     else:
         which = argv[1] if len(argv) > 1 else "local"
         preset = argv[2] if len(argv) > 2 else "long"
