@@ -18,8 +18,7 @@ K's stage is reloaded as soon as its QKᵀ retires, V's once its PV retires.
 (W 0: W = T): checks the output and LSE against a float32 reference, then times the kernel on
 the strided rows, the kernel on a contiguous copy of them, and cuDNN (SDPA on the copy's
 segments) and prints TFLOP/s, counting 2·D per pair scored and head for each of the two matmuls.
-`--union`: instead, the kernel with the long preset's weights against the union kernels' forward
-local pass (the Triton code it would replace), outputs compared and both timed.
+Against the union kernels it would replace: gluon_compare.py.
 CUDA with compute capability 9.0 only.
 """
 import argparse
@@ -73,15 +72,15 @@ def mma_layout(n, num_warps):
 
 
 @gluon.jit
-def _tile(T, H, W, R, BM: gl.constexpr, D: gl.constexpr, CAUSAL: gl.constexpr):
+def _tile(T, H, W, R, h0, nh, BM: gl.constexpr, D: gl.constexpr, CAUSAL: gl.constexpr):
     """This program's query tile: (head, first row q0, its segment's first row lo, key tiles n
     (causal: up to the diagonal; else the whole segment),
     the head's offset, the batch's first row in the (B·T/R, R·H·D) view, the head's column). T
     and W count a head's kept rows (positions ≡ h mod R): T / R and W / R of the layout's."""
     pid = T // BM - 1 - gl.program_id(0)  # the longest rows first
-    bh = gl.program_id(1)
-    b = bh // H
-    h = bh - b * H
+    bh = gl.program_id(1)  # (batch, one of heads h0 … h0 + nh − 1)
+    b = bh // nh
+    h = h0 + bh - b * nh
     q0 = pid * BM
     lo = q0 // W * W
     off = h % R  # the head's rows are positions off + j·R
@@ -121,7 +120,7 @@ def _diagonal(s_cur, bias, m_i, l_i, acc, p_op, v_smem, v_ready, qk_scale, q_pos
 
 
 @gluon.jit
-def _fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
+def _fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, h0, nh, qk_scale,
          STAGES: gl.constexpr, CAUSAL: gl.constexpr, N_BR: gl.constexpr, num_warps: gl.constexpr):
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BN: gl.constexpr = k_desc.block_type.shape[0]
@@ -129,7 +128,7 @@ def _fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
     gl.static_assert(BM == BN, "the diagonal tile is the last one")
     dtype: gl.constexpr = q_desc.dtype
 
-    h, q0, lo, n, off, row, col = _tile(T, H, W, R, BM, D, CAUSAL)
+    h, q0, lo, n, off, row, col = _tile(T, H, W, R, h0, nh, BM, D, CAUSAL)
 
     s_layout: gl.constexpr = mma_layout(BN, num_warps)
     o_layout: gl.constexpr = mma_layout(D, num_warps)
@@ -211,19 +210,21 @@ def _fwd(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
 
 
 def forward(q, k, v, W: int, scale: float, BM: int = 128, stages: int = 2, R: int = 1, causal: bool = True,
-            branches: int = 1):
+            branches: int = 1, heads: range | None = None, out=None, lse=None):
     """(out, lse) of attention inside segments of W rows (causal or not), head h keeping the positions
     ≡ h (mod R) of each (a dilated branch; the rest of out and lse is left unwritten); q/k/v
     (B, T, H, D) contiguous. BM rows a tile (queries and keys alike), one warp per 16 of them.
     branches > 1: the scores get the union kernels' level-1 weight terms of LongNet's layout of
-    that many branches with W as its first segment: the union forward's local pass."""
+    that many branches with W as its first segment: the union forward's local pass. heads: run
+    only these (contiguous) heads, writing into out and lse if given (head_split's branches)."""
     B, T, H, D = q.shape
     assert T % W == 0 and W % (BM * R) == 0 and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
-    out = torch.empty_like(q)
-    lse = torch.empty((B, T, H), dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q) if out is None else out
+    lse = torch.empty((B, T, H), dtype=torch.float32, device=q.device) if lse is None else lse
+    heads = heads or range(H)
     descs = descriptors((q, k, v, out), R, BM)
-    _fwd[(T // R // BM, B * H)](*descs, lse, T // R, H, W // R, R, scale * LOG2E, STAGES=stages, CAUSAL=causal,
-                                 N_BR=branches, num_warps=BM // 16)
+    _fwd[(T // R // BM, B * len(heads))](*descs, lse, T // R, H, W // R, R, heads.start, len(heads), scale * LOG2E,
+                                         STAGES=stages, CAUSAL=causal, N_BR=branches, num_warps=BM // 16)
     return out, lse
 
 
@@ -268,40 +269,6 @@ def kept(x, R: int):
     return x[:, torch.arange(0, T, R, device=x.device)[:, None] + h % R, h]
 
 
-def union_local(q, k, v, scale: float, branches: int = 5):
-    """The union kernels' forward local pass (longctx/kernels/union.py) on LongNet's layout of
-    `branches` branches from 2,048-row segments: (out, lse) before the upper levels add theirs."""
-    from longctx.kernels import union
-
-    B, T, H, D = q.shape
-    lay = union.layout(T, H, D, [2048 << i for i in range(branches)], [1 << i for i in range(branches)], False)
-    out = torch.empty_like(q)
-    lse = torch.empty((B, T, H), dtype=torch.float32, device=q.device)
-    union._launch("fwd", q, lay, (q, k, v, out, lse, *union._strides(q, k, v), T, H, scale * LOG2E), True,
-                  passes=("local",))
-    return out, lse
-
-
-def compare_union(lengths, configs, H: int, D: int, scale: float) -> None:
-    """The Gluon kernel with the long preset's weights against the union local pass it would
-    replace: their outputs and LSE, and their times, on the same inputs."""
-    for T in lengths:
-        q, k, v = (torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        ref_out, ref_lse = union_local(q, k, v, scale)
-        cells = {"triton local": lambda: union_local(q, k, v, scale)}
-        for BM, stages in configs:
-            out, lse = forward(q, k, v, 2048, scale, BM, stages, 1, True, 5)
-            print(f"T={T} {BM}x{stages} against the Triton local pass: max |out - out'| "
-                  f"{(out.float() - ref_out.float()).abs().max().item():.2e}, max |lse - lse'| "
-                  f"{(lse - ref_lse).abs().max().item():.2e}", flush=True)
-            cells[f"gluon {BM}x{stages}"] = lambda BM=BM, stages=stages: forward(q, k, v, 2048, scale, BM, stages, 1,
-                                                                                   True, 5)
-        flops = pairs(T, 2048, 1, True) * 4 * D * H
-        ms = {name: timed(fn) for name, fn in cells.items()}
-        print(f"T={T} local pass: " + ", ".join(f"{name} {t:.3f} ms {flops / t / 1e9:.0f} TF/s"
-                                                 for name, t in ms.items()), flush=True)
-
-
 def pairs(T: int, W: int, R: int, causal: bool) -> float:
     """(query, key) pairs a head scores: its T/R kept rows in segments of W/R, each segment dense."""
     w = W // R
@@ -334,13 +301,9 @@ def main(argv=None):
     p.add_argument("--configs", nargs="+", default=["128x2", "128x3", "64x2", "64x3"],
                    help="tiles as ROWSxSTAGES")
     p.add_argument("--full", action="store_true", help="non-causal (the seed preset's), not causal")
-    p.add_argument("--union", action="store_true",
-                   help="only the long preset's local pass (weights of 5 branches) against the union kernels'")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     H, D, causal = args.heads, 64, not args.full
-    if args.union:
-        return compare_union(args.lengths, [tuple(map(int, c.split("x"))) for c in args.configs], H, D, 1 / math.sqrt(D))
     scale = 1 / math.sqrt(D)
     # Exactness first, on a small case with several segments and tiles.
     q, k, v = (torch.randn(2, 1024, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))

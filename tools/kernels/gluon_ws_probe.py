@@ -93,7 +93,7 @@ def _compute(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, h, q0, 
 
 
 @gluon.jit
-def _fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
+def _fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, h0, nh, qk_scale,
             STAGES: gl.constexpr, CAUSAL: gl.constexpr, N_BR: gl.constexpr, num_warps: gl.constexpr):
     BM: gl.constexpr = q_desc.block_type.shape[0]
     BN: gl.constexpr = k_desc.block_type.shape[0]
@@ -102,7 +102,7 @@ def _fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, qk_scale,
     gl.static_assert(num_warps == 4, "one warpgroup computes: see the module docstring")
     dtype: gl.constexpr = q_desc.dtype
 
-    h, q0, lo, n, off, row, col = _tile(T, H, W, R, BM, D, CAUSAL)
+    h, q0, lo, n, off, row, col = _tile(T, H, W, R, h0, nh, BM, D, CAUSAL)
 
     q_smem = gl.allocate_shared_memory(dtype, [BM, D], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], k_desc.layout)
@@ -140,7 +140,7 @@ def forward(q, k, v, W: int, scale: float, stages: int = 2, R: int = 1, causal: 
     out = torch.empty_like(q)
     lse = torch.empty((B, T, H), dtype=torch.float32, device=q.device)
     descs = descriptors((q, k, v, out), R, BM)
-    _fwd_ws[(T // R // BM, B * H)](*descs, lse, T // R, H, W // R, R, scale * LOG2E, STAGES=stages, CAUSAL=causal,
+    _fwd_ws[(T // R // BM, B * H)](*descs, lse, T // R, H, W // R, R, 0, H, scale * LOG2E, STAGES=stages, CAUSAL=causal,
                                     N_BR=branches, num_warps=4)
     return out, lse
 

@@ -78,7 +78,8 @@ def compile_gluon_sm90(name: str, rows: int, stages: int, causal: bool = True, b
     fn = gluon_probe._fwd if name == "gluon" else gluon_ws_probe._fwd_ws
     box = f"tensordesc<bf16[{rows}, 64],{gl.NVMMASharedLayout.get_default_for([rows, 64], gl.bfloat16)!r}>"
     signature = {arg: box for arg in ("q_desc", "k_desc", "v_desc", "o_desc")}
-    signature.update(lse_ptr="*fp32", T="i32", H="i32", W="i32", R="i32", qk_scale="fp32", STAGES="constexpr",
+    signature.update(lse_ptr="*fp32", T="i32", H="i32", W="i32", R="i32", h0="i32", nh="i32", qk_scale="fp32",
+                     STAGES="constexpr",
                      CAUSAL="constexpr", N_BR="constexpr", num_warps="constexpr")
     constants = {"STAGES": stages, "CAUSAL": causal, "N_BR": branches, "num_warps": rows // 16}
     src = GluonASTSource(fn, signature, constexprs=constants)
