@@ -24,6 +24,7 @@ except ImportError:  # installs without Triton keep the PyTorch paths
     triton = tl = None
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+LOG2E = 1.4426950408889634  # the kernels' softmax runs in base 2: scores are scaled by log2(e) on the way in
 
 # Tuples of tensors and nested constexpr tuples as kernel arguments: tested with Triton 3.6
 # (torch 2.11's) on the GPU, and 3.6 and 3.9 in the interpreter.

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from . import triton, tl
+from . import LOG2E, tl, triton
 
 CHUNK = 512  # rows a program; at the 1M layout's 20,480 rows a head, 40 chunks and 480 programs for 12 heads
 ROWS = 64  # rows a loop iteration loads
 MERGE = 64  # chunks a merge iteration loads (a dense cache at 1M has 2,049 a head)
-LOG2E = 1.4426950408889634
 
 if triton is not None:
     @triton.jit

@@ -43,7 +43,7 @@ from typing import NamedTuple
 import torch
 
 from ..attention.layout import head_groups
-from . import SUPPORTED, compiled_triton, sm_count
+from . import LOG2E, SUPPORTED, compiled_triton, sm_count
 
 if SUPPORTED:
     from .union_kernels import KERNELS
@@ -64,7 +64,6 @@ CONFIG = {"fwd": (128, 64, 4, 4), "dq": (128, 32, 4, 4), "dkdv": (64, 32, 4, 3)}
 SPLIT_CONFIG = {"fwd": (128, 64, 4, 4), "dq": (128, 64, 4, 3), "dkdv": (64, 32, 4, 3)}
 SMALL_CONFIG = {"fwd": (64, 64, 4, 4), "dq": (64, 64, 4, 3), "dkdv": (64, 32, 4, 3)}
 SMALL_TILES = 8
-LOG2E = 1.4426950408889634
 
 
 class Layout(NamedTuple):
