@@ -24,8 +24,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                              warpgroup_mma_init, warpgroup_mma_wait)
 
 import gluon_probe
-from gluon_probe import (LOG2E, _diagonal, _finish, _softmax, _tile, _weights, descriptors, kept, mma_layout, pairs,
-                         reference, segments_sdpa, timed)
+from gluon_probe import (LOG2E, _barriers, _buffers, _diagonal, _finish, _softmax, _tile, _weights, descriptors,
+                         kept, mma_layout, pairs, reference, segments_sdpa, timed)
 
 
 @gluon.jit
@@ -100,24 +100,12 @@ def _fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, h0, nh, qk_scal
     D: gl.constexpr = q_desc.block_type.shape[1]
     gl.static_assert(BM == BN, "the diagonal tile is the last one")
     gl.static_assert(num_warps == 4, "one warpgroup computes: see the module docstring")
-    dtype: gl.constexpr = q_desc.dtype
 
     h, q0, lo, n, off, row, col = _tile(T, H, W, R, h0, nh, BM, D, CAUSAL)
 
-    q_smem = gl.allocate_shared_memory(dtype, [BM, D], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, D], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=1)
-        mbarrier.init(v_empty.index(i), count=1)
+    q_smem, k_smem, v_smem = _buffers(q_desc, k_desc, v_desc, STAGES)
+    q_bar = _barriers(1).index(0)
+    k_ready, v_ready, k_empty, v_empty = _barriers(STAGES), _barriers(STAGES), _barriers(STAGES), _barriers(STAGES)
     fence_async_shared()  # the barriers' initialisation before the other warps use them
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [row + q0, col], q_bar, q_smem)
