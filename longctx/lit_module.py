@@ -116,7 +116,8 @@ class LongContextLM(L.LightningModule):
         check_layout(world, cp, self.is_ring, self.variant)
         if self.hparams.residual_dtype == "bfloat16" and self.trainer.precision not in BF16_PRECISIONS:
             raise ValueError(f"model.residual_dtype='bfloat16' needs trainer.precision in {list(BF16_PRECISIONS)}, got "
-                             f"{self.trainer.precision!r}: the blocks' matmuls must take bfloat16 inputs")
+                             f"{self.trainer.precision!r}: the blocks' matmuls must take bfloat16 inputs "
+                             "(--model.residual_dtype=float32 keeps a float32 stream under any precision)")
         if self.hparams.seq_len % cp:
             raise ValueError(
                 f"data.seq_len={self.hparams.seq_len} is not divisible by model.context_parallel_size={cp}"

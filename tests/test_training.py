@@ -252,6 +252,23 @@ def test_every_config_parses(config, capsys):
     assert "class_path" in printed and "seq_len" in printed
 
 
+def test_gpu_preset_streams_bfloat16_and_names_the_way_back(corpus_dir):
+    """configs/longnet.yaml (shrunk by tests/configs/tiny.yaml, on the CPU) trains with bfloat16
+    between the blocks under its bf16-mixed precision; under a precision without bfloat16 matmuls
+    the refusal names the option that restores the float32 stream, and that option runs."""
+    preset = ["--config", f"{ROOT}/configs/longnet.yaml", *tiny_args(corpus_dir, "--trainer.enable_checkpointing=true",
+                                                                      "--trainer.max_steps=2")]
+    cli = cli_main(preset, run=False)
+    dtypes = []
+    cli.model.model.blocks[0].register_forward_pre_hook(lambda m, args: dtypes.append(args[0].dtype))
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step == 2 and set(dtypes) == {torch.bfloat16}
+    with pytest.raises(ValueError, match=r"got '32-true'.*--model.residual_dtype=float32"):
+        cli_main(["fit", *preset, "--trainer.precision=32-true"])
+    cli = cli_main(["fit", *preset, "--trainer.precision=32-true", "--model.residual_dtype=float32"])
+    assert cli.trainer.global_step == 2
+
+
 def test_setup_runs_once_per_layout(corpus_dir, monkeypatch):
     """fit then validate: the context-parallel groups are made (and blocks compiled) once."""
     import longctx.lit_module as lm
