@@ -4,7 +4,8 @@ presets' own layouts: outputs compared, both timed in one process.
 - `--union`: the long preset's forward local pass (causal 2,048-row segments with the weight
   terms of 5 branches), against `union._launch("fwd", passes=("local",))`.
 - `--seed`: head_split's seed layout (non-causal, one launch a branch over its heads), against
-  `union.forward` and dense cuDNN on the whole sequence.
+  `union.forward` and dense cuDNN on the whole sequence, eager and in a CUDA graph (three Gluon
+  launches with host-made descriptors are host-bound eager).
 
 `python tools/kernels/gluon_compare.py --union [--lengths 32768 131072] [--configs 64x2 128x2]`,
 `python tools/kernels/gluon_compare.py --seed --lengths 8192 32768`. CUDA, compute capability 9.0.
@@ -89,7 +90,9 @@ def compare_seed(lengths, configs, scale: float) -> None:
                           f"the same rows kept: {same_rows}", flush=True)
                     cells[f"gluon {BM}x{stages}"] = lambda BM=BM, stages=stages: ours(BM, stages)
                 ms = {name: timed(fn) for name, fn in cells.items()}
-            print(f"T={T} B={B} seed forward: " + ", ".join(f"{name} {t:.3f} ms" for name, t in ms.items()), flush=True)
+                graphed = {name: timed(fn, graph=True) for name, fn in cells.items()}
+            print(f"T={T} B={B} seed forward: " + ", ".join(f"{name} {t:.3f} ms (graphed {graphed[name]:.3f})"
+                                                            for name, t in ms.items()), flush=True)
 
 
 def main(argv=None):

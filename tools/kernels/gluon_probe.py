@@ -287,16 +287,24 @@ def pairs(T: int, W: int, R: int, causal: bool) -> float:
     return T // W * (w * (w + 1) / 2 if causal else w * w)
 
 
-def timed(fn, reps: int = 10, calls: int = 10) -> float:
+def timed(fn, reps: int = 10, calls: int = 10, graph: bool = False) -> float:
     """Median over reps of the mean milliseconds of `calls` back-to-back calls (the launches
-    queue ahead of the GPU, so host time between kernels is hidden), after two warm-up calls."""
+    queue ahead of the GPU, so host time between kernels is hidden where the GPU work is the
+    longer), after two warm-up calls. graph: the calls captured in one CUDA graph and replayed,
+    which leaves no host time at all (short launches: the seed layout's)."""
     fn(), fn()
+    run = lambda: [fn() for _ in range(calls)]
+    if graph:
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            run()
+        run = g.replay
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(calls):
-            fn()
+        run()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / calls)

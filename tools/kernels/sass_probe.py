@@ -12,9 +12,9 @@ Use the Triton the GPU runs (the device image's torch 2.11 has Triton 3.6; newer
 differently), e.g. in a venv over this one: `pip install --no-deps triton==3.6.0`.
 
 Usage: python tools/kernels/sass_probe.py KERNEL [local|upper] [long|seed|rotary] [rows cols warps stages]
-       python tools/kernels/sass_probe.py gluon|gluon_ws [rows stages [full|union]]
+       python tools/kernels/sass_probe.py gluon|gluon_ws|gluon_dq|gluon_dkdv [rows stages [full|union]]
   KERNEL: fwd, dq or dkdv; gluon: gluon_probe.py's forward (default 64 rows, 2 stages), gluon_ws
-  gluon_ws_probe.py's (64 rows), causal unless `full`, with the long preset's weights (5
+  gluon_ws_probe.py's (64 rows), gluon_dq and gluon_dkdv gluon_bwd_probe.py's kernels; causal unless `full`, with the long preset's weights (5
   branches) under `union`; each line ends with ptxas's verdict on whether it serialises the
   wgmma (C7514); tiles default to union.CONFIG (long, rotary) or union.SMALL_CONFIG (seed);
   long: the long preset's layout (L = 2048, 5 branches, causal); seed: head_split's (L = 1024,
@@ -67,7 +67,7 @@ def compile_sm90(name: str, which: str, preset: str, rows: int, cols: int, warps
 
 
 def compile_gluon_sm90(name: str, rows: int, stages: int, causal: bool = True, branches: int = 1):
-    """gluon_probe.py's (or gluon_ws_probe.py's) forward compiled for sm_90 (bf16, head dim 64,
+    """gluon_probe.py's (or gluon_ws_probe.py's) forward, or gluon_bwd_probe.py's dQ or dK/dV, compiled for sm_90 (bf16, head dim 64,
     rows × 64 TMA boxes)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import gluon_probe
@@ -75,12 +75,20 @@ def compile_gluon_sm90(name: str, rows: int, stages: int, causal: bool = True, b
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    fn = gluon_probe._fwd if name == "gluon" else gluon_ws_probe._fwd_ws
+    import gluon_bwd_probe
+
     box = f"tensordesc<bf16[{rows}, 64],{gl.NVMMASharedLayout.get_default_for([rows, 64], gl.bfloat16)!r}>"
-    signature = {arg: box for arg in ("q_desc", "k_desc", "v_desc", "o_desc")}
-    signature.update(lse_ptr="*fp32", T="i32", H="i32", W="i32", R="i32", h0="i32", nh="i32", qk_scale="fp32",
-                     STAGES="constexpr",
-                     CAUSAL="constexpr", N_BR="constexpr", num_warps="constexpr")
+    if name in ("gluon_dq", "gluon_dkdv"):
+        fn = gluon_bwd_probe._dq if name == "gluon_dq" else gluon_bwd_probe._dkdv
+        outs = ("dq_desc",) if name == "gluon_dq" else ("dk_desc", "dv_desc")
+        signature = {arg: box for arg in ("q_desc", "k_desc", "v_desc", "do_desc", *outs)}
+        signature.update(stats_ptr="*fp32", T="i32", H="i32", W="i32", R="i32", nh="i32", BH="i32", qk_scale="fp32",
+                         scale="fp32")
+    else:
+        fn = gluon_probe._fwd if name == "gluon" else gluon_ws_probe._fwd_ws
+        signature = {arg: box for arg in ("q_desc", "k_desc", "v_desc", "o_desc")}
+        signature.update(lse_ptr="*fp32", T="i32", H="i32", W="i32", R="i32", h0="i32", nh="i32", qk_scale="fp32")
+    signature.update(STAGES="constexpr", CAUSAL="constexpr", N_BR="constexpr", num_warps="constexpr")
     constants = {"STAGES": stages, "CAUSAL": causal, "N_BR": branches, "num_warps": rows // 16}
     src = GluonASTSource(fn, signature, constexprs=constants)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": rows // 16})
@@ -143,7 +151,7 @@ def opcode(instruction: str) -> str:
 
 def main(argv):
     name = argv[0] if argv else sys.exit(__doc__)
-    if name in ("gluon", "gluon_ws"):
+    if name.startswith("gluon"):
         rows, stages = [int(x) for x in argv[1:3]] or (64, 2)
         causal, branches = argv[3:4] != ["full"], 5 if argv[3:4] == ["union"] else 1
         preset = ("causal segments" if causal else "segments") + (", 5 branches' weights" if branches > 1 else "")
