@@ -1,6 +1,5 @@
 """Probe: the backward of gluon_probe.py's problem in Gluon (TMA loads, asynchronous wgmma), dQ
-and dK/dV in two kernels as the union kernels split them, against cuDNN and the union kernels'
-local backward passes.
+and dK/dV in two kernels as the union kernels split them, against cuDNN.
 
 The problem is gluon_probe.py's: attention inside segments of W rows, causal or not, head h
 keeping the positions ≡ h (mod R) (a dilated branch read in place through the (B·T/R, R·H·D)
@@ -17,10 +16,10 @@ the union kernels' STATS, (2, B·H, T) float32 by position, which their local dQ
   exponentials run while dP is in flight, dQ += dS Kⱼ runs into the next tile's issue.
 
 `python tools/kernels/gluon_bwd_probe.py [--lengths 32768 131072] [--segments 2048] [--rates 1 4] [--full] [--union]`:
-checks the three gradients against float32 autograd of the definition, then times them against
-cuDNN's backward on the same (packed) segments and, with --union (R = 1, the long preset's five
-branches' weights on 2,048-row segments), the union kernels' local dQ and dK/dV passes. CUDA,
-compute capability 9.0 only.
+checks the three gradients against float32 autograd of the definition (--union: with the long
+preset's five branches' weights, R = 1, W = 2,048), then times them against cuDNN's backward on
+the same (packed) segments. Against the union kernels' passes they would replace:
+gluon_compare.py. CUDA, compute capability 9.0 only.
 """
 import argparse
 import math
@@ -37,8 +36,8 @@ from gluon_probe import LOG2E, _barriers, descriptors, forward, kept, mma_layout
 
 
 @gluon.jit
-def _geometry(T, H, W, R, nh, BM: gl.constexpr, D: gl.constexpr, Q_TILES: gl.constexpr):
-    """This program's tile and head: (head, first row t0, its segment's first row lo, the head's
+def _geometry(T, H, W, R, h0, nh, BM: gl.constexpr, D: gl.constexpr, Q_TILES: gl.constexpr):
+    """This program's tile and head (one of h0 … h0 + nh − 1): (head, first row t0, its segment's first row lo, the head's
     offset, the batch's first row in the (B·T/R, R·H·D) view, the head's column, b·H + h). The most
     work first: dK/dV's first key tiles of a segment (Q_TILES false), dQ's last query tiles."""
     per_seg = W // BM
@@ -48,7 +47,7 @@ def _geometry(T, H, W, R, nh, BM: gl.constexpr, D: gl.constexpr, Q_TILES: gl.con
     t0 = lo + (per_seg - 1 - j if Q_TILES else j) * BM
     bh = gl.program_id(1)
     b = bh // nh
-    h = bh - b * nh
+    h = h0 + bh - b * nh
     off = h % R
     return h, t0, lo, off, b * T, (off * H + h) * D, b * H + h
 
@@ -117,12 +116,12 @@ def _dkdv_step(i, n, k_smem, v_smem, q_smem, do_smem, ready, dk, dv, pt_op, dst_
 
 
 @gluon.jit
-def _dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, stats_ptr, T, H, W, R, nh, BH, qk_scale, scale,
+def _dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, stats_ptr, T, H, W, R, h0, nh, BH, qk_scale, scale,
           STAGES: gl.constexpr, CAUSAL: gl.constexpr, N_BR: gl.constexpr, num_warps: gl.constexpr):
     BM: gl.constexpr = q_desc.block_type.shape[0]
     D: gl.constexpr = q_desc.block_type.shape[1]
     dtype: gl.constexpr = q_desc.dtype
-    h, k0, lo, off, row, col, bh = _geometry(T, H, W, R, nh, BM, D, False)
+    h, k0, lo, off, row, col, bh = _geometry(T, H, W, R, h0, nh, BM, D, False)
     t0 = k0 if CAUSAL else lo  # the first query tile: the diagonal one, or the segment's first
     n = (lo + W - t0) // BM
     T_all = T * R
@@ -214,12 +213,12 @@ def _dq_step(j, n, q_smem, do_smem, k_smem, v_smem, ready, dq, ds_op, bias, k_te
 
 
 @gluon.jit
-def _dq(q_desc, k_desc, v_desc, do_desc, dq_desc, stats_ptr, T, H, W, R, nh, BH, qk_scale, scale,
+def _dq(q_desc, k_desc, v_desc, do_desc, dq_desc, stats_ptr, T, H, W, R, h0, nh, BH, qk_scale, scale,
         STAGES: gl.constexpr, CAUSAL: gl.constexpr, N_BR: gl.constexpr, num_warps: gl.constexpr):
     BM: gl.constexpr = q_desc.block_type.shape[0]
     D: gl.constexpr = q_desc.block_type.shape[1]
     dtype: gl.constexpr = q_desc.dtype
-    h, q0, lo, off, row, col, bh = _geometry(T, H, W, R, nh, BM, D, True)
+    h, q0, lo, off, row, col, bh = _geometry(T, H, W, R, h0, nh, BM, D, True)
     n = (q0 - lo) // BM + 1 if CAUSAL else W // BM
 
     s_layout: gl.constexpr = mma_layout(BM, num_warps)
@@ -272,17 +271,19 @@ def _dq(q_desc, k_desc, v_desc, do_desc, dq_desc, stats_ptr, T, H, W, R, nh, BH,
 
 
 def backward(q, k, v, do, stats, W: int, scale: float, BM: int = 64, stages: int = 2, R: int = 1,
-             causal: bool = True, branches: int = 1, which=("dq", "dkdv"), grads=None):
+             causal: bool = True, branches: int = 1, which=("dq", "dkdv"), grads=None, heads: range | None = None):
     """(dq, dk, dv) of gluon_probe.forward's attention given STATS (2, B·H, T): log2 LSE and Δ by
     position. A head's rows it does not keep are left as `grads` had them (zeros if not given);
-    `which` launches only some of the two kernels (timing)."""
+    `which` launches only some of the two kernels (timing); heads: only these (contiguous) ones
+    (head_split's branches)."""
     B, T, H, D = q.shape
     assert T % W == 0 and W % (BM * R) == 0 and (R == 1 or branches == 1)
     grads = grads or tuple(torch.zeros_like(q) for _ in range(3))
     dq, dk, dv = grads
     qd, kd, vd, dod, dqd, dkd, dvd = descriptors((q, k, v, do, dq, dk, dv), R, BM)
-    grid = (T // R // BM, B * H)
-    args = (stats, T // R, H, W // R, R, H, B * H, scale * LOG2E, scale)
+    heads = heads or range(H)
+    grid = (T // R // BM, B * len(heads))
+    args = (stats, T // R, H, W // R, R, heads.start, len(heads), B * H, scale * LOG2E, scale)
     consts = dict(STAGES=stages, CAUSAL=causal, N_BR=branches, num_warps=BM // 16)
     if "dq" in which:
         _dq[grid](qd, kd, vd, dod, dqd, *args, **consts)
@@ -355,25 +356,6 @@ def cudnn_backward(q, k, v, do, W: int, scale: float, causal: bool):
     return lambda: torch.autograd.grad(out, seg, g, retain_graph=True)
 
 
-def union_local(q, k, v, do, out, lse, scale: float, which=("dq", "dkdv")):
-    """The union kernels' local dQ and dK/dV passes on the long preset's layout (5 branches from
-    2,048-row segments) given the forward's out and LSE."""
-    from longctx.kernels import union
-
-    B, T, H, D = q.shape
-    lay = union.layout(T, H, D, [2048 << i for i in range(5)], [1 << i for i in range(5)], False)
-    dq, dk, dv = (torch.empty_like(q) for _ in range(3))
-    stats = torch.empty((2, B * H, T), dtype=torch.float32, device=q.device)
-    strides = [*union._strides(q, k, v, do), *union._strides(dq)]
-    if "dq" in which:
-        union._launch("dq", q, lay, (q, k, v, do, out, lse, stats, dq, stats, stats, *strides, T, H, scale * LOG2E,
-                                     scale), True, passes=("local",), ROPE=False)
-    if "dkdv" in which:
-        union._launch("dkdv", q, lay, (q, k, v, do, stats, dk, dv, stats, stats, *strides, T, H, scale * LOG2E,
-                                       scale), True, passes=("local",), ROPE=False)
-    return dq, dk, dv, stats
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
@@ -381,7 +363,7 @@ def main(argv=None):
     p.add_argument("--rates", type=int, nargs="+", default=[1, 4])
     p.add_argument("--configs", nargs="+", default=["64x2", "64x3"], help="tiles as ROWSxSTAGES")
     p.add_argument("--full", action="store_true", help="non-causal (the seed preset's), not causal")
-    p.add_argument("--union", action="store_true", help="the long preset's weights, against the union kernels")
+    p.add_argument("--union", action="store_true", help="the long preset's weights (R = 1, W = 2,048)")
     args = p.parse_args(argv)
     H, D, causal = 12, 64, not args.full
     scale = 1 / math.sqrt(D)
@@ -396,13 +378,7 @@ def main(argv=None):
                 packed = [kept(x, R).contiguous() for x in (q, k, v, do)]
                 cells = {"cudnn": cudnn_backward(*packed, W // R, scale, causal)}
                 out, lse = forward(q, k, v, W, scale, 64, 2, R, causal, branches)
-                if args.union:
-                    *_, stats = union_local(q, k, v, do, out, lse, scale, ("dq",))
-                    cells["triton dq"] = lambda: union_local(q, k, v, do, out, lse, scale, ("dq",))
-                    cells["triton dkdv"] = lambda: union_local(q, k, v, do, out, lse, scale, ("dkdv",))
-                    cells["triton both"] = lambda: union_local(q, k, v, do, out, lse, scale)
-                else:
-                    stats = stats_of(kept(out, R), packed[3], kept(lse[..., None], R)[..., 0], R)
+                stats = stats_of(kept(out, R), packed[3], kept(lse[..., None], R)[..., 0], R)
                 grads = tuple(torch.zeros_like(q) for _ in range(3))
                 for BM, stages in configs:
                     if W % (BM * R):

@@ -1,11 +1,13 @@
 """The Gluon forward (gluon_probe.py) against the Triton union kernels it would replace, on the
 presets' own layouts: outputs compared, both timed in one process.
 
-- `--union`: the long preset's forward local pass (causal 2,048-row segments with the weight
-  terms of 5 branches), against `union._launch("fwd", passes=("local",))`.
+- `--union`: the long preset's local passes (causal 2,048-row segments with the weight terms of
+  5 branches): the forward against `union._launch("fwd", passes=("local",))`, then
+  gluon_bwd_probe.py's dQ and dK/dV (64-row tiles) against the local dQ and dK/dV passes.
 - `--seed`: head_split's seed layout (non-causal, one launch a branch over its heads), against
   `union.forward` and dense cuDNN on the whole sequence, eager and in a CUDA graph (three Gluon
-  launches with host-made descriptors are host-bound eager).
+  launches with host-made descriptors are host-bound eager); then forward and backward (64-row
+  tiles) against `union.forward` + `union.backward`.
 
 `python tools/kernels/gluon_compare.py --union [--lengths 32768 131072] [--configs 64x2 128x2]`,
 `python tools/kernels/gluon_compare.py --seed --lengths 8192 32768`. CUDA, compute capability 9.0.
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gluon_bwd_probe import backward, stats_of
 from gluon_probe import LOG2E, forward, pairs, timed
 
 
@@ -52,6 +55,103 @@ def compare_union(lengths, configs, H: int, D: int, scale: float) -> None:
         ms = {name: timed(fn) for name, fn in cells.items()}
         print(f"T={T} local pass: " + ", ".join(f"{name} {t:.3f} ms {flops / t / 1e9:.0f} TF/s"
                                                  for name, t in ms.items()), flush=True)
+
+
+def union_local_backward(q, k, v, do, out, lse, scale: float, which=("dq", "dkdv")):
+    """The union kernels' local dQ and dK/dV passes on the long preset's layout (5 branches from
+    2,048-row segments) given the forward's out and LSE."""
+    from longctx.kernels import union
+
+    B, T, H, D = q.shape
+    lay = union.layout(T, H, D, [2048 << i for i in range(5)], [1 << i for i in range(5)], False)
+    dq, dk, dv = (torch.empty_like(q) for _ in range(3))
+    stats = torch.empty((2, B * H, T), dtype=torch.float32, device=q.device)
+    strides = [*union._strides(q, k, v, do), *union._strides(dq)]
+    if "dq" in which:
+        union._launch("dq", q, lay, (q, k, v, do, out, lse, stats, dq, stats, stats, *strides, T, H, scale * LOG2E,
+                                     scale), True, passes=("local",), ROPE=False)
+    if "dkdv" in which:
+        union._launch("dkdv", q, lay, (q, k, v, do, stats, dk, dv, stats, stats, *strides, T, H, scale * LOG2E,
+                                       scale), True, passes=("local",), ROPE=False)
+    return dq, dk, dv, stats
+
+
+def compare_seed_step(lengths, configs, scale: float) -> None:
+    """head_split's seed layout, forward and backward: one Gluon launch a
+    branch and kernel over its heads, against the union kernels' union.forward + union.backward
+    and dense cuDNN on the whole sequence; gradients compared with the union kernels', every cell
+    timed eager and in a CUDA graph."""
+    from longctx.attention.layout import head_groups
+    from longctx.kernels import union
+
+    H, D, ws, rs = 8, 64, [1024, 2048, 4096], [1, 2, 4]
+    groups = head_groups(H, len(ws), True)
+    for T in lengths:
+        for B in (1, 2):
+            q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+            lay = union.layout(T, H, D, ws, rs, True)
+
+            def ours(BM, stages):
+                out = torch.zeros_like(q)
+                lse = torch.full((B, T, H), float("-inf"), device=q.device)
+                for w, r, heads in zip(ws, rs, groups):
+                    forward(q, k, v, w, scale, BM, stages, r, False, 1, heads, out, lse)
+                stats = stats_of(out, do, lse)
+                grads = tuple(torch.zeros_like(q) for _ in range(3))
+                for w, r, heads in zip(ws, rs, groups):
+                    backward(q, k, v, do, stats, w, scale, BM, stages, r, False, 1, grads=grads, heads=heads)
+                return grads
+
+            def theirs():
+                out, lse = union.forward(q, k, v, lay, False, scale)
+                return union.backward(do, q, k, v, out, lse, lay, False, scale)
+
+            seq = [x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v)]
+
+            def dense():
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    out = F.scaled_dot_product_attention(*seq, scale=scale)
+                return torch.autograd.grad(out, seq, do.transpose(1, 2))
+
+            ref = theirs()
+            cells = {"dense cudnn": dense, "triton union": theirs}
+            for BM, stages in configs:
+                gaps = ", ".join(f"{name} {(g.float() - r.float()).abs().max().item():.1e}"
+                                 for name, g, r in zip(("dq", "dk", "dv"), ours(BM, stages), ref))
+                print(f"T={T} B={B} {BM}x{stages} against the union kernels: max |g - g'|: {gaps}", flush=True)
+                cells[f"gluon {BM}x{stages}"] = lambda BM=BM, stages=stages: ours(BM, stages)
+            ms = {name: timed(fn) for name, fn in cells.items()}
+            graphed = {name: timed(fn, graph=True) for name, fn in cells.items() if name != "dense cudnn"}
+            print(f"T={T} B={B} seed fwd+bwd: " + ", ".join(
+                f"{name} {t:.3f} ms" + (f" (graphed {graphed[name]:.3f})" if name in graphed else "")
+                for name, t in ms.items()), flush=True)
+
+
+def compare_union_backward(lengths, configs, H: int, D: int, scale: float) -> None:
+    """gluon_bwd_probe.py's kernels with the long preset's weights against the union kernels' local
+    dQ and dK/dV passes, given the same forward (Gluon's local pass) and the STATS the Triton dQ
+    pass writes: gradients compared, each kernel and both timed in a CUDA graph."""
+    for T in lengths:
+        q, k, v, do = (torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        out, lse = forward(q, k, v, 2048, scale, 64, 2, 1, True, 5)
+        *ref, stats = union_local_backward(q, k, v, do, out, lse, scale)
+        cells = {f"triton {which}": lambda which=which: union_local_backward(q, k, v, do, out, lse, scale, (which,))
+                 for which in ("dq", "dkdv")}
+        cells["triton both"] = lambda: union_local_backward(q, k, v, do, out, lse, scale)
+        for BM, stages in configs:
+            got = backward(q, k, v, do, stats, 2048, scale, BM, stages, 1, True, 5)
+            gaps = ", ".join(f"{name} {(g.float() - r.float()).abs().max().item():.1e}"
+                             for name, g, r in zip(("dq", "dk", "dv"), got, ref))
+            print(f"T={T} {BM}x{stages} backward against the Triton local passes: max |g - g'|: {gaps}", flush=True)
+            for which in (("dq",), ("dkdv",), ("dq", "dkdv")):
+                cells[f"gluon {BM}x{stages} {'both' if len(which) == 2 else which[0]}"] = (
+                    lambda which=which, BM=BM, stages=stages: backward(q, k, v, do, stats, 2048, scale, BM, stages, 1,
+                                                                       True, 5, which))
+        flops = 2.5 * pairs(T, 2048, 1, True) * 4 * D * H
+        ms = {name: timed(fn, graph=True) for name, fn in cells.items()}
+        print(f"T={T} local backward, graphed: " + ", ".join(
+            f"{name} {t:.3f} ms" + (f" {flops / t / 1e9:.0f} TF/s" if "both" in name else "") for name, t in ms.items()),
+            flush=True)
 
 
 def compare_seed(lengths, configs, scale: float) -> None:
@@ -106,8 +206,10 @@ def main(argv=None):
     configs = [tuple(map(int, c.split("x"))) for c in args.configs]
     if args.union:
         compare_union(args.lengths, configs, 12, 64, 1 / math.sqrt(64))
+        compare_union_backward(args.lengths, [c for c in configs if c[0] == 64], 12, 64, 1 / math.sqrt(64))
     if args.seed:
         compare_seed(args.lengths, configs, 1 / math.sqrt(64))
+        compare_seed_step(args.lengths, [c for c in configs if c[0] == 64], 1 / math.sqrt(64))
     if not (args.union or args.seed):
         p.error("give --union, --seed or both")
 

@@ -82,7 +82,8 @@ def compile_gluon_sm90(name: str, rows: int, stages: int, causal: bool = True, b
         fn = gluon_bwd_probe._dq if name == "gluon_dq" else gluon_bwd_probe._dkdv
         outs = ("dq_desc",) if name == "gluon_dq" else ("dk_desc", "dv_desc")
         signature = {arg: box for arg in ("q_desc", "k_desc", "v_desc", "do_desc", *outs)}
-        signature.update(stats_ptr="*fp32", T="i32", H="i32", W="i32", R="i32", nh="i32", BH="i32", qk_scale="fp32",
+        signature.update(stats_ptr="*fp32", T="i32", H="i32", W="i32", R="i32", h0="i32", nh="i32", BH="i32",
+                         qk_scale="fp32",
                          scale="fp32")
     else:
         fn = gluon_probe._fwd if name == "gluon" else gluon_ws_probe._fwd_ws
@@ -155,7 +156,7 @@ def main(argv):
         rows, stages = [int(x) for x in argv[1:3]] or (64, 2)
         causal, branches = argv[3:4] != ["full"], 5 if argv[3:4] == ["union"] else 1
         preset = ("causal segments" if causal else "segments") + (", 5 branches' weights" if branches > 1 else "")
-        warps, which, cols = rows // 16, "forward", rows
+        warps, which, cols = rows // 16, "backward" if name in ("gluon_dq", "gluon_dkdv") else "forward", rows
         kernel = compile_gluon_sm90(name, rows, stages, causal, branches)
     else:
         which = argv[1] if len(argv) > 1 else "local"
