@@ -73,6 +73,30 @@ def _terms(pos, h, N_BR: gl.constexpr):
 
 
 @gluon.jit
+def _tiles(a_desc, b_desc, ra_desc, rb_desc, row, at, ring_at, col, n, STAGES: gl.constexpr):
+    """Shared memory for the program's own pair of tiles (at row + at) and a ring of STAGES pairs
+    of the tiles it loops over (tile i at row + ring_at + i·rows), with their mbarriers; the pair
+    and the ring's first min(n, STAGES) tiles loading. (dK/dV: K and V, then Q and dO; dQ: Q and
+    dO, then K and V.)"""
+    a_smem = gl.allocate_shared_memory(a_desc.dtype, a_desc.block_type.shape, a_desc.layout)
+    b_smem = gl.allocate_shared_memory(b_desc.dtype, b_desc.block_type.shape, b_desc.layout)
+    ra_smem = gl.allocate_shared_memory(ra_desc.dtype, [STAGES] + ra_desc.block_type.shape, ra_desc.layout)
+    rb_smem = gl.allocate_shared_memory(rb_desc.dtype, [STAGES] + rb_desc.block_type.shape, rb_desc.layout)
+    bar = _barriers(1).index(0)
+    ready = _barriers(STAGES)
+    mbarrier.expect(bar, 2 * a_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(a_desc, [row + at, col], bar, a_smem)
+    tma.async_copy_global_to_shared(b_desc, [row + at, col], bar, b_smem)
+    BR: gl.constexpr = ra_desc.block_type.shape[0]
+    for i in gl.static_range(STAGES):
+        go = i < n
+        mbarrier.expect(ready.index(i), 2 * ra_desc.block_type.nbytes, pred=go)
+        tma.async_copy_global_to_shared(ra_desc, [row + ring_at + i * BR, col], ready.index(i), ra_smem.index(i), pred=go)
+        tma.async_copy_global_to_shared(rb_desc, [row + ring_at + i * BR, col], ready.index(i), rb_smem.index(i), pred=go)
+    return a_smem, b_smem, ra_smem, rb_smem, bar, ready
+
+
+@gluon.jit
 def _dkdv_step(i, n, k_smem, v_smem, q_smem, do_smem, ready, dk, dv, pt_op, dst_op, bias, q_terms, k_pos, t0, qk_scale,
                stats_ptr, T_all, BH, bh, R, off, q_desc, do_desc, row, col, MASK: gl.constexpr,
                WEIGHTS: gl.constexpr):
@@ -129,21 +153,8 @@ def _dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, stats_ptr, T, H, W,
     s_layout: gl.constexpr = mma_layout(BM, num_warps)
     o_layout: gl.constexpr = mma_layout(D, num_warps)
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
-    q_smem = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
-    do_smem = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
-    kv_bar = _barriers(1).index(0)
-    ready = _barriers(STAGES)
-
-    mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [row + k0, col], kv_bar, k_smem)
-    tma.async_copy_global_to_shared(v_desc, [row + k0, col], kv_bar, v_smem)
-    for i in gl.static_range(STAGES):
-        go = i < n
-        mbarrier.expect(ready.index(i), 2 * q_desc.block_type.nbytes, pred=go)
-        tma.async_copy_global_to_shared(q_desc, [row + t0 + i * BM, col], ready.index(i), q_smem.index(i), pred=go)
-        tma.async_copy_global_to_shared(do_desc, [row + t0 + i * BM, col], ready.index(i), do_smem.index(i), pred=go)
+    k_smem, v_smem, q_smem, do_smem, kv_bar, ready = _tiles(k_desc, v_desc, q_desc, do_desc, row, k0, t0, col, n,
+                                                             STAGES)
 
     k_pos = k0 + gl.arange(0, BM, gl.SliceLayout(1, s_layout))
     bias = _terms(k_pos, h, N_BR)  # the keys' weight terms (unused when N_BR = 1)
@@ -224,21 +235,8 @@ def _dq(q_desc, k_desc, v_desc, do_desc, dq_desc, stats_ptr, T, H, W, R, h0, nh,
     s_layout: gl.constexpr = mma_layout(BM, num_warps)
     o_layout: gl.constexpr = mma_layout(D, num_warps)
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
-    do_smem = gl.allocate_shared_memory(dtype, do_desc.block_type.shape, do_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-    q_bar = _barriers(1).index(0)
-    ready = _barriers(STAGES)
-
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [row + q0, col], q_bar, q_smem)
-    tma.async_copy_global_to_shared(do_desc, [row + q0, col], q_bar, do_smem)
-    for i in gl.static_range(STAGES):
-        go = i < n
-        mbarrier.expect(ready.index(i), 2 * k_desc.block_type.nbytes, pred=go)
-        tma.async_copy_global_to_shared(k_desc, [row + lo + i * BM, col], ready.index(i), k_smem.index(i), pred=go)
-        tma.async_copy_global_to_shared(v_desc, [row + lo + i * BM, col], ready.index(i), v_smem.index(i), pred=go)
+    q_smem, do_smem, k_smem, v_smem, q_bar, ready = _tiles(q_desc, do_desc, k_desc, v_desc, row, q0, lo, col, n,
+                                                            STAGES)
 
     rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     q_pos = q0 + gl.arange(0, BM, rows)

@@ -57,6 +57,22 @@ def compare_union(lengths, configs, H: int, D: int, scale: float) -> None:
                                                  for name, t in ms.items()), flush=True)
 
 
+SEED = [1024, 2048, 4096], [1, 2, 4]  # head_split's seed layout: segments, dilations
+
+
+def seed_forward(q, k, v, scale: float, BM: int, stages: int):
+    """(out, lse) of head_split's seed layout by the Gluon forward, one launch a branch over its
+    group of heads; rows a head does not keep: output 0 and LSE −inf, as the union kernels write them."""
+    from longctx.attention.layout import head_groups
+
+    B, T, H, D = q.shape
+    out = torch.zeros_like(q)
+    lse = torch.full((B, T, H), float("-inf"), device=q.device)
+    for w, r, heads in zip(*SEED, head_groups(H, len(SEED[0]), True)):
+        forward(q, k, v, w, scale, BM, stages, r, False, 1, heads, out, lse)
+    return out, lse
+
+
 def union_local_backward(q, k, v, do, out, lse, scale: float, which=("dq", "dkdv")):
     """The union kernels' local dQ and dK/dV passes on the long preset's layout (5 branches from
     2,048-row segments) given the forward's out and LSE."""
@@ -84,21 +100,18 @@ def compare_seed_step(lengths, configs, scale: float) -> None:
     from longctx.attention.layout import head_groups
     from longctx.kernels import union
 
-    H, D, ws, rs = 8, 64, [1024, 2048, 4096], [1, 2, 4]
-    groups = head_groups(H, len(ws), True)
+    H, D = 8, 64
+    groups = head_groups(H, len(SEED[0]), True)
     for T in lengths:
         for B in (1, 2):
             q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-            lay = union.layout(T, H, D, ws, rs, True)
+            lay = union.layout(T, H, D, *SEED, True)
 
             def ours(BM, stages):
-                out = torch.zeros_like(q)
-                lse = torch.full((B, T, H), float("-inf"), device=q.device)
-                for w, r, heads in zip(ws, rs, groups):
-                    forward(q, k, v, w, scale, BM, stages, r, False, 1, heads, out, lse)
+                out, lse = seed_forward(q, k, v, scale, BM, stages)
                 stats = stats_of(out, do, lse)
                 grads = tuple(torch.zeros_like(q) for _ in range(3))
-                for w, r, heads in zip(ws, rs, groups):
+                for w, r, heads in zip(*SEED, groups):
                     backward(q, k, v, do, stats, w, scale, BM, stages, r, False, 1, grads=grads, heads=heads)
                 return grads
 
@@ -159,22 +172,16 @@ def compare_seed(lengths, configs, scale: float) -> None:
     each branch on its own group of heads; non-causal), batch 1 and 2: one launch a branch over
     its heads, against the union kernels' forward (Triton) and dense cuDNN on the whole sequence.
     Rows a head does not keep: output 0 and LSE −inf, as the union kernels write them."""
-    from longctx.attention.layout import head_groups
     from longctx.kernels import union
 
-    H, D, ws, rs = 8, 64, [1024, 2048, 4096], [1, 2, 4]
-    groups = head_groups(H, len(ws), True)
+    H, D = 8, 64
     for T in lengths:
         for B in (1, 2):
             q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-            lay = union.layout(T, H, D, ws, rs, True)
+            lay = union.layout(T, H, D, *SEED, True)
 
             def ours(BM, stages):
-                out = torch.zeros_like(q)
-                lse = torch.full((B, T, H), float("-inf"), device=q.device)
-                for w, r, heads in zip(ws, rs, groups):
-                    forward(q, k, v, w, scale, BM, stages, r, False, 1, heads, out, lse)
-                return out, lse
+                return seed_forward(q, k, v, scale, BM, stages)
 
             ref_out, ref_lse = union.forward(q, k, v, lay, False, scale)
             seq = [x.transpose(1, 2) for x in (q, k, v)]
