@@ -1,13 +1,20 @@
-"""Probe: gluon_probe.py's forward with its loads moved to a producer warp (warp specialisation).
+"""Probe: gluon_probe.py's forward split over warps by role (warp specialisation), as
+FlashAttention-3 splits it: two consumer warpgroups and one producer warp a program.
 
 The same problem and math as gluon_probe.py (attention inside segments, causal or not, a dilated
-branch's rows read in place through the (B·T/R, R·H·D) view). Here one warpgroup computes (64
-query rows: wgmma, softmax, the O update) and one extra warp only issues the TMA loads of K and V
-into a ring of stages. The two hand stages back and forth through mbarriers: ready (the TMA's
-bytes landed) and empty (the warpgroup's QKᵀ, for K, or PV, for V, has retired), so the loads
-run as far ahead as the ring allows without the compute warps spending instructions on them.
-One warpgroup only: an mbarrier arrival comes from one thread, which knows that its own
-warpgroup's wgmma retired, not another's.
+branch's rows read in place through the (B·T/R, R·H·D) view). A program takes 128 query rows:
+each of two warpgroups computes 64 of them (wgmma, softmax, the O update) over the same stream of
+64-row K and V tiles, which one extra warp loads by TMA into a ring of stages. Ready barriers
+complete on a TMA's bytes; empty barriers on two arrivals, one a warpgroup, each made after that
+warpgroup's QKᵀ (for K) or PV (for V) retired, so a stage is reloaded only once both are done
+with it. The two warpgroups' matmuls interleave on the tensor cores while either runs its
+softmax, and each K/V tile is loaded once for 128 queries. Causal, the second warpgroup has one
+tile more (its diagonal); the first releases it unread once it has landed, which keeps each
+barrier's arrivals in their phase. (The first version, one 64-row warpgroup and the producer,
+ran at under half the plain kernel's rate: a 64 × 64 tile's wgmma is far shorter than a load's
+latency, docs/lab/runs.md.) Compiled for sm_90 (sass_probe.py gluon_ws), this version's 12 warps
+(the producer's partition counts as a warpgroup) leave ptxas 168 registers a thread, whatever the
+partitions ask for, and it serialises every wgmma (C7512): it runs, but only as a first step.
 
 `python tools/kernels/gluon_ws_probe.py [--lengths ...] [--segments ...] [--rates ...]`: checks
 against the float32 reference of gluon_probe.py, then times this kernel, gluon_probe.py's and
@@ -89,47 +96,78 @@ def _compute(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, h, q0, 
 
     acc, m_i, l_i = _diagonal(s_cur, bias, m_i, l_i, acc, p_op, v_smem, v_ready, qk_scale, q_pos, lo, n, STAGES,
                               CAUSAL, N_BR > 1)
+    # Every wgmma retired: the last two V tiles are released too (the other warpgroup may still
+    # need the producer to reuse their stages).
+    mbarrier.arrive(v_empty.index((n + STAGES - 2) % STAGES), pred=n > 1)
+    mbarrier.arrive(v_empty.index((n - 1) % STAGES))
     return acc, m_i, l_i
+
+
+@gluon.jit
+def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, o_desc, lse_ptr, h, q0, lo, n, n_all, row,
+              col, R, off, H, qk_scale, STAGES: gl.constexpr, CAUSAL: gl.constexpr, N_BR: gl.constexpr,
+              num_warps: gl.constexpr):
+    """One warpgroup's 64 query rows from q0: its n key tiles, then the release of the tiles up to
+    n_all it does not read (each once landed: the producer has then passed the phase before),
+    then its O and LSE written."""
+    acc, m_i, l_i = _compute(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, h, q0, lo, n, qk_scale,
+                             STAGES, CAUSAL, N_BR, num_warps)
+    for j in range(n, n_all):
+        mbarrier.wait(k_ready.index(j % STAGES), (j // STAGES) & 1)
+        mbarrier.arrive(k_empty.index(j % STAGES))
+        mbarrier.wait(v_ready.index(j % STAGES), (j // STAGES) & 1)
+        mbarrier.arrive(v_empty.index(j % STAGES))
+    _finish(acc, m_i, l_i, q_smem, o_desc, lse_ptr, row, q0, col, R, off, H, h)
 
 
 @gluon.jit
 def _fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, h0, nh, qk_scale,
             STAGES: gl.constexpr, CAUSAL: gl.constexpr, N_BR: gl.constexpr, num_warps: gl.constexpr):
-    BM: gl.constexpr = q_desc.block_type.shape[0]
+    BM: gl.constexpr = q_desc.block_type.shape[0]  # a warpgroup's rows; the program's are 2·BM
     BN: gl.constexpr = k_desc.block_type.shape[0]
     D: gl.constexpr = q_desc.block_type.shape[1]
     gl.static_assert(BM == BN, "the diagonal tile is the last one")
-    gl.static_assert(num_warps == 4, "one warpgroup computes: see the module docstring")
+    gl.static_assert(num_warps == 4, "a warpgroup a partition: see the module docstring")
 
-    h, q0, lo, n, off, row, col = _tile(T, H, W, R, h0, nh, BM, D, CAUSAL)
+    h, q0, lo, n, off, row, col = _tile(T, H, W, R, h0, nh, 2 * BM, D, CAUSAL)
+    n0 = (q0 - lo) // BN + 1 if CAUSAL else W // BN  # the first warpgroup's key tiles
+    n1 = n0 + 1 if CAUSAL else n0
 
     q_smem, k_smem, v_smem = _buffers(q_desc, k_desc, v_desc, STAGES)
+    q_hi = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
     q_bar = _barriers(1).index(0)
-    k_ready, v_ready, k_empty, v_empty = _barriers(STAGES), _barriers(STAGES), _barriers(STAGES), _barriers(STAGES)
+    k_ready, v_ready = _barriers(STAGES), _barriers(STAGES)
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):  # released by both warpgroups
+        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(v_empty.index(i), count=2)
     fence_async_shared()  # the barriers' initialisation before the other warps use them
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [row + q0, col], q_bar, q_smem)
+    tma.async_copy_global_to_shared(q_desc, [row + q0 + BM, col], q_bar, q_hi)
     mbarrier.wait(q_bar, 0)
 
-    acc, m_i, l_i = gl.warp_specialize([
-        (_compute, (q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, h, q0, lo, n, qk_scale, STAGES,
-                    CAUSAL, N_BR, num_warps)),
-        (_loads, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, row, lo, col, n, STAGES)),
-    ], [1], [24])
-
-    _finish(acc, m_i, l_i, q_smem, o_desc, lse_ptr, row, q0, col, R, off, H, h)
+    gl.warp_specialize([
+        (_consumer, (q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, o_desc, lse_ptr, h, q0, lo, n0, n1,
+                     row, col, R, off, H, qk_scale, STAGES, CAUSAL, N_BR, num_warps)),
+        (_consumer, (q_hi, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, o_desc, lse_ptr, h, q0 + BM, lo, n1, n1,
+                     row, col, R, off, H, qk_scale, STAGES, CAUSAL, N_BR, num_warps)),
+        (_loads, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, row, lo, col, n1, STAGES)),
+    ], [4, 1], [232, 24])
 
 
 def forward(q, k, v, W: int, scale: float, stages: int = 2, R: int = 1, causal: bool = True, branches: int = 1):
-    """gluon_probe.forward's result, by the warp-specialised kernel (64-row tiles)."""
+    """gluon_probe.forward's result, by the warp-specialised kernel (128 query rows a program,
+    64-row tiles)."""
     B, T, H, D = q.shape
     BM = 64
-    assert T % W == 0 and W % (BM * R) == 0 and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+    assert T % W == 0 and W % (2 * BM * R) == 0 and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
     out = torch.empty_like(q)
     lse = torch.empty((B, T, H), dtype=torch.float32, device=q.device)
     descs = descriptors((q, k, v, out), R, BM)
-    _fwd_ws[(T // R // BM, B * H)](*descs, lse, T // R, H, W // R, R, 0, H, scale * LOG2E, STAGES=stages, CAUSAL=causal,
-                                    N_BR=branches, num_warps=4)
+    _fwd_ws[(T // R // (2 * BM), B * H)](*descs, lse, T // R, H, W // R, R, 0, H, scale * LOG2E, STAGES=stages,
+                                          CAUSAL=causal, N_BR=branches, num_warps=4)
     return out, lse
 
 

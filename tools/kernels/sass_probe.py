@@ -16,7 +16,7 @@ Usage: python tools/kernels/sass_probe.py KERNEL [local|upper] [long|seed|rotary
   KERNEL: fwd, dq or dkdv; gluon: gluon_probe.py's forward (default 64 rows, 2 stages), gluon_ws
   gluon_ws_probe.py's (64 rows), gluon_dq and gluon_dkdv gluon_bwd_probe.py's kernels; causal unless `full`, with the long preset's weights (5
   branches) under `union`; each line ends with ptxas's verdict on whether it serialises the
-  wgmma (C7514); tiles default to union.CONFIG (long, rotary) or union.SMALL_CONFIG (seed);
+  wgmma (its note's code: C7514, C7512); tiles default to union.CONFIG (long, rotary) or union.SMALL_CONFIG (seed);
   long: the long preset's layout (L = 2048, 5 branches, causal); seed: head_split's (L = 1024,
   3 branches, one a head, full); rotary: long, with the backward rotating dQ and dK back
   (attention/rotary.py).
@@ -95,9 +95,11 @@ def compile_gluon_sm90(name: str, rows: int, stages: int, causal: bool = True, b
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": rows // 16})
 
 
-def serialised(kernel) -> bool:
-    """Whether ptxas serialises the kernel's wgmma (its C7514 note: accumulator registers read
-    by other instructions while a wgmma may still write them)."""
+def serialised(kernel) -> str:
+    """ptxas's notes (C75xx) on serialising the kernel's wgmma, or "no": C7514, accumulator
+    registers read by other instructions while a wgmma may still write them; C7512, too few
+    registers (a warp-specialised kernel's register budget is its launch's, whatever its
+    partitions ask for)."""
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
@@ -105,7 +107,8 @@ def serialised(kernel) -> bool:
         ptxas = get_ptxas(90).path  # the one Triton compiles sm_90 with (its wheel may carry two)
         out = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
                              capture_output=True, text=True, check=True)
-    return "C7514" in out.stdout + out.stderr
+    notes = sorted(set(re.findall(r"\((C75\d\d)\)[^\n]*serializ", out.stdout + out.stderr)))
+    return ", ".join(notes) or "no"
 
 
 def tool(name: str) -> str:
