@@ -73,6 +73,20 @@ def _terms(pos, h, N_BR: gl.constexpr):
 
 
 @gluon.jit
+def _refill(a_desc, b_desc, a_smem, b_smem, ready, tile, n, row, first, col):
+    """Ring tile `tile` (rows row + first + tile·rows) into its stage, tile mod STAGES, if tile < n."""
+    STAGES: gl.constexpr = a_smem.shape[0]
+    BR: gl.constexpr = a_desc.block_type.shape[0]
+    go = tile < n
+    stage = tile % STAGES
+    mbarrier.expect(ready.index(stage), 2 * a_desc.block_type.nbytes, pred=go)
+    tma.async_copy_global_to_shared(a_desc, [row + first + tile * BR, col], ready.index(stage), a_smem.index(stage),
+                                    pred=go)
+    tma.async_copy_global_to_shared(b_desc, [row + first + tile * BR, col], ready.index(stage), b_smem.index(stage),
+                                    pred=go)
+
+
+@gluon.jit
 def _tiles(a_desc, b_desc, ra_desc, rb_desc, row, at, ring_at, col, n, STAGES: gl.constexpr):
     """Shared memory for the program's own pair of tiles (at row + at) and a ring of STAGES pairs
     of the tiles it loops over (tile i at row + ring_at + i·rows), with their mbarriers; the pair
@@ -87,12 +101,8 @@ def _tiles(a_desc, b_desc, ra_desc, rb_desc, row, at, ring_at, col, n, STAGES: g
     mbarrier.expect(bar, 2 * a_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(a_desc, [row + at, col], bar, a_smem)
     tma.async_copy_global_to_shared(b_desc, [row + at, col], bar, b_smem)
-    BR: gl.constexpr = ra_desc.block_type.shape[0]
     for i in gl.static_range(STAGES):
-        go = i < n
-        mbarrier.expect(ready.index(i), 2 * ra_desc.block_type.nbytes, pred=go)
-        tma.async_copy_global_to_shared(ra_desc, [row + ring_at + i * BR, col], ready.index(i), ra_smem.index(i), pred=go)
-        tma.async_copy_global_to_shared(rb_desc, [row + ring_at + i * BR, col], ready.index(i), rb_smem.index(i), pred=go)
+        _refill(ra_desc, rb_desc, ra_smem, rb_smem, ready, i, n, row, ring_at, col)
     return a_smem, b_smem, ra_smem, rb_smem, bar, ready
 
 
@@ -117,13 +127,7 @@ def _dkdv_step(i, n, k_smem, v_smem, q_smem, do_smem, ready, dk, dv, pt_op, dst_
     # dV, dK of tile i − 1 and Sᵀ retire; dPᵀ stays in flight.
     st_t, dk, dv, pt_op, dst_op = warpgroup_mma_wait(1, deps=(st_t, dk, dv, pt_op, dst_op))
     if i > 0:  # tile i − 1's stage is free: it takes tile i − 1 + STAGES
-        prev = (i - 1) % STAGES
-        go = i - 1 + STAGES < n
-        mbarrier.expect(ready.index(prev), 2 * q_desc.block_type.nbytes, pred=go)
-        tma.async_copy_global_to_shared(q_desc, [row + t0 + (i - 1 + STAGES) * BM, col], ready.index(prev),
-                                        q_smem.index(prev), pred=go)
-        tma.async_copy_global_to_shared(do_desc, [row + t0 + (i - 1 + STAGES) * BM, col], ready.index(prev),
-                                        do_smem.index(prev), pred=go)
+        _refill(q_desc, do_desc, q_smem, do_smem, ready, i - 1 + STAGES, n, row, t0, col)
     z = st_t * qk_scale - lse2[None, :]
     if WEIGHTS:  # λ's period divides BM: every query tile has the same column terms
         z = z + gl.minimum(bias[:, None], q_terms[None, :])
@@ -201,14 +205,8 @@ def _dq_step(j, n, q_smem, do_smem, k_smem, v_smem, ready, dq, ds_op, bias, k_te
     s = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), zero, use_acc=False, is_async=True)
     dp = warpgroup_mma(do_smem, v_smem.index(st).permute((1, 0)), zero, use_acc=False, is_async=True)
     s, dq, ds_op = warpgroup_mma_wait(1, deps=(s, dq, ds_op))  # dQ of tile j − 1 and S retire
-    if j > 0:
-        prev = (j - 1) % STAGES
-        go = j - 1 + STAGES < n
-        mbarrier.expect(ready.index(prev), 2 * k_desc.block_type.nbytes, pred=go)
-        tma.async_copy_global_to_shared(k_desc, [row + lo + (j - 1 + STAGES) * BN, col], ready.index(prev),
-                                        k_smem.index(prev), pred=go)
-        tma.async_copy_global_to_shared(v_desc, [row + lo + (j - 1 + STAGES) * BN, col], ready.index(prev),
-                                        v_smem.index(prev), pred=go)
+    if j > 0:  # tile j − 1's stage is free: it takes tile j − 1 + STAGES
+        _refill(k_desc, v_desc, k_smem, v_smem, ready, j - 1 + STAGES, n, row, lo, col)
     z = s * qk_scale - lse2[:, None]
     if WEIGHTS:  # λ's period divides BN: every key tile has the same column terms
         z = z + gl.minimum(bias[:, None], k_terms[None, :])
