@@ -1,20 +1,20 @@
-"""Probe: gluon_probe.py's forward split over warps by role (warp specialisation), as
-FlashAttention-3 splits it: two consumer warpgroups and one producer warp a program.
+"""Probe: gluon_probe.py's forward split over two warpgroups by role (warp specialisation), as
+FlashAttention-3 splits it, within one program of 8 warps.
 
 The same problem and math as gluon_probe.py (attention inside segments, causal or not, a dilated
 branch's rows read in place through the (B·T/R, R·H·D) view). A program takes 128 query rows:
-each of two warpgroups computes 64 of them (wgmma, softmax, the O update) over the same stream of
-64-row K and V tiles, which one extra warp loads by TMA into a ring of stages. Ready barriers
-complete on a TMA's bytes; empty barriers on two arrivals, one a warpgroup, each made after that
-warpgroup's QKᵀ (for K) or PV (for V) retired, so a stage is reloaded only once both are done
-with it. The two warpgroups' matmuls interleave on the tensor cores while either runs its
-softmax, and each K/V tile is loaded once for 128 queries. Causal, the second warpgroup has one
-tile more (its diagonal); the first releases it unread once it has landed, which keeps each
-barrier's arrivals in their phase. (The first version, one 64-row warpgroup and the producer,
-ran at under half the plain kernel's rate: a 64 × 64 tile's wgmma is far shorter than a load's
-latency, docs/lab/runs.md.) Compiled for sm_90 (sass_probe.py gluon_ws), this version's 12 warps
-(the producer's partition counts as a warpgroup) leave ptxas 168 registers a thread, whatever the
-partitions ask for, and it serialises every wgmma (C7512): it runs, but only as a first step.
+each of two warpgroups (gl.warp_specialize's partitions) computes 64 of them (wgmma, softmax, the
+O update) over one ring of 64-row K and V tiles, so each tile is loaded once for 128 queries and
+the two warpgroups' matmuls interleave on the tensor cores while either runs its softmax. Ready
+barriers complete on a TMA's bytes; empty barriers on two arrivals, one a warpgroup, each made
+after that warpgroup's QKᵀ (for K) or PV (for V) retired. The first warpgroup also refills the
+ring, one tile behind its own releases (K_j's stage takes K_{j+STAGES}, V_{j−2}'s V_{j−2+STAGES}:
+3 stages or more). Causal, the second warpgroup has one tile more (its diagonal); the first
+releases it unread once it has landed, which keeps each barrier's arrivals in their phase.
+
+Why not a producer warp: Triton counts its partition as a warpgroup, so 12 warps share an SM's
+registers (168 a thread) and ptxas serialised every wgmma (C7512); and a 64-row warpgroup with a
+producer warp, measured, ran at under half the plain kernel's rate (docs/lab/runs.md).
 
 `python tools/kernels/gluon_ws_probe.py [--lengths ...] [--segments ...] [--rates ...]`: checks
 against the float32 reference of gluon_probe.py, then times this kernel, gluon_probe.py's and
@@ -34,28 +34,30 @@ import gluon_probe
 from gluon_probe import (LOG2E, _barriers, _buffers, _diagonal, _finish, _softmax, _tile, _weights, descriptors,
                          kept, mma_layout, pairs, reference, segments_sdpa, timed)
 
-
-@gluon.jit
-def _loads(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, row, lo, col, n,
-           STAGES: gl.constexpr):
-    """The producer warp: K_j then V_j into stage j mod STAGES, each once its previous tile there
-    is released (the first pass waits on the phase before a fresh barrier's: it passes)."""
-    BN: gl.constexpr = k_desc.block_type.shape[0]
-    for j in range(n):
-        stage = j % STAGES
-        phase = (j // STAGES) & 1
-        mbarrier.wait(k_empty.index(stage), phase ^ 1)
-        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [row + lo + j * BN, col], k_ready.index(stage), k_smem.index(stage))
-        mbarrier.wait(v_empty.index(stage), phase ^ 1)
-        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [row + lo + j * BN, col], v_ready.index(stage), v_smem.index(stage))
+# The second warpgroup's registers a thread: a program's 8 warps share an SM's 65,536 registers.
+WORKER_REGS = gl.constexpr(248)
 
 
 @gluon.jit
-def _compute(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, h, q0, lo, n, qk_scale,
-             STAGES: gl.constexpr, CAUSAL: gl.constexpr, N_BR: gl.constexpr, num_warps: gl.constexpr):
-    """The warpgroup: gluon_probe._fwd's loop, releasing each stage instead of reloading it.
+def _reload(desc, smem, ready, empty, t, n_all, row, lo, col):
+    """Tile t (t < n_all) into its stage, t mod STAGES, once both warpgroups released the tile
+    before it there (the first pass waits on the phase before a fresh barrier's: it passes)."""
+    STAGES: gl.constexpr = smem.shape[0]
+    BN: gl.constexpr = desc.block_type.shape[0]
+    go = t < n_all
+    stage = t % STAGES
+    mbarrier.wait(empty.index(stage), ((t // STAGES) & 1) ^ 1, pred=go)
+    mbarrier.expect(ready.index(stage), desc.block_type.nbytes, pred=go)
+    tma.async_copy_global_to_shared(desc, [row + lo + t * BN, col], ready.index(stage), smem.index(stage), pred=go)
+
+
+@gluon.jit
+def _compute(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, k_desc, v_desc, h, q0, lo, n, n_all, row,
+             col, qk_scale, STAGES: gl.constexpr, CAUSAL: gl.constexpr, N_BR: gl.constexpr, LOADER: gl.constexpr,
+             num_warps: gl.constexpr):
+    """A warpgroup: gluon_probe._fwd's loop, releasing each stage; the LOADER warpgroup also
+    refills them, one tile behind its own releases so as to wait on the other warpgroup's as
+    little as possible: at tile j, K_j's stage takes K_{j+STAGES} and V_{j−2}'s takes V_{j−2+STAGES}.
     Returns O (unnormalised), the running max and sum (log2 domain)."""
     BM: gl.constexpr = q_smem.shape[0]
     D: gl.constexpr = q_smem.shape[1]
@@ -88,6 +90,10 @@ def _compute(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, h, q0, 
         acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))  # PV_{j−1} and S_{j+1} retire
         mbarrier.arrive(k_empty.index(nxt))
         mbarrier.arrive(v_empty.index((j + STAGES - 1) % STAGES), pred=j > 0)
+        if LOADER:
+            _reload(k_desc, k_smem, k_ready, k_empty, j + STAGES, n_all, row, lo, col)
+            if j >= 2:
+                _reload(v_desc, v_smem, v_ready, v_empty, j - 2 + STAGES, n_all, row, lo, col)
         acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         mbarrier.wait(v_ready.index(stage), (j // STAGES) & 1)
@@ -100,18 +106,23 @@ def _compute(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, h, q0, 
     # need the producer to reuse their stages).
     mbarrier.arrive(v_empty.index((n + STAGES - 2) % STAGES), pred=n > 1)
     mbarrier.arrive(v_empty.index((n - 1) % STAGES))
+    if LOADER:  # the tiles the loop did not reach, up to the other warpgroup's last
+        for t in range(gl.maximum(n - 1, 0) + STAGES, n_all):
+            _reload(k_desc, k_smem, k_ready, k_empty, t, n_all, row, lo, col)
+        for t in range(gl.maximum(n - 3, 0) + STAGES, n_all):
+            _reload(v_desc, v_smem, v_ready, v_empty, t, n_all, row, lo, col)
     return acc, m_i, l_i
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, o_desc, lse_ptr, h, q0, lo, n, n_all, row,
-              col, R, off, H, qk_scale, STAGES: gl.constexpr, CAUSAL: gl.constexpr, N_BR: gl.constexpr,
-              num_warps: gl.constexpr):
+def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, k_desc, v_desc, o_desc, lse_ptr, h, q0, lo,
+              n, n_all, row, col, R, off, H, qk_scale, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+              N_BR: gl.constexpr, LOADER: gl.constexpr, num_warps: gl.constexpr):
     """One warpgroup's 64 query rows from q0: its n key tiles, then the release of the tiles up to
     n_all it does not read (each once landed: the producer has then passed the phase before),
     then its O and LSE written."""
-    acc, m_i, l_i = _compute(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, h, q0, lo, n, qk_scale,
-                             STAGES, CAUSAL, N_BR, num_warps)
+    acc, m_i, l_i = _compute(q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, k_desc, v_desc, h, q0, lo, n,
+                             n_all, row, col, qk_scale, STAGES, CAUSAL, N_BR, LOADER, num_warps)
     for j in range(n, n_all):
         mbarrier.wait(k_ready.index(j % STAGES), (j // STAGES) & 1)
         mbarrier.arrive(k_empty.index(j % STAGES))
@@ -128,6 +139,7 @@ def _fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, h0, nh, qk_scal
     D: gl.constexpr = q_desc.block_type.shape[1]
     gl.static_assert(BM == BN, "the diagonal tile is the last one")
     gl.static_assert(num_warps == 4, "a warpgroup a partition: see the module docstring")
+    gl.static_assert(STAGES >= 3, "V is refilled two tiles behind its release")
 
     h, q0, lo, n, off, row, col = _tile(T, H, W, R, h0, nh, 2 * BM, D, CAUSAL)
     n0 = (q0 - lo) // BN + 1 if CAUSAL else W // BN  # the first warpgroup's key tiles
@@ -146,18 +158,20 @@ def _fwd_ws(q_desc, k_desc, v_desc, o_desc, lse_ptr, T, H, W, R, h0, nh, qk_scal
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [row + q0, col], q_bar, q_smem)
     tma.async_copy_global_to_shared(q_desc, [row + q0 + BM, col], q_bar, q_hi)
+    for t in gl.static_range(STAGES):
+        _reload(k_desc, k_smem, k_ready, k_empty, t, n1, row, lo, col)
+        _reload(v_desc, v_smem, v_ready, v_empty, t, n1, row, lo, col)
     mbarrier.wait(q_bar, 0)
 
     gl.warp_specialize([
-        (_consumer, (q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, o_desc, lse_ptr, h, q0, lo, n0, n1,
-                     row, col, R, off, H, qk_scale, STAGES, CAUSAL, N_BR, num_warps)),
-        (_consumer, (q_hi, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, o_desc, lse_ptr, h, q0 + BM, lo, n1, n1,
-                     row, col, R, off, H, qk_scale, STAGES, CAUSAL, N_BR, num_warps)),
-        (_loads, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, row, lo, col, n1, STAGES)),
-    ], [4, 1], [232, 24])
+        (_consumer, (q_smem, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, k_desc, v_desc, o_desc, lse_ptr, h,
+                     q0, lo, n0, n1, row, col, R, off, H, qk_scale, STAGES, CAUSAL, N_BR, True, num_warps)),
+        (_consumer, (q_hi, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, k_desc, v_desc, o_desc, lse_ptr, h,
+                     q0 + BM, lo, n1, n1, row, col, R, off, H, qk_scale, STAGES, CAUSAL, N_BR, False, num_warps)),
+    ], [4], [WORKER_REGS])
 
 
-def forward(q, k, v, W: int, scale: float, stages: int = 2, R: int = 1, causal: bool = True, branches: int = 1):
+def forward(q, k, v, W: int, scale: float, stages: int = 3, R: int = 1, causal: bool = True, branches: int = 1):
     """gluon_probe.forward's result, by the warp-specialised kernel (128 query rows a program,
     64-row tiles)."""
     B, T, H, D = q.shape
@@ -176,7 +190,7 @@ def main(argv=None):
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--segments", type=int, nargs="+", default=[2048, 0], help="W per case; 0: W = T")
     p.add_argument("--rates", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    p.add_argument("--stages", type=int, nargs="+", default=[3, 4])
     p.add_argument("--full", action="store_true", help="non-causal (the seed preset's), not causal")
     args = p.parse_args(argv)
     torch.manual_seed(0)

@@ -14,7 +14,8 @@ differently), e.g. in a venv over this one: `pip install --no-deps triton==3.6.0
 Usage: python tools/kernels/sass_probe.py KERNEL [local|upper] [long|seed|rotary] [rows cols warps stages]
        python tools/kernels/sass_probe.py gluon|gluon_ws|gluon_dq|gluon_dkdv [rows stages [full|union]]
   KERNEL: fwd, dq or dkdv; gluon: gluon_probe.py's forward (default 64 rows, 2 stages), gluon_ws
-  gluon_ws_probe.py's (64 rows), gluon_dq and gluon_dkdv gluon_bwd_probe.py's kernels; causal unless `full`, with the long preset's weights (5
+  gluon_ws_probe.py's (64 rows a warpgroup, two a program, 3 stages), gluon_dq and gluon_dkdv
+  gluon_bwd_probe.py's kernels; causal unless `full`, with the long preset's weights (5
   branches) under `union`; each line ends with ptxas's verdict on whether it serialises the
   wgmma (its note's code: C7514, C7512); tiles default to union.CONFIG (long, rotary) or union.SMALL_CONFIG (seed);
   long: the long preset's layout (L = 2048, 5 branches, causal); seed: head_split's (L = 1024,
@@ -156,10 +157,11 @@ def opcode(instruction: str) -> str:
 def main(argv):
     name = argv[0] if argv else sys.exit(__doc__)
     if name.startswith("gluon"):
-        rows, stages = [int(x) for x in argv[1:3]] or (64, 2)
+        rows, stages = [int(x) for x in argv[1:3]] or (64, 3 if name == "gluon_ws" else 2)
         causal, branches = argv[3:4] != ["full"], 5 if argv[3:4] == ["union"] else 1
         preset = ("causal segments" if causal else "segments") + (", 5 branches' weights" if branches > 1 else "")
-        warps, which, cols = rows // 16, "backward" if name in ("gluon_dq", "gluon_dkdv") else "forward", rows
+        warps = rows // 16 * (2 if name == "gluon_ws" else 1)  # gluon_ws: two warpgroups a program
+        which, cols = "backward" if name in ("gluon_dq", "gluon_dkdv") else "forward", rows
         kernel = compile_gluon_sm90(name, rows, stages, causal, branches)
     else:
         which = argv[1] if len(argv) > 1 else "local"
