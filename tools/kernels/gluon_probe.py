@@ -311,6 +311,38 @@ def timed(fn, reps: int = 10, calls: int = 10, graph: bool = False) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def check(kernels, rates, H: int, scale: float, causal: bool) -> None:
+    """Exactness first, on a small case with several segments and tiles (B = 2, T = 1,024, W =
+    512): for each rate R, each of kernels(R), {label: fn(q, k, v, W, R) -> (out, lse)}, against
+    the float32 reference on the rows each head keeps."""
+    q, k, v = (torch.randn(2, 1024, H, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for R in rates:
+        ref_out, ref_lse = reference(*(kept(x, R) for x in (q, k, v)), 512 // R, scale, causal)
+        for label, fn in kernels(R).items():
+            out, lse = fn(q, k, v, 512, R)
+            print(f"check rate {R}, {label}: max |out - ref| {(kept(out, R).float() - ref_out).abs().max().item():.2e}, "
+                  f"max |lse - ref| {(kept(lse[..., None], R)[..., 0] - ref_lse).abs().max().item():.2e}", flush=True)
+
+
+def sweep(lengths, segments, rates, H: int, scale: float, causal: bool, cells) -> None:
+    """For each length T, segment W (0: W = T) and rate R, times cuDNN on SDPA over contiguous
+    copies of the kept rows' segments and cells(q, k, v, packed, W, R), {label: fn}, in one
+    process, and prints each one's TFLOP/s."""
+    for T in lengths:
+        q, k, v = (torch.randn(1, T, H, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        for W in segments:
+            W = W or T
+            for R in rates:
+                # A head keeps T/R rows in segments of W/R: its pairs are those of dense attention there.
+                flops = pairs(T, W, R, causal) * 4 * 64 * H
+                packed = [kept(x, R).contiguous() for x in (q, k, v)]
+                fns = {"cudnn": lambda: segments_sdpa(*packed, W // R, scale, SDPBackend.CUDNN_ATTENTION, causal),
+                       **cells(q, k, v, packed, W, R)}
+                ms = {name: timed(fn) for name, fn in fns.items()}
+                line = ", ".join(f"{name} {t:.3f} ms {flops / t / 1e9:.0f} TF/s" for name, t in ms.items())
+                print(f"T={T} W={W} R={R}: {line}", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
@@ -323,38 +355,24 @@ def main(argv=None):
     p.add_argument("--full", action="store_true", help="non-causal (the seed preset's), not causal")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    H, D, causal = args.heads, 64, not args.full
-    scale = 1 / math.sqrt(D)
-    # Exactness first, on a small case with several segments and tiles.
-    q, k, v = (torch.randn(2, 1024, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    H, causal = args.heads, not args.full
+    scale = 1 / math.sqrt(64)
     configs = [tuple(map(int, c.split("x"))) for c in args.configs]
-    for R in args.rates:
-        ref_out, ref_lse = reference(*(kept(x, R) for x in (q, k, v)), 512 // R, scale, causal)
+    check(lambda R: {f"{BM}x{stages}": lambda q, k, v, W, R, BM=BM, stages=stages: forward(q, k, v, W, scale, BM,
+                                                                                        stages, R, causal)
+                     for BM, stages in configs if 512 % (BM * R) == 0}, args.rates, H, scale, causal)
+
+    def cells(q, k, v, packed, W, R):
+        out = {}
         for BM, stages in configs:
-            if 512 % (BM * R):
-                continue
-            out, lse = forward(q, k, v, 512, scale, BM, stages, R, causal)
-            got_lse = kept(lse[..., None], R)[..., 0]
-            print(f"check rate {R}, {BM}x{stages}: max |out - ref| {(kept(out, R).float() - ref_out).abs().max().item():.2e}, "
-                  f"max |lse - ref| {(got_lse - ref_lse).abs().max().item():.2e}", flush=True)
-    for T in args.lengths:
-        q, k, v = (torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        for W in args.segments:
-            W = W or T
-            for R in args.rates:
-                # A head keeps T/R rows in segments of W/R: its pairs are those of dense attention there.
-                flops = pairs(T, W, R, causal) * 4 * D * H
-                packed = [kept(x, R).contiguous() for x in (q, k, v)]
-                cells = {"cudnn": lambda: segments_sdpa(*packed, W // R, scale, SDPBackend.CUDNN_ATTENTION, causal)}
-                for BM, stages in configs:
-                    cells[f"gluon {BM}x{stages}"] = lambda BM=BM, stages=stages: forward(q, k, v, W, scale, BM, stages, R,
-                                                                                           causal)
-                    if R > 1:
-                        cells[f"packed {BM}x{stages}"] = lambda BM=BM, stages=stages: forward(*packed, W // R, scale, BM,
-                                                                                                stages, 1, causal)
-                ms = {name: timed(fn) for name, fn in cells.items()}
-                line = ", ".join(f"{name} {t:.3f} ms {flops / t / 1e9:.0f} TF/s" for name, t in ms.items())
-                print(f"T={T} W={W} R={R}: {line}", flush=True)
+            out[f"gluon {BM}x{stages}"] = lambda BM=BM, stages=stages: forward(q, k, v, W, scale, BM, stages, R, causal)
+            if R > 1:
+                out[f"packed {BM}x{stages}"] = lambda BM=BM, stages=stages: forward(*packed, W // R, scale, BM, stages,
+                                                                                      1, causal)
+        return out
+
+    sweep(args.lengths, args.segments, args.rates, H, scale, causal, cells)
+
 
 if __name__ == "__main__":
     main()

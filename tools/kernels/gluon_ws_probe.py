@@ -24,15 +24,14 @@ import argparse
 import math
 
 import torch
-from torch.nn.attention import SDPBackend
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                              warpgroup_mma_init, warpgroup_mma_wait)
 
 import gluon_probe
-from gluon_probe import (LOG2E, _barriers, _buffers, _diagonal, _finish, _softmax, _tile, _weights, descriptors,
-                         kept, mma_layout, pairs, reference, segments_sdpa, timed)
+from gluon_probe import (LOG2E, _barriers, _buffers, _diagonal, _finish, _softmax, _tile, _weights, check, descriptors,
+                         mma_layout, sweep)
 
 # The second warpgroup's registers a thread: a program's 8 warps share an SM's 65,536 registers.
 WORKER_REGS = gl.constexpr(248)
@@ -194,30 +193,15 @@ def main(argv=None):
     p.add_argument("--full", action="store_true", help="non-causal (the seed preset's), not causal")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    H, D, causal = 12, 64, not args.full
-    scale = 1 / math.sqrt(D)
-    q, k, v = (torch.randn(2, 1024, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    for R in args.rates:
-        ref_out, ref_lse = reference(*(kept(x, R) for x in (q, k, v)), 512 // R, scale, causal)
-        for stages in args.stages:
-            out, lse = forward(q, k, v, 512, scale, stages, R, causal)
-            print(f"check rate {R}, {stages} stages: max |out - ref| "
-                  f"{(kept(out, R).float() - ref_out).abs().max().item():.2e}, max |lse - ref| "
-                  f"{(kept(lse[..., None], R)[..., 0] - ref_lse).abs().max().item():.2e}", flush=True)
-    for T in args.lengths:
-        q, k, v = (torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        for W in args.segments:
-            W = W or T
-            for R in args.rates:
-                flops = pairs(T, W, R, causal) * 4 * D * H
-                packed = [kept(x, R).contiguous() for x in (q, k, v)]
-                cells = {"cudnn": lambda: segments_sdpa(*packed, W // R, scale, SDPBackend.CUDNN_ATTENTION, causal),
-                         "gluon 64x2": lambda: gluon_probe.forward(q, k, v, W, scale, 64, 2, R, causal)}
-                for stages in args.stages:
-                    cells[f"ws x{stages}"] = lambda stages=stages: forward(q, k, v, W, scale, stages, R, causal)
-                ms = {name: timed(fn) for name, fn in cells.items()}
-                line = ", ".join(f"{name} {t:.3f} ms {flops / t / 1e9:.0f} TF/s" for name, t in ms.items())
-                print(f"T={T} W={W} R={R}: {line}", flush=True)
+    H, causal = 12, not args.full
+    scale = 1 / math.sqrt(64)
+    check(lambda R: {f"{stages} stages": lambda q, k, v, W, R, stages=stages: forward(q, k, v, W, scale, stages, R,
+                                                                                     causal)
+                     for stages in args.stages}, args.rates, H, scale, causal)
+    sweep(args.lengths, args.segments, args.rates, H, scale, causal, lambda q, k, v, packed, W, R: {
+        "gluon 64x2": lambda: gluon_probe.forward(q, k, v, W, scale, 64, 2, R, causal),
+        **{f"ws x{stages}": lambda stages=stages: forward(q, k, v, W, scale, stages, R, causal)
+           for stages in args.stages}})
 
 
 if __name__ == "__main__":
