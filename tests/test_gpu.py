@@ -243,6 +243,31 @@ def test_gpu_union_split_config_parity(case, causal, monkeypatch):
     check_union_parity(case, True, causal, ImprovedDilatedAttention, torch.bfloat16)
 
 
+HOPPER_CASES = [  # heads of 64: the layouts whose local dK/dV pass runs hopper.py's kernel on sm_90
+    (2, 4096, 12, 64, [256, 512, 1024, 2048], [1, 2, 4, 8]),
+    (1, 3072, 6, 64, [256, 512, 1024], [1, 2, 4]),  # three top-level segments, fewer heads than offsets
+    (1, 1024, 4, 64, [64, 128, 256], [1, 2, 4]),  # one 64-row tile a segment: the diagonal only
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", HOPPER_CASES, ids=[f"B{c[0]}-T{c[1]}-L{c[4][0]}" for c in HOPPER_CASES])
+def test_gpu_hopper_dkdv_parity(case, causal, dtype, monkeypatch):
+    """On an sm_90 GPU the union backward's local dK/dV pass is the Gluon kernel (hopper.py), on
+    q/k/v views of one fused projection: it runs (counted), and the gradients keep the parity
+    rule against the float64 reference."""
+    from longctx.kernels import hopper
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("hopper.py's kernel is for sm_90 GPUs; other GPUs run the Triton pass (the union tests)")
+    monkeypatch.setattr(hopper, "ENABLED", True)
+    calls = []
+    real = hopper.local_dkdv
+    monkeypatch.setattr(hopper, "local_dkdv", lambda *a, **kw: calls.append(a[-1] is None) or real(*a, **kw))
+    check_union_parity(case, False, causal, ImprovedDilatedAttention, dtype)
+    assert calls == [True]  # once, without RoPE (test_gpu_rotary_op_trains_like_rope_then_the_op rotates)
+
+
 def check_union_parity(case, head_split, causal, op_cls, dtype):
     B, T, H, D, ws, rs = case
     g = torch.Generator(device="cuda").manual_seed(T + D)

@@ -221,3 +221,22 @@ def test_union_probe_lays_head_splits_work_out_as_the_same_dense_segments():
         blocks, L = probe.split_segments(T, layout)
         counted = dilated_flops(1, T, layout["H"], 64, tuple(layout["ws"]), tuple(layout["rs"]), True, False)
         assert blocks * 4 * L * L * 64 == counted, (T, layout)
+
+
+def test_hopper_pass_reads_only_rows_one_tma_view_holds():
+    """hopper.py's Gluon dK/dV pass takes q/k/v/dO only where one 2-D TMA view over
+    (batch·position, row stride) reads them in place: contiguous tensors and the slots of a fused
+    (B, T, 3, H, D) projection, not heads far apart or rows off 16 bytes; and never off an sm_90
+    GPU (here, the CPU: the union kernels' Triton pass runs)."""
+    from longctx.kernels import hopper
+    B, T, H, D = 2, 128, 3, 64
+    qkv = torch.zeros(B, T, 3, H, D, dtype=torch.bfloat16)
+    assert hopper._flat(torch.zeros(B, T, H, D, dtype=torch.bfloat16))
+    assert all(hopper._flat(x) for x in qkv.unbind(2))
+    assert not hopper._flat(torch.zeros(B, H, T, D, dtype=torch.bfloat16).transpose(1, 2))  # heads T·D apart
+    row = H * D + 4  # rows 8 bytes off 16
+    padded = torch.zeros(B * T * row, dtype=torch.bfloat16).as_strided((B, T, H, D), (T * row, row, D, 1))
+    assert not hopper._flat(padded)
+    assert not hopper._flat(torch.zeros(T, B, H, D, dtype=torch.bfloat16).transpose(0, 1))  # batches interleaved
+    lay = union.layout(T, H, D, *layouts(64, 2), False)
+    assert lay is not None and not hopper.use(*qkv.unbind(2), qkv[:, :, 0], lay)

@@ -29,9 +29,11 @@ branch i keeps the positions ≡ h (mod 2^i) of each segment, L of them, which i
 with its rows stepping by 2^i, and no upper pass. The pieces path would run one cuDNN call per
 strided head group and branch (four at the seed's 8 heads); this is one launch per direction.
 
-The kernels are in union_kernels.py, their tiles' geometry in union_tiles.py. They run on CUDA in
-fp16/bf16, and on CPU tensors through Triton's interpreter (tests only). attention/rotary.py runs
-them on the LM block's fused projection with RoPE inside (backward's `rope`).
+The kernels are in union_kernels.py, their tiles' geometry in union_tiles.py; on Hopper GPUs
+with LONGCTX_HOPPER=1 the local dK/dV pass runs hopper.py's Gluon kernel instead. They run on
+CUDA in fp16/bf16, and on CPU tensors through Triton's interpreter (tests only).
+attention/rotary.py runs them on the LM block's fused projection with RoPE inside (backward's
+`rope`).
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ from typing import NamedTuple
 import torch
 
 from ..attention.layout import head_groups
-from . import LOG2E, SUPPORTED, compiled_triton, sm_count
+from . import LOG2E, SUPPORTED, compiled_triton, hopper, sm_count
 
 if SUPPORTED:
     from .union_kernels import KERNELS
@@ -196,6 +198,10 @@ def backward(dout, q, k, v, out, lse, lay: Layout, is_causal: bool, scale: float
     consts = dict(ROPE=rope is not None)
     _launch("dq", q, lay, (q, k, v, dout, out, lse, stats, dq, cos, sin, *strides, T, H, scale * LOG2E, scale),
             is_causal, **consts)
+    passes = ("local", "upper")
+    if hopper.use(q, k, v, dout, lay):
+        hopper.local_dkdv(q, k, v, dout, stats, dk, dv, lay, is_causal, scale, scale * LOG2E, rope)
+        passes = ("upper",)
     _launch("dkdv", q, lay, (q, k, v, dout, stats, dk, dv, cos, sin, *strides, T, H, scale * LOG2E, scale),
-            is_causal, **consts)
+            is_causal, passes, **consts)
     return dq, dk, dv

@@ -8,10 +8,8 @@ FlashAttention-2's: with P = exp(S − LSE) recomputed against the forward's LSE
 dV = Pᵀ dO, dS = P∘(dO Vᵀ − Δ), dK = scale·dSᵀ Q, dQ = scale·dS K. LSE (log2) and Δ come in as
 the union kernels' STATS, (2, B·H, T) float32 by position, which their local dQ pass writes.
 
-- dK/dV: one program a tile of BM keys and a head; per query tile i, Sᵀ = K Qᵢᵀ and dPᵀ = V dOᵢᵀ
-  are issued together, Pᵀ's exponentials run while dPᵀ is in flight, dV += Pᵀ dOᵢ runs while
-  dSᵀ is formed, and dK += dSᵀ Qᵢ while the next tile's Sᵀ and dPᵀ are issued. Qᵢ and dOᵢ come
-  through a ring of STAGES stages; a stage is reloaded once its tile's four wgmma retired.
+- dK/dV: the op's own kernel on Hopper (longctx/kernels/hopper_kernels.py, which the union
+  backward runs for its local pass), here launched on this problem;
 - dQ: one program a tile of BM queries; per key tile j, S and dP are issued together, P's
   exponentials run while dP is in flight, dQ += dS Kⱼ runs into the next tile's issue.
 
@@ -32,162 +30,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                              warpgroup_mma_init, warpgroup_mma_wait)
 
-from gluon_probe import LOG2E, _barriers, descriptors, forward, kept, mma_layout, pairs, timed
 
-
-@gluon.jit
-def _geometry(T, H, W, R, h0, nh, BM: gl.constexpr, D: gl.constexpr, Q_TILES: gl.constexpr):
-    """This program's tile and head (one of h0 … h0 + nh − 1): (head, first row t0, its segment's first row lo, the head's
-    offset, the batch's first row in the (B·T/R, R·H·D) view, the head's column, b·H + h). The most
-    work first: dK/dV's first key tiles of a segment (Q_TILES false), dQ's last query tiles."""
-    per_seg = W // BM
-    segs = T // W
-    j = gl.program_id(0) // segs
-    lo = (gl.program_id(0) % segs) * W
-    t0 = lo + (per_seg - 1 - j if Q_TILES else j) * BM
-    bh = gl.program_id(1)
-    b = bh // nh
-    h = h0 + bh - b * nh
-    off = h % R
-    return h, t0, lo, off, b * T, (off * H + h) * D, b * H + h
-
-
-@gluon.jit
-def _stats(stats_ptr, first, R, off, bh, T_all, BH, layout: gl.constexpr, BM: gl.constexpr,
-           num_warps: gl.constexpr):
-    """log2 LSE and Δ of the kept rows first … first + BM − 1 of row bh, in `layout`: loaded one
-    value a thread (the accumulator's slices would hold 16 copies a thread), then converted."""
-    flat: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-    base = stats_ptr + bh * T_all + (first + gl.arange(0, BM, flat)) * R + off
-    return gl.convert_layout(gl.load(base), layout), gl.convert_layout(gl.load(base + BH * T_all), layout)
-
-
-@gluon.jit
-def _terms(pos, h, N_BR: gl.constexpr):
-    """The union kernels' level-1 weight terms log2(λ(x) + 1) of positions pos for head h (λ: how
-    many of the dilations 2 … 2^(N_BR−1) keep x); a pair's weight term is the min of its two."""
-    lam = gl.zeros_like(pos)
-    for j in gl.static_range(1, N_BR):
-        lam += (((pos ^ h) & ((1 << j) - 1)) == 0).to(gl.int32)
-    return gl.log2((lam + 1).to(gl.float32))
-
-
-@gluon.jit
-def _refill(a_desc, b_desc, a_smem, b_smem, ready, tile, n, row, first, col):
-    """Ring tile `tile` (rows row + first + tile·rows) into its stage, tile mod STAGES, if tile < n."""
-    STAGES: gl.constexpr = a_smem.shape[0]
-    BR: gl.constexpr = a_desc.block_type.shape[0]
-    go = tile < n
-    stage = tile % STAGES
-    mbarrier.expect(ready.index(stage), 2 * a_desc.block_type.nbytes, pred=go)
-    tma.async_copy_global_to_shared(a_desc, [row + first + tile * BR, col], ready.index(stage), a_smem.index(stage),
-                                    pred=go)
-    tma.async_copy_global_to_shared(b_desc, [row + first + tile * BR, col], ready.index(stage), b_smem.index(stage),
-                                    pred=go)
-
-
-@gluon.jit
-def _tiles(a_desc, b_desc, ra_desc, rb_desc, row, at, ring_at, col, n, STAGES: gl.constexpr):
-    """Shared memory for the program's own pair of tiles (at row + at) and a ring of STAGES pairs
-    of the tiles it loops over (tile i at row + ring_at + i·rows), with their mbarriers; the pair
-    and the ring's first min(n, STAGES) tiles loading. (dK/dV: K and V, then Q and dO; dQ: Q and
-    dO, then K and V.)"""
-    a_smem = gl.allocate_shared_memory(a_desc.dtype, a_desc.block_type.shape, a_desc.layout)
-    b_smem = gl.allocate_shared_memory(b_desc.dtype, b_desc.block_type.shape, b_desc.layout)
-    ra_smem = gl.allocate_shared_memory(ra_desc.dtype, [STAGES] + ra_desc.block_type.shape, ra_desc.layout)
-    rb_smem = gl.allocate_shared_memory(rb_desc.dtype, [STAGES] + rb_desc.block_type.shape, rb_desc.layout)
-    bar = _barriers(1).index(0)
-    ready = _barriers(STAGES)
-    mbarrier.expect(bar, 2 * a_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(a_desc, [row + at, col], bar, a_smem)
-    tma.async_copy_global_to_shared(b_desc, [row + at, col], bar, b_smem)
-    for i in gl.static_range(STAGES):
-        _refill(ra_desc, rb_desc, ra_smem, rb_smem, ready, i, n, row, ring_at, col)
-    return a_smem, b_smem, ra_smem, rb_smem, bar, ready
-
-
-@gluon.jit
-def _dkdv_step(i, n, k_smem, v_smem, q_smem, do_smem, ready, dk, dv, pt_op, dst_op, bias, q_terms, k_pos, t0, qk_scale,
-               stats_ptr, T_all, BH, bh, R, off, q_desc, do_desc, row, col, MASK: gl.constexpr,
-               WEIGHTS: gl.constexpr):
-    """Query tile i (t0 + i·BM) against this program's keys; returns (dK, dV, Pᵀ, dSᵀ operands),
-    the last update of each left in flight."""
-    STAGES: gl.constexpr = q_smem.shape[0]
-    BM: gl.constexpr = q_smem.shape[1]
-    BN: gl.constexpr = k_smem.shape[0]
-    s_layout: gl.constexpr = bias.type.layout.parent
-    cols: gl.constexpr = gl.SliceLayout(0, s_layout)
-    st = i % STAGES
-    zero = gl.zeros([BN, BM], gl.float32, s_layout)
-    mbarrier.wait(ready.index(st), (i // STAGES) & 1)
-    st_t = warpgroup_mma(k_smem, q_smem.index(st).permute((1, 0)), zero, use_acc=False, is_async=True)
-    dpt = warpgroup_mma(v_smem, do_smem.index(st).permute((1, 0)), zero, use_acc=False, is_async=True)
-    q_pos = t0 + i * BM + gl.arange(0, BM, cols)
-    lse2, delta = _stats(stats_ptr, t0 + i * BM, R, off, bh, T_all, BH, cols, BM, BN // 16)
-    # dV, dK of tile i − 1 and Sᵀ retire; dPᵀ stays in flight.
-    st_t, dk, dv, pt_op, dst_op = warpgroup_mma_wait(1, deps=(st_t, dk, dv, pt_op, dst_op))
-    if i > 0:  # tile i − 1's stage is free: it takes tile i − 1 + STAGES
-        _refill(q_desc, do_desc, q_smem, do_smem, ready, i - 1 + STAGES, n, row, t0, col)
-    z = st_t * qk_scale - lse2[None, :]
-    if WEIGHTS:  # λ's period divides BM: every query tile has the same column terms
-        z = z + gl.minimum(bias[:, None], q_terms[None, :])
-    if MASK:
-        z = gl.where(q_pos[None, :] >= k_pos[:, None], z, float("-inf"))
-    pt = gl.exp2(z)
-    pt_op = gl.convert_layout(pt.to(q_smem.dtype), pt_op.type.layout)
-    dv = warpgroup_mma(pt_op, do_smem.index(st), dv, is_async=True)
-    dpt = warpgroup_mma_wait(1, deps=(dpt,))
-    dst = pt * (dpt - delta[None, :])
-    dst_op = gl.convert_layout(dst.to(q_smem.dtype), dst_op.type.layout)
-    dk = warpgroup_mma(dst_op, q_smem.index(st), dk, is_async=True)
-    return dk, dv, pt_op, dst_op
-
-
-@gluon.jit
-def _dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, stats_ptr, T, H, W, R, h0, nh, BH, qk_scale, scale,
-          STAGES: gl.constexpr, CAUSAL: gl.constexpr, N_BR: gl.constexpr, num_warps: gl.constexpr):
-    BM: gl.constexpr = q_desc.block_type.shape[0]
-    D: gl.constexpr = q_desc.block_type.shape[1]
-    dtype: gl.constexpr = q_desc.dtype
-    h, k0, lo, off, row, col, bh = _geometry(T, H, W, R, h0, nh, BM, D, False)
-    t0 = k0 if CAUSAL else lo  # the first query tile: the diagonal one, or the segment's first
-    n = (lo + W - t0) // BM
-    T_all = T * R
-
-    s_layout: gl.constexpr = mma_layout(BM, num_warps)
-    o_layout: gl.constexpr = mma_layout(D, num_warps)
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    k_smem, v_smem, q_smem, do_smem, kv_bar, ready = _tiles(k_desc, v_desc, q_desc, do_desc, row, k0, t0, col, n,
-                                                             STAGES)
-
-    k_pos = k0 + gl.arange(0, BM, gl.SliceLayout(1, s_layout))
-    bias = _terms(k_pos, h, N_BR)  # the keys' weight terms (unused when N_BR = 1)
-    q_terms = _terms(t0 + gl.arange(0, BM, gl.SliceLayout(0, s_layout)), h, N_BR)
-    dk = warpgroup_mma_init(gl.zeros([BM, D], gl.float32, o_layout))
-    dv = warpgroup_mma_init(gl.zeros([BM, D], gl.float32, o_layout))
-    pt_op = gl.zeros([BM, BM], dtype, a_layout)
-    dst_op = gl.zeros([BM, BM], dtype, a_layout)
-    mbarrier.wait(kv_bar, 0)
-    # The first tile apart (causal: the diagonal one, masked), so that the loop's accumulators
-    # always come from a wgmma: entering it with the zeros, ptxas fences every iteration's wgmma.
-    dk, dv, pt_op, dst_op = _dkdv_step(0, n, k_smem, v_smem, q_smem, do_smem, ready, dk, dv, pt_op, dst_op, bias,
-                                       q_terms, k_pos, t0, qk_scale, stats_ptr, T_all, BH, bh, R, off, q_desc, do_desc,
-                                       row, col, CAUSAL, N_BR > 1)
-    for i in range(1, n):
-        dk, dv, pt_op, dst_op = _dkdv_step(i, n, k_smem, v_smem, q_smem, do_smem, ready, dk, dv, pt_op, dst_op, bias,
-                                           q_terms, k_pos, t0, qk_scale, stats_ptr, T_all, BH, bh, R, off, q_desc, do_desc,
-                                           row, col, False, N_BR > 1)
-    dk, dv, pt_op, dst_op = warpgroup_mma_wait(0, deps=(dk, dv, pt_op, dst_op))
-
-    mbarrier.invalidate(kv_bar)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
-    k_smem.store((dk * scale).to(dtype))
-    v_smem.store(dv.to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(dk_desc, [row + k0, col], k_smem)
-    tma.async_copy_shared_to_global(dv_desc, [row + k0, col], v_smem)
-    tma.store_wait(0)
+from gluon_probe import LOG2E, descriptors, forward, kept, pairs, timed
+from longctx.kernels.hopper_kernels import _geometry, _refill, _stats, _terms, _tiles, dkdv, mma_layout
 
 
 @gluon.jit
@@ -276,7 +121,7 @@ def backward(q, k, v, do, stats, W: int, scale: float, BM: int = 64, stages: int
     assert T % W == 0 and W % (BM * R) == 0 and (R == 1 or branches == 1)
     grads = grads or tuple(torch.zeros_like(q) for _ in range(3))
     dq, dk, dv = grads
-    qd, kd, vd, dod, dqd, dkd, dvd = descriptors((q, k, v, do, dq, dk, dv), R, BM)
+    qd, kd, vd, dod, dqd = descriptors((q, k, v, do, dq), R, BM)
     heads = heads or range(H)
     grid = (T // R // BM, B * len(heads))
     args = (stats, T // R, H, W // R, R, heads.start, len(heads), B * H, scale * LOG2E, scale)
@@ -284,7 +129,7 @@ def backward(q, k, v, do, stats, W: int, scale: float, BM: int = 64, stages: int
     if "dq" in which:
         _dq[grid](qd, kd, vd, dod, dqd, *args, **consts)
     if "dkdv" in which:
-        _dkdv[grid](qd, kd, vd, dod, dkd, dvd, *args, **consts)
+        dkdv[grid](qd, kd, vd, dod, dk, dv, stats, stats, stats, *dk.stride()[:3], *args[1:], ROPE=False, **consts)
     return dq, dk, dv
 
 

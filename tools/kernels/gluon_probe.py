@@ -33,6 +33,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                              warpgroup_mma_init, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from longctx.kernels.hopper_kernels import _barriers, mma_layout
+
 LOG2E = 1.4426950408889634
 
 
@@ -63,12 +65,6 @@ def _softmax(s, bias, m_i, l_i, qk_scale, q_pos, k_pos, MASK: gl.constexpr, WEIG
     p = gl.exp2(s - m_new[:, None])
     alpha = gl.exp2(m_i - m_new)
     return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
-
-
-@gluon.constexpr_function
-def mma_layout(n, num_warps):
-    """The wgmma accumulator layout of a (rows, n) tile: a warp per 16 rows."""
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
 
 
 @gluon.jit
@@ -117,15 +113,6 @@ def _diagonal(s_cur, bias, m_i, l_i, acc, p_op, v_smem, v_ready, qk_scale, q_pos
     acc = warpgroup_mma(p_op, v_smem.index(last % STAGES), acc, is_async=True)
     acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
     return acc, m_i, l_i
-
-
-@gluon.jit
-def _barriers(COUNT: gl.constexpr):
-    """COUNT mbarriers in shared memory, each completing on one arrival (or one TMA's bytes)."""
-    bars = gl.allocate_shared_memory(gl.int64, [COUNT, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(COUNT):
-        mbarrier.init(bars.index(i), count=1)
-    return bars
 
 
 @gluon.jit

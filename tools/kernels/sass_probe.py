@@ -14,8 +14,8 @@ differently), e.g. in a venv over this one: `pip install --no-deps triton==3.6.0
 Usage: python tools/kernels/sass_probe.py KERNEL [local|upper] [long|seed|rotary] [rows cols warps stages]
        python tools/kernels/sass_probe.py gluon|gluon_ws|gluon_dq|gluon_dkdv [rows stages [full|union]]
   KERNEL: fwd, dq or dkdv; gluon: gluon_probe.py's forward (default 64 rows, 2 stages), gluon_ws
-  gluon_ws_probe.py's (64 rows a warpgroup, two a program, 3 stages), gluon_dq and gluon_dkdv
-  gluon_bwd_probe.py's kernels; causal unless `full`, with the long preset's weights (5
+  gluon_ws_probe.py's (64 rows a warpgroup, two a program, 3 stages), gluon_dq gluon_bwd_probe.py's
+  kernel, gluon_dkdv the op's (longctx/kernels/hopper_kernels.py, with the RoPE epilogue); causal unless `full`, with the long preset's weights (5
   branches) under `union`; each line ends with ptxas's verdict on whether it serialises the
   wgmma (its note's code: C7514, C7512); tiles default to union.CONFIG (long, rotary) or union.SMALL_CONFIG (seed);
   long: the long preset's layout (L = 2048, 5 branches, causal); seed: head_split's (L = 1024,
@@ -77,14 +77,20 @@ def compile_gluon_sm90(name: str, rows: int, stages: int, causal: bool = True, b
     from triton.experimental.gluon._runtime import GluonASTSource
 
     import gluon_bwd_probe
+    from longctx.kernels import hopper_kernels
 
     box = f"tensordesc<bf16[{rows}, 64],{gl.NVMMASharedLayout.get_default_for([rows, 64], gl.bfloat16)!r}>"
+    if name == "gluon_dq":
+        fn = gluon_bwd_probe._dq
+        signature = {arg: box for arg in ("q_desc", "k_desc", "v_desc", "do_desc", "dq_desc")}
+        signature.update(stats_ptr="*fp32")
+    elif name == "gluon_dkdv":  # the op's kernel (hopper_kernels.dkdv), with attention/rotary.py's epilogue
+        fn = hopper_kernels.dkdv
+        signature = {arg: box for arg in ("q_desc", "k_desc", "v_desc", "do_desc")}
+        signature.update(dk_ptr="*bf16", dv_ptr="*bf16", stats_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32",
+                         sgb="i32", sgt="i32", sgh="i32")
     if name in ("gluon_dq", "gluon_dkdv"):
-        fn = gluon_bwd_probe._dq if name == "gluon_dq" else gluon_bwd_probe._dkdv
-        outs = ("dq_desc",) if name == "gluon_dq" else ("dk_desc", "dv_desc")
-        signature = {arg: box for arg in ("q_desc", "k_desc", "v_desc", "do_desc", *outs)}
-        signature.update(stats_ptr="*fp32", T="i32", H="i32", W="i32", R="i32", h0="i32", nh="i32", BH="i32",
-                         qk_scale="fp32",
+        signature.update(T="i32", H="i32", W="i32", R="i32", h0="i32", nh="i32", BH="i32", qk_scale="fp32",
                          scale="fp32")
     else:
         fn = gluon_probe._fwd if name == "gluon" else gluon_ws_probe._fwd_ws
@@ -92,6 +98,10 @@ def compile_gluon_sm90(name: str, rows: int, stages: int, causal: bool = True, b
         signature.update(lse_ptr="*fp32", T="i32", H="i32", W="i32", R="i32", h0="i32", nh="i32", qk_scale="fp32")
     signature.update(STAGES="constexpr", CAUSAL="constexpr", N_BR="constexpr", num_warps="constexpr")
     constants = {"STAGES": stages, "CAUSAL": causal, "N_BR": branches, "num_warps": rows // 16}
+    if name == "gluon_dkdv":
+        signature["ROPE"] = "constexpr"
+        constants["ROPE"] = True
+    signature = {arg: signature[arg] for arg in fn.arg_names}
     src = GluonASTSource(fn, signature, constexprs=constants)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": rows // 16})
 
