@@ -5,7 +5,8 @@
 # Stages: tests (GPU parity and training tests), bench (the seed preset's 8K cells and the long
 # preset's op rows against dense SDPA), train (configs/longnet.yaml at 32K with configs/graphs.yaml,
 # and 1M eager, with validation and checkpoints), variants (each other variant at 32K, graphed),
-# union (the union kernels' parity and tile sweep: tools/kernels/union_probe.py).
+# union (the union kernels' parity and tile sweep: tools/kernels/union_probe.py), hopper (the
+# opt-in Gluon dK/dV pass, LONGCTX_HOPPER=1, against the Triton one: parity, the op to 1M, the LM at 32K).
 # Results go to $OUT (the device tool's folder) or ./gpu_out. Wheels in .whl/ (jsonargparse and
 # what it needs, for train.py) are installed first where the image lacks them.
 set -uo pipefail
@@ -53,6 +54,18 @@ for s in ${*:-tests bench train}; do
     union)
       python3 -m pytest -q -x tests/test_gpu.py -k union 2>&1 | tail -3
       python3 tools/kernels/union_probe.py ${UNION_LENGTHS:-} 2>&1 | grep -v -i warn | tee "$OUT/union_probe.txt" ;;
-    *) echo "unknown stage $s (tests bench train variants union)" ;;
+    hopper)  # the opt-in Gluon dK/dV pass (longctx/kernels/hopper.py) against the Triton pass: parity, op, LM
+      python3 -m pytest -q -x tests/test_gpu.py -k "hopper or rotary" 2>&1 | tail -3
+      for h in 0 1; do
+        LONGCTX_HOPPER=$h python3 -m longctx.benchmark --preset long --variants improved_dilated --modes fwd+bwd \
+          --lengths ${LONG_LENGTHS:-65536 131072 262144 1048576} --warmup 1 --repeats 7 --cuda-graph \
+          --out "$OUT/hopper$h" > "$OUT/hopper$h.log" 2>&1
+        echo "LONGCTX_HOPPER=$h: $(grep -E 'fwd\+bwd ok' "$OUT/hopper$h.log" | awk '{print $3, $(NF-1), $NF}' | tr '\n' ' ')"
+      done
+      for h in 0 1; do
+        LONGCTX_HOPPER=$h fit "32k-hopper$h" ${STEPS_32K:-300} --config configs/seq/32k.yaml --config configs/graphs.yaml \
+          --trainer.limit_val_batches=0
+      done ;;
+    *) echo "unknown stage $s (tests bench train variants union hopper)" ;;
   esac
 done
