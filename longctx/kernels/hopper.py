@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from . import compiled_triton
+from . import LOG2E, compiled_triton
 
 ENABLED = os.environ.get("LONGCTX_HOPPER", "0") == "1"
 ROWS, STAGES = 64, 3  # keys a program, the query ring's depth (2 ran slower): 244 registers, two programs an SM
@@ -63,24 +63,14 @@ def use(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, l
     return _kernels() is not None
 
 
-def _descriptor(x: torch.Tensor, layout):
-    """A TMA descriptor of x (B, T, H, D) over its (B·T, row stride) view, boxes of ROWS × D."""
-    B, T, H, D = x.shape
-    st = x.stride(1)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    return TensorDescriptor(x, [B * T, st], [st, 1], [ROWS, D], layout)
-
-
-def local_dkdv(q, k, v, dout, stats, dk, dv, lay, is_causal: bool, scale: float, qk_scale: float, rope=None) -> None:
+def local_dkdv(q, k, v, dout, stats, dk, dv, lay, is_causal: bool, scale: float, rope=None) -> None:
     """The union backward's local dK/dV pass (level 1, with the weight terms of lay.n branches)
     into dk and dv (B, T, H, D, one set of strides), from STATS (2, B·H, T) that the local dQ
     pass wrote; rope: (cos, sin) (T, D/2) float32, dK rotated back as union_kernels._put does."""
-    from triton.experimental.gluon import language as gl
     B, T, H, D = q.shape
-    layout = gl.NVMMASharedLayout.get_default_for([ROWS, D], gl.bfloat16 if q.dtype == torch.bfloat16
-                                                  else gl.float16)
-    descs = [_descriptor(x, layout) for x in (q, k, v, dout)]
+    kernels = _kernels()
+    descs = kernels.descriptors((q, k, v, dout), 1, ROWS)
     cos, sin = rope if rope is not None else (stats, stats)  # read only when ROPE
-    _kernels().dkdv[(T // ROWS, B * H)](*descs, dk, dv, stats, cos, sin, *dk.stride()[:3], T, H, lay.L, 1, 0, H, B * H,
-                                        qk_scale, scale, STAGES=STAGES, CAUSAL=is_causal, N_BR=lay.n,
-                                        ROPE=rope is not None, num_warps=4)
+    kernels.dkdv[(T // ROWS, B * H)](*descs, dk, dv, stats, cos, sin, *dk.stride()[:3], T, H, lay.L, 1, 0, H, B * H,
+                                     scale * LOG2E, scale, STAGES=STAGES, CAUSAL=is_causal, N_BR=lay.n,
+                                     ROPE=rope is not None, num_warps=4)

@@ -15,10 +15,24 @@ formed, and dK += dSᵀ Qᵢ while the next tile's Sᵀ and dPᵀ are issued. Q�
 ring of STAGES stages; a stage is reloaded once its tile's four wgmma retired. tools/kernels/
 gluon_bwd_probe.py adds a dQ kernel of the same shape and times both against cuDNN.
 """
+import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma, warpgroup_mma_init,
                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+
+def descriptors(tensors, R: int, rows: int):
+    """TMA descriptors of (B, T, H, D) tensors, heads adjacent and batches T rows apart
+    (hopper._flat), over their (B·T/R, R·row stride) view: row j holds positions j·R … j·R + R − 1,
+    so a head's kept row is one [rows, D] box, at column ((h mod R)·H + h)·D where the row stride
+    is H·D (R > 1 needs that; at R = 1 any row stride reads in place, a fused projection's slots too)."""
+    B, T, H, D = tensors[0].shape
+    layout = gl.NVMMASharedLayout.get_default_for([rows, D], gl.bfloat16 if tensors[0].dtype == torch.bfloat16
+                                                  else gl.float16)
+    return [TensorDescriptor(x, [B * T // R, R * x.stride(1)], [R * x.stride(1), 1], [rows, D], layout)
+            for x in tensors]
 
 
 @gluon.constexpr_function

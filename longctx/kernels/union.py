@@ -200,7 +200,7 @@ def backward(dout, q, k, v, out, lse, lay: Layout, is_causal: bool, scale: float
             is_causal, **consts)
     passes = ("local", "upper")
     if hopper.use(q, k, v, dout, lay):
-        hopper.local_dkdv(q, k, v, dout, stats, dk, dv, lay, is_causal, scale, scale * LOG2E, rope)
+        hopper.local_dkdv(q, k, v, dout, stats, dk, dv, lay, is_causal, scale, rope)
         passes = ("upper",)
     _launch("dkdv", q, lay, (q, k, v, dout, stats, dk, dv, cos, sin, *strides, T, H, scale * LOG2E, scale),
             is_causal, passes, **consts)

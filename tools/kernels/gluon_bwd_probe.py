@@ -30,7 +30,6 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                              warpgroup_mma_init, warpgroup_mma_wait)
 
-
 from gluon_probe import LOG2E, descriptors, forward, kept, pairs, timed
 from longctx.kernels.hopper_kernels import _geometry, _refill, _stats, _terms, _tiles, dkdv, mma_layout
 
@@ -124,12 +123,12 @@ def backward(q, k, v, do, stats, W: int, scale: float, BM: int = 64, stages: int
     qd, kd, vd, dod, dqd = descriptors((q, k, v, do, dq), R, BM)
     heads = heads or range(H)
     grid = (T // R // BM, B * len(heads))
-    args = (stats, T // R, H, W // R, R, heads.start, len(heads), B * H, scale * LOG2E, scale)
+    dims = (T // R, H, W // R, R, heads.start, len(heads), B * H, scale * LOG2E, scale)
     consts = dict(STAGES=stages, CAUSAL=causal, N_BR=branches, num_warps=BM // 16)
     if "dq" in which:
-        _dq[grid](qd, kd, vd, dod, dqd, *args, **consts)
-    if "dkdv" in which:
-        dkdv[grid](qd, kd, vd, dod, dk, dv, stats, stats, stats, *dk.stride()[:3], *args[1:], ROPE=False, **consts)
+        _dq[grid](qd, kd, vd, dod, dqd, stats, *dims, **consts)
+    if "dkdv" in which:  # the op's kernel; no RoPE (stats stands in for cos and sin, unread)
+        dkdv[grid](qd, kd, vd, dod, dk, dv, stats, stats, stats, *dk.stride()[:3], *dims, ROPE=False, **consts)
     return dq, dk, dv
 
 

@@ -23,13 +23,22 @@ from gluon_bwd_probe import backward, stats_of
 from gluon_probe import LOG2E, forward, pairs, timed
 
 
+def long_layout(x, branches: int = 5):
+    """The union kernels' Layout of LongNet's `branches` branches from 2,048-row segments (the long
+    preset's, at 5) for x (B, T, H, D)."""
+    from longctx.kernels import union
+
+    B, T, H, D = x.shape
+    return union.layout(T, H, D, [2048 << i for i in range(branches)], [1 << i for i in range(branches)], False)
+
+
 def union_local(q, k, v, scale: float, branches: int = 5):
     """The union kernels' forward local pass (longctx/kernels/union.py) on LongNet's layout of
     `branches` branches from 2,048-row segments: (out, lse) before the upper levels add theirs."""
     from longctx.kernels import union
 
     B, T, H, D = q.shape
-    lay = union.layout(T, H, D, [2048 << i for i in range(branches)], [1 << i for i in range(branches)], False)
+    lay = long_layout(q, branches)
     out = torch.empty_like(q)
     lse = torch.empty((B, T, H), dtype=torch.float32, device=q.device)
     union._launch("fwd", q, lay, (q, k, v, out, lse, *union._strides(q, k, v), T, H, scale * LOG2E), True,
@@ -79,7 +88,7 @@ def union_local_backward(q, k, v, do, out, lse, scale: float, which=("dq", "dkdv
     from longctx.kernels import union
 
     B, T, H, D = q.shape
-    lay = union.layout(T, H, D, [2048 << i for i in range(5)], [1 << i for i in range(5)], False)
+    lay = long_layout(q)
     dq, dk, dv = (torch.empty_like(q) for _ in range(3))
     stats = torch.empty((2, B * H, T), dtype=torch.float32, device=q.device)
     strides = [*union._strides(q, k, v, do), *union._strides(dq)]

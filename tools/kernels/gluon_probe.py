@@ -31,9 +31,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                              warpgroup_mma_init, warpgroup_mma_wait)
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from longctx.kernels.hopper_kernels import _barriers, mma_layout
+from longctx.kernels.hopper_kernels import _barriers, descriptors, mma_layout
 
 LOG2E = 1.4426950408889634
 
@@ -225,16 +224,6 @@ def forward(q, k, v, W: int, scale: float, BM: int = 128, stages: int = 2, R: in
     _fwd[(T // R // BM, B * len(heads))](*descs, lse, T // R, H, W // R, R, heads.start, len(heads), scale * LOG2E,
                                          STAGES=stages, CAUSAL=causal, N_BR=branches, num_warps=BM // 16)
     return out, lse
-
-
-def descriptors(tensors, R: int, BM: int):
-    """TMA descriptors of (B, T, H, D) tensors over their (B·T/R, R·H·D) view: row j holds
-    positions j·R … j·R + R − 1, so a head's kept row is one [BM, D] box."""
-    B, T, H, D = tensors[0].shape
-    layout = gl.NVMMASharedLayout.get_default_for([BM, D], gl.bfloat16 if tensors[0].dtype == torch.bfloat16
-                                                  else gl.float16)
-    shape = [B * T // R, R * H * D]
-    return [TensorDescriptor(x.view(shape), shape, [R * H * D, 1], [BM, D], layout) for x in tensors]
 
 
 def segments_sdpa(q, k, v, W: int, scale: float, backend=None, causal: bool = True):
