@@ -11,7 +11,6 @@ passes `pos_offset` = its first token's index (docs/design.md#the-ring).
 from __future__ import annotations
 
 import functools
-import importlib
 
 import torch
 import torch.nn.functional as F

@@ -6,7 +6,8 @@
 # preset's op rows against dense SDPA), train (configs/longnet.yaml at 32K with configs/graphs.yaml,
 # and 1M eager, with validation and checkpoints), variants (each other variant at 32K, graphed),
 # union (the union kernels' parity and tile sweep: tools/kernels/union_probe.py), hopper (the
-# opt-in Gluon dK/dV pass, LONGCTX_HOPPER=1, against the Triton one: parity, the op to 1M, the LM at 32K).
+# Gluon backward passes on sm_90, LONGCTX_HOPPER=1, the default, against the Triton ones, =0: parity,
+# the op to 1M, the LM at 32K).
 # Results go to $OUT (the device tool's folder) or ./gpu_out. Wheels in .whl/ (jsonargparse and
 # what it needs, for train.py) are installed first where the image lacks them.
 set -uo pipefail
@@ -54,7 +55,7 @@ for s in ${*:-tests bench train}; do
     union)
       python3 -m pytest -q -x tests/test_gpu.py -k union 2>&1 | tail -3
       python3 tools/kernels/union_probe.py ${UNION_LENGTHS:-} 2>&1 | grep -v -i warn | tee "$OUT/union_probe.txt" ;;
-    hopper)  # the opt-in Gluon dK/dV pass (longctx/kernels/hopper.py) against the Triton pass: parity, op, LM
+    hopper)  # the Gluon local backward passes (longctx/kernels/hopper.py) against the Triton ones: parity, op, LM
       python3 -m pytest -q -x tests/test_gpu.py -k "hopper or rotary" 2>&1 | tail -3
       for h in 0 1; do
         LONGCTX_HOPPER=$h python3 -m longctx.benchmark --preset long --variants improved_dilated --modes fwd+bwd \

@@ -243,7 +243,7 @@ def test_gpu_union_split_config_parity(case, causal, monkeypatch):
     check_union_parity(case, True, causal, ImprovedDilatedAttention, torch.bfloat16)
 
 
-HOPPER_CASES = [  # heads of 64: the layouts whose local dK/dV pass runs hopper.py's kernel on sm_90
+HOPPER_CASES = [  # heads of 64: the layouts whose local backward passes run hopper.py's kernels on sm_90
     (2, 4096, 12, 64, [256, 512, 1024, 2048], [1, 2, 4, 8]),
     (1, 3072, 6, 64, [256, 512, 1024], [1, 2, 4]),  # three top-level segments, fewer heads than offsets
     (1, 1024, 4, 64, [64, 128, 256], [1, 2, 4]),  # one 64-row tile a segment: the diagonal only
@@ -253,19 +253,22 @@ HOPPER_CASES = [  # heads of 64: the layouts whose local dK/dV pass runs hopper.
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("case", HOPPER_CASES, ids=[f"B{c[0]}-T{c[1]}-L{c[4][0]}" for c in HOPPER_CASES])
-def test_gpu_hopper_dkdv_parity(case, causal, dtype, monkeypatch):
-    """On an sm_90 GPU the union backward's local dK/dV pass is the Gluon kernel (hopper.py), on
-    q/k/v views of one fused projection: it runs (counted), and the gradients keep the parity
-    rule against the float64 reference."""
+def test_gpu_hopper_backward_parity(case, causal, dtype, monkeypatch):
+    """On an sm_90 GPU the union backward's local dQ and dK/dV passes are the Gluon kernels
+    (hopper.py), on q/k/v views of one fused projection: each runs once (counted), and the
+    gradients keep the parity rule against the float64 reference."""
     from longctx.kernels import hopper
     if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("hopper.py's kernel is for sm_90 GPUs; other GPUs run the Triton pass (the union tests)")
+        pytest.skip("hopper.py's kernels are for sm_90 GPUs; other GPUs run the Triton passes (the union tests)")
     monkeypatch.setattr(hopper, "ENABLED", True)
     calls = []
-    real = hopper.local_dkdv
-    monkeypatch.setattr(hopper, "local_dkdv", lambda *a, **kw: calls.append(a[-1] is None) or real(*a, **kw))
+    for name in ("local_dq", "local_dkdv"):
+        real = getattr(hopper, name)
+        monkeypatch.setattr(hopper, name, lambda *a, name=name, real=real, **kw: calls.append((name, a[-1] is None))
+                            or real(*a, **kw))
     check_union_parity(case, False, causal, ImprovedDilatedAttention, dtype)
-    assert calls == [True]  # once, without RoPE (test_gpu_rotary_op_trains_like_rope_then_the_op rotates)
+    # once each, without RoPE (test_gpu_rotary_op_trains_like_rope_then_the_op rotates)
+    assert calls == [("local_dq", True), ("local_dkdv", True)]
 
 
 def check_union_parity(case, head_split, causal, op_cls, dtype):
@@ -287,14 +290,27 @@ def check_union_parity(case, head_split, causal, op_cls, dtype):
         assert err(grad[:, :, i], exact_grad[:, :, i]) <= 2 * err(ref_grad[:, :, i], exact_grad[:, :, i]) + 1e-6, name
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_gpu_rotary_op_trains_like_rope_then_the_op(compiled, monkeypatch):
+@pytest.mark.parametrize("compiled,gluon", [(False, False), (True, False), (False, True)],
+                         ids=["eager", "compiled", "eager-hopper"])
+def test_gpu_rotary_op_trains_like_rope_then_the_op(compiled, gluon, monkeypatch):
     """The LM in bf16 with RoPE inside the union op (attention/rotary.py) against the same model
     rotating q and k itself before the op (LONGCTX_ROTARY=0): the same loss, and gradients within
-    bf16 rounding (relative norm), eagerly and under Inductor."""
+    bf16 rounding (relative norm), eagerly and under Inductor; `gluon`: with hopper.py's backward
+    passes, whose epilogues rotate dQ and dK back (heads of 64 take them)."""
     import torch.nn.functional as F
     from longctx.attention import rotary
+    from longctx.kernels import hopper
     from longctx.model import LongNetLM
+
+    if gluon:
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("hopper.py's kernels are for sm_90 GPUs")
+        monkeypatch.setattr(hopper, "ENABLED", True)
+        ropes = []
+        for name in ("local_dq", "local_dkdv"):
+            real = getattr(hopper, name)
+            monkeypatch.setattr(hopper, name, lambda *a, real=real, **kw: ropes.append(a[-1] is not None)
+                                or real(*a, **kw))
 
     torch.manual_seed(0)
     model = LongNetLM(256, 256, 2, 4, ImprovedDilatedAttention,
@@ -314,6 +330,8 @@ def test_gpu_rotary_op_trains_like_rope_then_the_op(compiled, monkeypatch):
             loss = F.cross_entropy(run(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
         results.append((loss.detach(), torch.autograd.grad(loss, params)))
     assert calls == ([] if compiled else [False] * 2 + [True] * 2)  # per block, off then on
+    if gluon:  # both passes in both blocks' backward, with RoPE once the op rotates
+        assert ropes == [False] * 4 + [True] * 4
     torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-3, atol=0)
     for a, b in zip(results[1][1], results[0][1]):
         assert (a.float() - b.float()).norm() <= 2e-2 * b.float().norm(), a.shape

@@ -1,18 +1,23 @@
-"""The union kernels' local dK/dV pass on Hopper GPUs (sm_90): Gluon code with TMA loads and
-asynchronous wgmma (hopper_kernels.py), which union.backward runs in place of the Triton pass
-where `use` holds; the Triton kernels stay the path everywhere else (other GPUs, head_split,
-head dims other than 64, the CPU interpreter, and by default).
+"""The union kernels' local backward passes (dQ, then dK/dV) on Hopper GPUs (sm_90): Gluon code
+with TMA loads and asynchronous wgmma (hopper_kernels.py), which union.backward runs in place of
+the Triton local passes where `use` holds; the Triton kernels stay the path everywhere else
+(other GPUs, head_split, head dims other than 64, the CPU interpreter, LONGCTX_HOPPER=0), and run
+the upper passes in every case.
 
-Why this pass: it is the longest of the op's six (at 64K, 1.2–1.5 of ~4.2 ms fwd+bwd on an
-H100), and Triton's version of its loop runs about half its instructions with no tensor-core
-matmul in flight (tools/kernels/sass_probe.py dkdv local long: 117 of 227 a 64 × 32 block), since
-Triton waits for every wgmma before reading its result. The Gluon loop issues Sᵀ and dPᵀ
-together and keeps the dV and dK updates in flight under the next tile's softmax: for sm_90 it
-compiles to ~330 instructions a 64 × 64 block, none outside a running wgmma
-(`sass_probe.py gluon_dkdv 64 3 union`). Measured (docs/performance.md), that made the pass only
-6–7% faster: each warpgroup's chain of matmuls and exponentials is latency-bound at two
-programs an SM. The op gained 1.5–3% at 64K–128K and lost 0.8% at 256K, so the path is opt-in
-(LONGCTX_HOPPER=1) until it is faster at every length.
+Why: the local passes are the longest of the op's six (on an H200 at 128K, Triton's dK/dV 2.28
+and dQ 1.56 of 7.36 ms fwd+bwd), and Triton's versions of their loops run about half their
+instructions with no tensor-core matmul in flight (tools/kernels/sass_probe.py dkdv local long:
+117 of 227 a 64 × 32 block), since Triton waits for every wgmma before reading its result. The
+Gluon loops issue S and dP together and keep the gradient updates in flight under the next
+tile's softmax: for sm_90 the dK/dV loop compiles to ~330 instructions a 64 × 64 block, none
+outside a running wgmma (`sass_probe.py gluon_dkdv 64 3 union`), the dQ loop to ~280, 87 of them
+while dP is awaited. Each chain of matmuls and exponentials is still latency-bound at two
+programs an SM, so the gain is modest: with both passes the op's fwd+bwd is 4–8% faster on an
+H100 at 64K, 128K and 1M (0–9% at 256K) and the LM's 32K step 2% (docs/performance.md). Both
+kernels take their tiles a segment at a time (hopper_kernels._geometry), as the Triton passes
+do: taken tile-major, the programs in flight at 1M read K/V of ~260 segments at once, past L2,
+and the op was slower.
+LONGCTX_HOPPER=0 turns the path off.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import torch
 
 from . import LOG2E, compiled_triton
 
-ENABLED = os.environ.get("LONGCTX_HOPPER", "0") == "1"
+ENABLED = os.environ.get("LONGCTX_HOPPER", "1") != "0"
 ROWS, STAGES = 64, 3  # keys a program, the query ring's depth (2 ran slower): 244 registers, two programs an SM
 
 
@@ -53,14 +58,31 @@ def _flat(x: torch.Tensor) -> bool:
 
 
 def use(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, lay) -> bool:
-    """Whether the local dK/dV pass of the union kernels' layout `lay` on these (B, T, H, D)
-    tensors runs here: an sm_90 GPU, heads of 64, all heads running every branch, rows the TMA
+    """Whether the local backward passes of the union kernels' layout `lay` on these (B, T, H, D)
+    tensors run here: an sm_90 GPU, heads of 64, all heads running every branch, rows the TMA
     descriptors can read in place, segments of whole 64-row tiles."""
     if not (ENABLED and compiled_triton(q.device) and _hopper(q.device.index or 0)):
         return False
     if lay.split or q.shape[-1] != 64 or lay.L % ROWS or not all(_flat(x) for x in (q, k, v, dout)):
         return False
     return _kernels() is not None
+
+
+def _rope(rope, stats):
+    return rope if rope is not None else (stats, stats)  # read only when ROPE
+
+
+def local_dq(q, k, v, dout, out, lse, stats, dq, lay, is_causal: bool, scale: float, rope=None) -> None:
+    """The union backward's local dQ pass (level 1, with the weight terms of lay.n branches) into
+    dq (B, T, H, D), writing STATS (2, B·H, T): log2 LSE and Δ by position, from the forward's
+    out (B, T, H, D) and lse (B, T, H), both contiguous; rope as in local_dkdv."""
+    B, T, H, D = q.shape
+    assert out.is_contiguous() and lse.is_contiguous(), "the forward's own out and lse"
+    kernels = _kernels()
+    descs = kernels.descriptors((q, k, v, dout), 1, ROWS)
+    kernels.dq[(T // ROWS, B * H)](*descs, out, lse, dq, stats, *_rope(rope, stats), *dq.stride()[:3], T, H, lay.L, 1,
+                                   0, H, B * H, scale * LOG2E, scale, STAGES=STAGES, CAUSAL=is_causal, N_BR=lay.n,
+                                   ROPE=rope is not None, num_warps=4)
 
 
 def local_dkdv(q, k, v, dout, stats, dk, dv, lay, is_causal: bool, scale: float, rope=None) -> None:
@@ -70,7 +92,6 @@ def local_dkdv(q, k, v, dout, stats, dk, dv, lay, is_causal: bool, scale: float,
     B, T, H, D = q.shape
     kernels = _kernels()
     descs = kernels.descriptors((q, k, v, dout), 1, ROWS)
-    cos, sin = rope if rope is not None else (stats, stats)  # read only when ROPE
-    kernels.dkdv[(T // ROWS, B * H)](*descs, dk, dv, stats, cos, sin, *dk.stride()[:3], T, H, lay.L, 1, 0, H, B * H,
-                                     scale * LOG2E, scale, STAGES=STAGES, CAUSAL=is_causal, N_BR=lay.n,
+    kernels.dkdv[(T // ROWS, B * H)](*descs, dk, dv, stats, *_rope(rope, stats), *dk.stride()[:3], T, H, lay.L, 1, 0, H,
+                                     B * H, scale * LOG2E, scale, STAGES=STAGES, CAUSAL=is_causal, N_BR=lay.n,
                                      ROPE=rope is not None, num_warps=4)

@@ -1,4 +1,4 @@
-"""Gluon code for Hopper (sm_90): the union kernels' local dK/dV pass with TMA loads and
+"""Gluon code for Hopper (sm_90): the union kernels' local dQ and dK/dV passes with TMA loads and
 asynchronous wgmma (hopper.py has why and the launch; union.py the math).
 
 Shapes: B batch, T sequence length, H heads, D head dim. A head may keep only the positions
@@ -9,11 +9,13 @@ and W / R of the layout's). q, k, v and dO come in through TMA descriptors over 
 dQ pass writes it). Gradients go out through plain stores with (B, T, H) strides, so they may be
 slots of one packed gradient.
 
-One program: a tile of BM keys and a head; per query tile i, Sᵀ = K Qᵢᵀ and dPᵀ = V dOᵢᵀ are
-issued together, Pᵀ's exponentials run while dPᵀ is in flight, dV += Pᵀ dOᵢ runs while dSᵀ is
-formed, and dK += dSᵀ Qᵢ while the next tile's Sᵀ and dPᵀ are issued. Qᵢ and dOᵢ come through a
-ring of STAGES stages; a stage is reloaded once its tile's four wgmma retired. tools/kernels/
-gluon_bwd_probe.py adds a dQ kernel of the same shape and times both against cuDNN.
+dK/dV, one program a tile of BM keys and a head: per query tile i, Sᵀ = K Qᵢᵀ and dPᵀ = V dOᵢᵀ
+are issued together, Pᵀ's exponentials run while dPᵀ is in flight, dV += Pᵀ dOᵢ runs while dSᵀ
+is formed, and dK += dSᵀ Qᵢ while the next tile's Sᵀ and dPᵀ are issued. Qᵢ and dOᵢ come through
+a ring of STAGES stages; a stage is reloaded once its tile's four wgmma retired. dQ, one program
+a tile of BM queries: the same over key tiles (S and dP issued together, dQ += dS Kⱼ in flight
+under the next tile's), after it wrote its queries' STATS from the forward's O and LSE.
+tools/kernels/gluon_bwd_probe.py times both against cuDNN.
 """
 import torch
 from triton.experimental import gluon
@@ -60,12 +62,12 @@ def _barriers(COUNT: gl.constexpr):
 def _geometry(T, H, W, R, h0, nh, BM: gl.constexpr, D: gl.constexpr, Q_TILES: gl.constexpr):
     """This program's tile and head (one of h0 … h0 + nh − 1): (head, first row t0, its segment's
     first row lo, the head's offset, the batch's first row in the descriptors' view, the head's
-    column, b·H + h). The most work first: dK/dV's first key tiles of a segment (Q_TILES false),
-    dQ's last query tiles."""
+    column, b·H + h). A segment's tiles one after another, so that L2 keeps the rows they share
+    (tile-major, the programs in flight at 1M would stream ~260 segments' rows from memory), the
+    most work first within it: dK/dV's first key tiles (Q_TILES false), dQ's last query tiles."""
     per_seg = W // BM
-    segs = T // W
-    j = gl.program_id(0) // segs
-    lo = (gl.program_id(0) % segs) * W
+    j = gl.program_id(0) % per_seg
+    lo = gl.program_id(0) // per_seg * W
     t0 = lo + (per_seg - 1 - j if Q_TILES else j) * BM
     bh = gl.program_id(1)
     b = bh // nh
@@ -166,6 +168,37 @@ def _dkdv_step(i, n, k_smem, v_smem, q_smem, do_smem, ready, dk, dv, pt_op, dst_
 
 
 @gluon.jit
+def _dq_step(j, n, q_smem, do_smem, k_smem, v_smem, ready, dq, ds_op, bias, k_terms, q_pos, lse2, delta, lo, qk_scale,
+             k_desc, v_desc, row, col, MASK: gl.constexpr, WEIGHTS: gl.constexpr):
+    """Key tile j (lo + j·BN) against this program's queries; returns (dQ, dS operand), the
+    update left in flight."""
+    STAGES: gl.constexpr = k_smem.shape[0]
+    BN: gl.constexpr = k_smem.shape[1]
+    BM: gl.constexpr = q_smem.shape[0]
+    s_layout: gl.constexpr = bias.type.layout.parent
+    st = j % STAGES
+    zero = gl.zeros([BM, BN], gl.float32, s_layout)
+    mbarrier.wait(ready.index(st), (j // STAGES) & 1)
+    s = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), zero, use_acc=False, is_async=True)
+    dp = warpgroup_mma(do_smem, v_smem.index(st).permute((1, 0)), zero, use_acc=False, is_async=True)
+    s, dq, ds_op = warpgroup_mma_wait(1, deps=(s, dq, ds_op))  # dQ of tile j − 1 and S retire
+    if j > 0:  # tile j − 1's stage is free: it takes tile j − 1 + STAGES
+        _refill(k_desc, v_desc, k_smem, v_smem, ready, j - 1 + STAGES, n, row, lo, col)
+    z = s * qk_scale - lse2[:, None]
+    if WEIGHTS:  # λ's period divides BN: every key tile has the same column terms
+        z = z + gl.minimum(bias[:, None], k_terms[None, :])
+    if MASK:
+        k_pos = lo + j * BN + gl.arange(0, BN, gl.SliceLayout(0, s_layout))
+        z = gl.where(k_pos[None, :] <= q_pos[:, None], z, float("-inf"))
+    p = gl.exp2(z)
+    dp = warpgroup_mma_wait(0, deps=(dp,))  # the only one in flight
+    ds = p * (dp - delta[:, None])
+    ds_op = gl.convert_layout(ds.to(q_smem.dtype), ds_op.type.layout)
+    dq = warpgroup_mma(ds_op, k_smem.index(st), dq, is_async=True)
+    return dq, ds_op
+
+
+@gluon.jit
 def _put(g, ptr, pos, row_stride, cos_ptr, sin_ptr, scratch, ROPE: gl.constexpr, num_warps: gl.constexpr):
     """Store float32 gradient rows g (BM, D) at positions pos (BM,) of a (T, D) slice with row
     stride; ROPE: rotated back by RoPE's angles at pos first, (g1·cos + g2·sin, g2·cos − g1·sin)
@@ -241,3 +274,72 @@ def dkdv(q_desc, k_desc, v_desc, do_desc, dk_ptr, dv_ptr, stats_ptr, cos_ptr, si
     head = b.to(gl.int64) * sgb + h * sgh
     _put(dk * scale, dk_ptr + head, pos, sgt, cos_ptr, sin_ptr, scratch, ROPE, num_warps)
     _put(dv, dv_ptr + head, pos, sgt, cos_ptr, sin_ptr, scratch, False, num_warps)
+
+
+@gluon.jit
+def _row_stats(o_ptr, lse_ptr, do_smem, stats_ptr, pos, h, b, T_all, H, bh, BH, layout: gl.constexpr,
+               num_warps: gl.constexpr):
+    """log2 LSE and Δ = rowsum(dO∘O) of the queries at positions pos, from the forward's LSE
+    (B, T_all, H) and O (B, T_all, H, D), both contiguous, and dO in shared memory: written to
+    STATS for the dK/dV passes and returned in `layout`."""
+    D: gl.constexpr = do_smem.shape[1]
+    rows: gl.constexpr = row_layout(D, num_warps)
+    at = (b * T_all + gl.convert_layout(pos, gl.SliceLayout(1, rows))).to(gl.int64) * H + h
+    o = gl.load(o_ptr + at[:, None] * D + gl.arange(0, D, gl.SliceLayout(0, rows))[None, :])
+    delta = gl.sum(do_smem.load(rows).to(gl.float32) * o.to(gl.float32), axis=1)
+    flat: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    lse2 = gl.load(lse_ptr + gl.convert_layout(at, flat)) * 1.4426950408889634
+    first = stats_ptr + bh * T_all + gl.convert_layout(pos, flat)
+    gl.store(first, lse2)
+    gl.store(first + BH * T_all, gl.convert_layout(delta, flat))
+    return gl.convert_layout(lse2, layout), gl.convert_layout(delta, layout)
+
+
+@gluon.jit
+def dq(q_desc, k_desc, v_desc, do_desc, o_ptr, lse_ptr, dq_ptr, stats_ptr, cos_ptr, sin_ptr, sgb, sgt, sgh, T, H, W,
+       R, h0, nh, BH, qk_scale, scale, STAGES: gl.constexpr, CAUSAL: gl.constexpr, N_BR: gl.constexpr,
+       ROPE: gl.constexpr, num_warps: gl.constexpr):
+    """dQ of BM queries of one head over the keys of their segment (causal: up to their own
+    tile), grid (T / BM, B · nh); writes STATS of those queries for the dK/dV passes."""
+    BM: gl.constexpr = q_desc.block_type.shape[0]
+    D: gl.constexpr = q_desc.block_type.shape[1]
+    dtype: gl.constexpr = q_desc.dtype
+    h, q0, lo, off, row, col, bh = _geometry(T, H, W, R, h0, nh, BM, D, True)
+    n = (q0 - lo) // BM + 1 if CAUSAL else W // BM
+    T_all = T * R
+
+    s_layout: gl.constexpr = mma_layout(BM, num_warps)
+    o_layout: gl.constexpr = mma_layout(D, num_warps)
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    q_smem, do_smem, k_smem, v_smem, q_bar, ready = _tiles(q_desc, do_desc, k_desc, v_desc, row, q0, lo, col, n,
+                                                            STAGES)
+
+    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    q_pos = q0 + gl.arange(0, BM, rows)
+    bias = _terms(q_pos, h, N_BR)  # the queries' weight terms (unused when N_BR = 1)
+    k_terms = _terms(lo + gl.arange(0, BM, gl.SliceLayout(0, s_layout)), h, N_BR)
+    b = bh // H
+    mbarrier.wait(q_bar, 0)
+    lse2, delta = _row_stats(o_ptr, lse_ptr, do_smem, stats_ptr, q_pos * R + off, h, b, T_all, H, bh, BH, rows,
+                             num_warps)
+    dq = warpgroup_mma_init(gl.zeros([BM, D], gl.float32, o_layout))
+    ds_op = gl.zeros([BM, BM], dtype, a_layout)
+    # The first tile apart, as in dkdv (masked when causal: a no-op unless it is the diagonal),
+    # and causal, the diagonal last.
+    dq, ds_op = _dq_step(0, n, q_smem, do_smem, k_smem, v_smem, ready, dq, ds_op, bias, k_terms, q_pos, lse2, delta, lo,
+                         qk_scale, k_desc, v_desc, row, col, CAUSAL, N_BR > 1)
+    last = n - 1 if CAUSAL else n
+    for j in range(1, last):
+        dq, ds_op = _dq_step(j, n, q_smem, do_smem, k_smem, v_smem, ready, dq, ds_op, bias, k_terms, q_pos, lse2,
+                             delta, lo, qk_scale, k_desc, v_desc, row, col, False, N_BR > 1)
+    if CAUSAL and n > 1:
+        dq, ds_op = _dq_step(last, n, q_smem, do_smem, k_smem, v_smem, ready, dq, ds_op, bias, k_terms, q_pos, lse2,
+                             delta, lo, qk_scale, k_desc, v_desc, row, col, True, N_BR > 1)
+    dq, ds_op = warpgroup_mma_wait(0, deps=(dq, ds_op))
+
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+    pos = gl.convert_layout(q_pos, gl.SliceLayout(1, o_layout)) * R + off
+    scratch = gl.allocate_shared_memory(gl.float32, [BM, D], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    _put(dq * scale, dq_ptr + b.to(gl.int64) * sgb + h * sgh, pos, sgt, cos_ptr, sin_ptr, scratch, ROPE, num_warps)

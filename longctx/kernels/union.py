@@ -30,7 +30,7 @@ with its rows stepping by 2^i, and no upper pass. The pieces path would run one 
 strided head group and branch (four at the seed's 8 heads); this is one launch per direction.
 
 The kernels are in union_kernels.py, their tiles' geometry in union_tiles.py; on Hopper GPUs
-with LONGCTX_HOPPER=1 the local dK/dV pass runs hopper.py's Gluon kernel instead. They run on
+the backward's local passes run hopper.py's Gluon kernels instead (LONGCTX_HOPPER=0: these). They run on
 CUDA in fp16/bf16, and on CPU tensors through Triton's interpreter (tests only).
 attention/rotary.py runs them on the LM block's fused projection with RoPE inside (backward's
 `rope`).
@@ -196,12 +196,14 @@ def backward(dout, q, k, v, out, lse, lay: Layout, is_causal: bool, scale: float
     cos, sin = rope if rope is not None else (stats, stats)  # read only when ROPE
     strides = [*_strides(q, k, v, dout), *_strides(dq)]
     consts = dict(ROPE=rope is not None)
-    _launch("dq", q, lay, (q, k, v, dout, out, lse, stats, dq, cos, sin, *strides, T, H, scale * LOG2E, scale),
-            is_causal, **consts)
     passes = ("local", "upper")
-    if hopper.use(q, k, v, dout, lay):
-        hopper.local_dkdv(q, k, v, dout, stats, dk, dv, lay, is_causal, scale, rope)
+    if hopper.use(q, k, v, dout, lay):  # its local passes on Hopper, the upper ones here
         passes = ("upper",)
+        hopper.local_dq(q, k, v, dout, out, lse, stats, dq, lay, is_causal, scale, rope)
+    _launch("dq", q, lay, (q, k, v, dout, out, lse, stats, dq, cos, sin, *strides, T, H, scale * LOG2E, scale),
+            is_causal, passes, **consts)
+    if "local" not in passes:
+        hopper.local_dkdv(q, k, v, dout, stats, dk, dv, lay, is_causal, scale, rope)
     _launch("dkdv", q, lay, (q, k, v, dout, stats, dk, dv, cos, sin, *strides, T, H, scale * LOG2E, scale),
             is_causal, passes, **consts)
     return dq, dk, dv

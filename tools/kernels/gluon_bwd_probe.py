@@ -8,10 +8,12 @@ FlashAttention-2's: with P = exp(S − LSE) recomputed against the forward's LSE
 dV = Pᵀ dO, dS = P∘(dO Vᵀ − Δ), dK = scale·dSᵀ Q, dQ = scale·dS K. LSE (log2) and Δ come in as
 the union kernels' STATS, (2, B·H, T) float32 by position, which their local dQ pass writes.
 
-- dK/dV: the op's own kernel on Hopper (longctx/kernels/hopper_kernels.py, which the union
-  backward runs for its local pass), here launched on this problem;
+Both kernels are the op's own on Hopper (longctx/kernels/hopper_kernels.py, which the union
+backward runs for its local passes), here launched on this problem:
 - dQ: one program a tile of BM queries; per key tile j, S and dP are issued together, P's
-  exponentials run while dP is in flight, dQ += dS Kⱼ runs into the next tile's issue.
+  exponentials run while dP is in flight, dQ += dS Kⱼ runs into the next tile's issue; it
+  writes STATS from the forward's O and LSE first;
+- dK/dV: one program a tile of BN keys, the same over query tiles (hopper_kernels.py's docstring).
 
 `python tools/kernels/gluon_bwd_probe.py [--lengths 32768 131072] [--segments 2048] [--rates 1 4] [--full] [--union]`:
 checks the three gradients against float32 autograd of the definition (--union: with the long
@@ -25,110 +27,34 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.experimental import gluon
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                             warpgroup_mma_init, warpgroup_mma_wait)
 
 from gluon_probe import LOG2E, descriptors, forward, kept, pairs, timed
-from longctx.kernels.hopper_kernels import _geometry, _refill, _stats, _terms, _tiles, dkdv, mma_layout
+from longctx.kernels import hopper_kernels
 
 
-@gluon.jit
-def _dq_step(j, n, q_smem, do_smem, k_smem, v_smem, ready, dq, ds_op, bias, k_terms, q_pos, lse2, delta, lo, qk_scale,
-             k_desc, v_desc, row, col, MASK: gl.constexpr, WEIGHTS: gl.constexpr):
-    """Key tile j (lo + j·BN) against this program's queries; returns (dQ, dS operand), the
-    update left in flight."""
-    STAGES: gl.constexpr = k_smem.shape[0]
-    BN: gl.constexpr = k_smem.shape[1]
-    BM: gl.constexpr = q_smem.shape[0]
-    s_layout: gl.constexpr = bias.type.layout.parent
-    st = j % STAGES
-    zero = gl.zeros([BM, BN], gl.float32, s_layout)
-    mbarrier.wait(ready.index(st), (j // STAGES) & 1)
-    s = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)), zero, use_acc=False, is_async=True)
-    dp = warpgroup_mma(do_smem, v_smem.index(st).permute((1, 0)), zero, use_acc=False, is_async=True)
-    s, dq, ds_op = warpgroup_mma_wait(1, deps=(s, dq, ds_op))  # dQ of tile j − 1 and S retire
-    if j > 0:  # tile j − 1's stage is free: it takes tile j − 1 + STAGES
-        _refill(k_desc, v_desc, k_smem, v_smem, ready, j - 1 + STAGES, n, row, lo, col)
-    z = s * qk_scale - lse2[:, None]
-    if WEIGHTS:  # λ's period divides BN: every key tile has the same column terms
-        z = z + gl.minimum(bias[:, None], k_terms[None, :])
-    if MASK:
-        k_pos = lo + j * BN + gl.arange(0, BN, gl.SliceLayout(0, s_layout))
-        z = gl.where(k_pos[None, :] <= q_pos[:, None], z, float("-inf"))
-    p = gl.exp2(z)
-    dp = warpgroup_mma_wait(0, deps=(dp,))  # the only one in flight
-    ds = p * (dp - delta[:, None])
-    ds_op = gl.convert_layout(ds.to(q_smem.dtype), ds_op.type.layout)
-    dq = warpgroup_mma(ds_op, k_smem.index(st), dq, is_async=True)
-    return dq, ds_op
-
-
-@gluon.jit
-def _dq(q_desc, k_desc, v_desc, do_desc, dq_desc, stats_ptr, T, H, W, R, h0, nh, BH, qk_scale, scale,
-        STAGES: gl.constexpr, CAUSAL: gl.constexpr, N_BR: gl.constexpr, num_warps: gl.constexpr):
-    BM: gl.constexpr = q_desc.block_type.shape[0]
-    D: gl.constexpr = q_desc.block_type.shape[1]
-    dtype: gl.constexpr = q_desc.dtype
-    h, q0, lo, off, row, col, bh = _geometry(T, H, W, R, h0, nh, BM, D, True)
-    n = (q0 - lo) // BM + 1 if CAUSAL else W // BM
-
-    s_layout: gl.constexpr = mma_layout(BM, num_warps)
-    o_layout: gl.constexpr = mma_layout(D, num_warps)
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    q_smem, do_smem, k_smem, v_smem, q_bar, ready = _tiles(q_desc, do_desc, k_desc, v_desc, row, q0, lo, col, n,
-                                                            STAGES)
-
-    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-    q_pos = q0 + gl.arange(0, BM, rows)
-    lse2, delta = _stats(stats_ptr, q0, R, off, bh, T * R, BH, rows, BM, num_warps)
-    bias = _terms(q_pos, h, N_BR)  # the queries' weight terms (unused when N_BR = 1)
-    k_terms = _terms(lo + gl.arange(0, BM, gl.SliceLayout(0, s_layout)), h, N_BR)
-    dq = warpgroup_mma_init(gl.zeros([BM, D], gl.float32, o_layout))
-    ds_op = gl.zeros([BM, BM], dtype, a_layout)
-    mbarrier.wait(q_bar, 0)
-    # The first tile apart, as in _dkdv (masked when causal: a no-op unless it is the diagonal),
-    # and causal, the diagonal last.
-    dq, ds_op = _dq_step(0, n, q_smem, do_smem, k_smem, v_smem, ready, dq, ds_op, bias, k_terms, q_pos, lse2, delta, lo,
-                         qk_scale, k_desc, v_desc, row, col, CAUSAL, N_BR > 1)
-    last = n - 1 if CAUSAL else n
-    for j in range(1, last):
-        dq, ds_op = _dq_step(j, n, q_smem, do_smem, k_smem, v_smem, ready, dq, ds_op, bias, k_terms, q_pos, lse2, delta, lo,
-                             qk_scale, k_desc, v_desc, row, col, False, N_BR > 1)
-    if CAUSAL and n > 1:
-        dq, ds_op = _dq_step(last, n, q_smem, do_smem, k_smem, v_smem, ready, dq, ds_op, bias, k_terms, q_pos, lse2, delta, lo,
-                             qk_scale, k_desc, v_desc, row, col, True, N_BR > 1)
-    dq, ds_op = warpgroup_mma_wait(0, deps=(dq, ds_op))
-
-    mbarrier.invalidate(q_bar)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
-    q_smem.store((dq * scale).to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(dq_desc, [row + q0, col], q_smem)
-    tma.store_wait(0)
-
-
-def backward(q, k, v, do, stats, W: int, scale: float, BM: int = 64, stages: int = 2, R: int = 1,
-             causal: bool = True, branches: int = 1, which=("dq", "dkdv"), grads=None, heads: range | None = None):
-    """(dq, dk, dv) of gluon_probe.forward's attention given STATS (2, B·H, T): log2 LSE and Δ by
-    position. A head's rows it does not keep are left as `grads` had them (zeros if not given);
-    `which` launches only some of the two kernels (timing); heads: only these (contiguous) ones
-    (head_split's branches)."""
+def backward(q, k, v, do, out, lse, W: int, scale: float, BM: int = 64, stages: int = 2, R: int = 1,
+             causal: bool = True, branches: int = 1, which=("dq", "dkdv"), grads=None, heads: range | None = None,
+             stats=None):
+    """(dq, dk, dv) of gluon_probe.forward's attention given its out and lse (B, T, H, D), (B, T, H)
+    at the kept positions. The dQ kernel writes STATS (2, B·H, T): log2 LSE and Δ by position,
+    which the dK/dV kernel reads (timing dK/dV alone: pass `stats` a dQ call filled). A head's rows
+    it does not keep are left as `grads` had them (zeros if not given); `which` launches only some
+    of the two kernels; heads: only these (contiguous) ones (head_split's branches)."""
     B, T, H, D = q.shape
     assert T % W == 0 and W % (BM * R) == 0 and (R == 1 or branches == 1)
     grads = grads or tuple(torch.zeros_like(q) for _ in range(3))
+    stats = torch.zeros((2, B * H, T), device=q.device) if stats is None else stats
     dq, dk, dv = grads
-    qd, kd, vd, dod, dqd = descriptors((q, k, v, do, dq), R, BM)
+    descs = descriptors((q, k, v, do), R, BM)
     heads = heads or range(H)
     grid = (T // R // BM, B * len(heads))
     dims = (T // R, H, W // R, R, heads.start, len(heads), B * H, scale * LOG2E, scale)
-    consts = dict(STAGES=stages, CAUSAL=causal, N_BR=branches, num_warps=BM // 16)
+    consts = dict(STAGES=stages, CAUSAL=causal, N_BR=branches, ROPE=False, num_warps=BM // 16)
+    # the op's kernels; no RoPE (stats stands in for cos and sin, unread)
     if "dq" in which:
-        _dq[grid](qd, kd, vd, dod, dqd, stats, *dims, **consts)
-    if "dkdv" in which:  # the op's kernel; no RoPE (stats stands in for cos and sin, unread)
-        dkdv[grid](qd, kd, vd, dod, dk, dv, stats, stats, stats, *dk.stride()[:3], *dims, ROPE=False, **consts)
+        hopper_kernels.dq[grid](*descs, out, lse, dq, stats, stats, stats, *dq.stride()[:3], *dims, **consts)
+    if "dkdv" in which:
+        hopper_kernels.dkdv[grid](*descs, dk, dv, stats, stats, stats, *dk.stride()[:3], *dims, **consts)
     return dq, dk, dv
 
 
@@ -156,17 +82,6 @@ def reference(q, k, v, do, W: int, scale: float, causal: bool, branches: int = 1
     return (out.detach(), lse.transpose(1, 2).reshape(B, T, H), *(x.grad for x in leaves))
 
 
-def stats_of(out, do, lse, R: int = 1):
-    """STATS (2, B·H, T·R) by position from kept rows' out, dO (B, T, H, D) and LSE (B, T, H)."""
-    B, T, H, _ = out.shape
-    stats = torch.zeros((2, B, H, T * R), device=out.device)
-    pos = (torch.arange(T, device=out.device)[:, None] * R + torch.arange(H, device=out.device) % R).T  # (H, T)
-    idx = pos.expand(B, H, T)
-    stats[0].scatter_(2, idx, (lse * LOG2E).transpose(1, 2))
-    stats[1].scatter_(2, idx, (out.float() * do.float()).sum(-1).transpose(1, 2))
-    return stats.reshape(2, B * H, T * R)
-
-
 def check(configs, H: int, D: int, scale: float, causal: bool, union: bool, rates) -> None:
     torch.manual_seed(0)
     B, T, W = 2, 1024, 512
@@ -174,12 +89,12 @@ def check(configs, H: int, D: int, scale: float, causal: bool, union: bool, rate
     for R in ([1] if union else rates):
         branches = 5 if union else 1
         kq, kk, kv, kdo = (kept(x, R) for x in (q, k, v, do))
-        out, lse, *ref = reference(kq, kk, kv, kdo, W // R, scale, causal, branches)
-        stats = stats_of(out, kdo, lse, R)
+        _, _, *ref = reference(kq, kk, kv, kdo, W // R, scale, causal, branches)
+        out, lse = forward(q, k, v, W, scale, 64, 2, R, causal, branches)
         for BM, stages in configs:
             if W % (BM * R):
                 continue
-            got = backward(q, k, v, do, stats, W, scale, BM, stages, R, causal, branches)
+            got = backward(q, k, v, do, out, lse, W, scale, BM, stages, R, causal, branches)
             gaps = ", ".join(f"{name} {(kept(g, R).float() - r).abs().max().item() / r.abs().max().item():.1e}"
                              for name, g, r in zip(("dq", "dk", "dv"), got, ref))
             print(f"check rate {R}, {BM}x{stages}{', weights' if union else ''}: max |g - ref| / max |ref|: {gaps}",
@@ -218,13 +133,14 @@ def main(argv=None):
                 packed = [kept(x, R).contiguous() for x in (q, k, v, do)]
                 cells = {"cudnn": cudnn_backward(*packed, W // R, scale, causal)}
                 out, lse = forward(q, k, v, W, scale, 64, 2, R, causal, branches)
-                stats = stats_of(kept(out, R), packed[3], kept(lse[..., None], R)[..., 0], R)
                 grads = tuple(torch.zeros_like(q) for _ in range(3))
+                stats = torch.zeros((2, H, T), device=q.device)
                 for BM, stages in configs:
                     if W % (BM * R):
                         continue
-                    run = lambda which, BM=BM, stages=stages: backward(q, k, v, do, stats, W, scale, BM, stages, R,
-                                                                        causal, branches, which, grads)
+                    run = lambda which, BM=BM, stages=stages: backward(q, k, v, do, out, lse, W, scale, BM, stages,
+                                                                        R, causal, branches, which, grads, stats=stats)
+                    run(("dq",))  # STATS for the dK/dV kernel timed alone
                     cells[f"gluon {BM}x{stages} dq"] = lambda run=run: run(("dq",))
                     cells[f"gluon {BM}x{stages} dkdv"] = lambda run=run: run(("dkdv",))
                     cells[f"gluon {BM}x{stages} both"] = lambda run=run: run(("dq", "dkdv"))

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gluon_bwd_probe import backward, stats_of
+from gluon_bwd_probe import backward
 from gluon_probe import LOG2E, forward, pairs, timed
 
 
@@ -118,10 +118,9 @@ def compare_seed_step(lengths, configs, scale: float) -> None:
 
             def ours(BM, stages):
                 out, lse = seed_forward(q, k, v, scale, BM, stages)
-                stats = stats_of(out, do, lse)
                 grads = tuple(torch.zeros_like(q) for _ in range(3))
                 for w, r, heads in zip(*SEED, groups):
-                    backward(q, k, v, do, stats, w, scale, BM, stages, r, False, 1, grads=grads, heads=heads)
+                    backward(q, k, v, do, out, lse, w, scale, BM, stages, r, False, 1, grads=grads, heads=heads)
                 return grads
 
             def theirs():
@@ -150,9 +149,10 @@ def compare_seed_step(lengths, configs, scale: float) -> None:
 
 
 def compare_union_backward(lengths, configs, H: int, D: int, scale: float) -> None:
-    """gluon_bwd_probe.py's kernels with the long preset's weights against the union kernels' local
-    dQ and dK/dV passes, given the same forward (Gluon's local pass) and the STATS the Triton dQ
-    pass writes: gradients compared, each kernel and both timed in a CUDA graph."""
+    """The Gluon backward kernels (the op's, hopper_kernels.py) with the long preset's weights
+    against the union kernels' local dQ and dK/dV passes, given the same forward (Gluon's local
+    pass); the dK/dV kernels timed alone read the STATS the Triton dQ pass wrote: gradients
+    compared, each kernel and both timed in a CUDA graph."""
     for T in lengths:
         q, k, v, do = (torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
         out, lse = forward(q, k, v, 2048, scale, 64, 2, 1, True, 5)
@@ -161,14 +161,14 @@ def compare_union_backward(lengths, configs, H: int, D: int, scale: float) -> No
                  for which in ("dq", "dkdv")}
         cells["triton both"] = lambda: union_local_backward(q, k, v, do, out, lse, scale)
         for BM, stages in configs:
-            got = backward(q, k, v, do, stats, 2048, scale, BM, stages, 1, True, 5)
+            got = backward(q, k, v, do, out, lse, 2048, scale, BM, stages, 1, True, 5)
             gaps = ", ".join(f"{name} {(g.float() - r.float()).abs().max().item():.1e}"
                              for name, g, r in zip(("dq", "dk", "dv"), got, ref))
             print(f"T={T} {BM}x{stages} backward against the Triton local passes: max |g - g'|: {gaps}", flush=True)
             for which in (("dq",), ("dkdv",), ("dq", "dkdv")):
                 cells[f"gluon {BM}x{stages} {'both' if len(which) == 2 else which[0]}"] = (
-                    lambda which=which, BM=BM, stages=stages: backward(q, k, v, do, stats, 2048, scale, BM, stages, 1,
-                                                                       True, 5, which))
+                    lambda which=which, BM=BM, stages=stages: backward(q, k, v, do, out, lse, 2048, scale, BM, stages,
+                                                                       1, True, 5, which, stats=stats))
         flops = 2.5 * pairs(T, 2048, 1, True) * 4 * D * H
         ms = {name: timed(fn, graph=True) for name, fn in cells.items()}
         print(f"T={T} local backward, graphed: " + ", ".join(

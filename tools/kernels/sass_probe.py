@@ -14,9 +14,9 @@ differently), e.g. in a venv over this one: `pip install --no-deps triton==3.6.0
 Usage: python tools/kernels/sass_probe.py KERNEL [local|upper] [long|seed|rotary] [rows cols warps stages]
        python tools/kernels/sass_probe.py gluon|gluon_ws|gluon_dq|gluon_dkdv [rows stages [full|union]]
   KERNEL: fwd, dq or dkdv; gluon: gluon_probe.py's forward (default 64 rows, 2 stages), gluon_ws
-  gluon_ws_probe.py's (64 rows a warpgroup, two a program, 3 stages), gluon_dq gluon_bwd_probe.py's
-  kernel, gluon_dkdv the op's (longctx/kernels/hopper_kernels.py, with the RoPE epilogue); causal unless `full`, with the long preset's weights (5
-  branches) under `union`; each line ends with ptxas's verdict on whether it serialises the
+  gluon_ws_probe.py's (64 rows a warpgroup, two a program, 3 stages), gluon_dq and gluon_dkdv
+  the op's backward kernels (longctx/kernels/hopper_kernels.py, with the RoPE epilogue); causal
+  unless `full`, with the long preset's weights (5 branches) under `union`; each line ends with ptxas's verdict on whether it serialises the
   wgmma (its note's code: C7514, C7512); tiles default to union.CONFIG (long, rotary) or union.SMALL_CONFIG (seed);
   long: the long preset's layout (L = 2048, 5 branches, causal); seed: head_split's (L = 1024,
   3 branches, one a head, full); rotary: long, with the backward rotating dQ and dK back
@@ -68,28 +68,22 @@ def compile_sm90(name: str, which: str, preset: str, rows: int, cols: int, warps
 
 
 def compile_gluon_sm90(name: str, rows: int, stages: int, causal: bool = True, branches: int = 1):
-    """gluon_probe.py's (or gluon_ws_probe.py's) forward, or gluon_bwd_probe.py's dQ or dK/dV, compiled for sm_90 (bf16, head dim 64,
-    rows × 64 TMA boxes)."""
+    """gluon_probe.py's (or gluon_ws_probe.py's) forward, or the op's dQ or dK/dV kernel, compiled
+    for sm_90 (bf16, head dim 64, rows × 64 TMA boxes)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import gluon_probe
     import gluon_ws_probe
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    import gluon_bwd_probe
     from longctx.kernels import hopper_kernels
 
     box = f"tensordesc<bf16[{rows}, 64],{gl.NVMMASharedLayout.get_default_for([rows, 64], gl.bfloat16)!r}>"
-    if name == "gluon_dq":
-        fn = gluon_bwd_probe._dq
-        signature = {arg: box for arg in ("q_desc", "k_desc", "v_desc", "do_desc", "dq_desc")}
-        signature.update(stats_ptr="*fp32")
-    elif name == "gluon_dkdv":  # the op's kernel (hopper_kernels.dkdv), with attention/rotary.py's epilogue
-        fn = hopper_kernels.dkdv
+    if name in ("gluon_dq", "gluon_dkdv"):  # the op's kernels (hopper_kernels), with attention/rotary.py's epilogue
+        fn = hopper_kernels.dq if name == "gluon_dq" else hopper_kernels.dkdv
         signature = {arg: box for arg in ("q_desc", "k_desc", "v_desc", "do_desc")}
-        signature.update(dk_ptr="*bf16", dv_ptr="*bf16", stats_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32",
-                         sgb="i32", sgt="i32", sgh="i32")
-    if name in ("gluon_dq", "gluon_dkdv"):
+        signature.update(o_ptr="*bf16", lse_ptr="*fp32", dq_ptr="*bf16", dk_ptr="*bf16", dv_ptr="*bf16",
+                         stats_ptr="*fp32", cos_ptr="*fp32", sin_ptr="*fp32", sgb="i32", sgt="i32", sgh="i32")
         signature.update(T="i32", H="i32", W="i32", R="i32", h0="i32", nh="i32", BH="i32", qk_scale="fp32",
                          scale="fp32")
     else:
@@ -98,7 +92,7 @@ def compile_gluon_sm90(name: str, rows: int, stages: int, causal: bool = True, b
         signature.update(lse_ptr="*fp32", T="i32", H="i32", W="i32", R="i32", h0="i32", nh="i32", qk_scale="fp32")
     signature.update(STAGES="constexpr", CAUSAL="constexpr", N_BR="constexpr", num_warps="constexpr")
     constants = {"STAGES": stages, "CAUSAL": causal, "N_BR": branches, "num_warps": rows // 16}
-    if name == "gluon_dkdv":
+    if name in ("gluon_dq", "gluon_dkdv"):
         signature["ROPE"] = "constexpr"
         constants["ROPE"] = True
     signature = {arg: signature[arg] for arg in fn.arg_names}
