@@ -1,7 +1,7 @@
 """The union kernels' local backward passes (dQ, then dK/dV) on Hopper GPUs (sm_90): Gluon code
 with TMA loads and asynchronous wgmma (hopper_kernels.py), which union.backward runs in place of
 the Triton local passes where `use` holds; the Triton kernels stay the path everywhere else
-(other GPUs, head_split, head dims other than 64, the CPU interpreter, LONGCTX_HOPPER=0), and run
+(other GPUs, head_split, head dims other than 64, the CPU interpreter, and by default), and run
 the upper passes in every case.
 
 Why: the local passes are the longest of the op's six (on an H200 at 128K, Triton's dK/dV 2.28
@@ -17,7 +17,11 @@ H100 at 64K, 128K and 1M (0–9% at 256K) and the LM's 32K step 2% (docs/perform
 kernels take their tiles a segment at a time (hopper_kernels._geometry), as the Triton passes
 do: taken tile-major, the programs in flight at 1M read K/V of ~260 segments at once, past L2,
 and the op was slower.
-LONGCTX_HOPPER=0 turns the path off.
+
+The path is opt-in (LONGCTX_HOPPER=1) although faster: with it on by default the whole GPU suite
+had one failure, in a case it does not take (head_split, causal, float16:
+tests/test_gpu.py::test_gpu_union_kernels_parity), not yet explained (docs/performance.md); it
+goes on by default once that suite passes with it on.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import torch
 
 from . import LOG2E, compiled_triton
 
-ENABLED = os.environ.get("LONGCTX_HOPPER", "1") != "0"
+ENABLED = os.environ.get("LONGCTX_HOPPER", "0") == "1"
 ROWS, STAGES = 64, 3  # keys a program, the query ring's depth (2 ran slower): 244 registers, two programs an SM
 
 
