@@ -32,8 +32,10 @@ fit() {  # name, steps, train.py arguments...: one run's summary line
 for s in ${*:-tests bench train}; do
   echo "=== $s $(date -u +%FT%TZ)"
   case $s in
-    tests) python3 -m pytest -q -x tests/test_gpu.py tests/test_combine.py tests/test_fused.py tests/test_rotary.py \
-      ${TESTS_EXTRA:-} 2>&1 | tail -15 ;;
+    tests)  # into a file, so that a call stopped by its limit keeps what ran and the failures' messages
+      python3 -m pytest -q -x -rf tests/test_gpu.py tests/test_combine.py tests/test_fused.py tests/test_rotary.py \
+        ${TESTS_EXTRA:-} > "$OUT/tests.txt" 2>&1
+      grep -E "^FAILED|^E  |passed|failed" "$OUT/tests.txt" | tail -15 ;;
     bench)
       python3 -m longctx.benchmark --preset seed --lengths 8192 --cuda-graph --out "$OUT/seed" > "$OUT/seed.log" 2>&1
       grep -A12 "Sequence Length: 8192  \[bfloat16, fwd+bwd, head_split=True\]" "$OUT/seed.log" | grep -E "^\|"
@@ -53,7 +55,8 @@ for s in ${*:-tests bench train}; do
           --model.activation_checkpointing=$ckpt --trainer.val_check_interval=8 --trainer.limit_val_batches=1
       done ;;
     union)
-      python3 -m pytest -q -x tests/test_gpu.py -k union 2>&1 | tail -3
+      python3 -m pytest -q -x -rf tests/test_gpu.py -k union > "$OUT/union-tests.txt" 2>&1
+      grep -E "^FAILED|passed|failed" "$OUT/union-tests.txt" | tail -3
       python3 tools/kernels/union_probe.py ${UNION_LENGTHS:-} 2>&1 | grep -v -i warn | tee "$OUT/union_probe.txt" ;;
     hopper)  # the Gluon local backward passes (longctx/kernels/hopper.py) against the Triton ones: parity, op, LM
       # the whole GPU suite with the path on, into a file (its failures' messages kept)
