@@ -257,6 +257,15 @@ def test_gpu_hopper_backward_parity(case, causal, dtype, monkeypatch):
     """On an sm_90 GPU the union backward's local dQ and dK/dV passes are the Gluon kernels
     (hopper.py), on q/k/v views of one fused projection: each runs once (counted), and the
     gradients keep the parity rule against the float64 reference."""
+    calls = hopper_on(monkeypatch)
+    check_union_parity(case, False, causal, ImprovedDilatedAttention, dtype)
+    # once each, without RoPE (test_gpu_rotary_op_trains_like_rope_then_the_op rotates)
+    assert calls == [("local_dq", False), ("local_dkdv", False)]
+
+
+def hopper_on(monkeypatch) -> list:
+    """hopper.py's Gluon backward passes switched on (skipping off sm_90), each call of them
+    recorded as (name, whether it got RoPE's tables) in the list returned."""
     from longctx.kernels import hopper
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("hopper.py's kernels are for sm_90 GPUs; other GPUs run the Triton passes (the union tests)")
@@ -264,11 +273,9 @@ def test_gpu_hopper_backward_parity(case, causal, dtype, monkeypatch):
     calls = []
     for name in ("local_dq", "local_dkdv"):
         real = getattr(hopper, name)
-        monkeypatch.setattr(hopper, name, lambda *a, name=name, real=real, **kw: calls.append((name, a[-1] is None))
-                            or real(*a, **kw))
-    check_union_parity(case, False, causal, ImprovedDilatedAttention, dtype)
-    # once each, without RoPE (test_gpu_rotary_op_trains_like_rope_then_the_op rotates)
-    assert calls == [("local_dq", True), ("local_dkdv", True)]
+        monkeypatch.setattr(hopper, name, lambda *a, name=name, real=real, **kw:
+                            calls.append((name, a[-1] is not None)) or real(*a, **kw))
+    return calls
 
 
 def check_union_parity(case, head_split, causal, op_cls, dtype):
@@ -299,18 +306,9 @@ def test_gpu_rotary_op_trains_like_rope_then_the_op(compiled, gluon, monkeypatch
     passes, whose epilogues rotate dQ and dK back (heads of 64 take them)."""
     import torch.nn.functional as F
     from longctx.attention import rotary
-    from longctx.kernels import hopper
     from longctx.model import LongNetLM
 
-    if gluon:
-        if torch.cuda.get_device_capability() != (9, 0):
-            pytest.skip("hopper.py's kernels are for sm_90 GPUs")
-        monkeypatch.setattr(hopper, "ENABLED", True)
-        ropes = []
-        for name in ("local_dq", "local_dkdv"):
-            real = getattr(hopper, name)
-            monkeypatch.setattr(hopper, name, lambda *a, real=real, **kw: ropes.append(a[-1] is not None)
-                                or real(*a, **kw))
+    ropes = hopper_on(monkeypatch) if gluon else None
 
     torch.manual_seed(0)
     model = LongNetLM(256, 256, 2, 4, ImprovedDilatedAttention,
@@ -331,7 +329,8 @@ def test_gpu_rotary_op_trains_like_rope_then_the_op(compiled, gluon, monkeypatch
         results.append((loss.detach(), torch.autograd.grad(loss, params)))
     assert calls == ([] if compiled else [False] * 2 + [True] * 2)  # per block, off then on
     if gluon:  # both passes in both blocks' backward, with RoPE once the op rotates
-        assert ropes == [False] * 4 + [True] * 4
+        assert ropes == ([("local_dq", False), ("local_dkdv", False)] * 2
+                         + [("local_dq", True), ("local_dkdv", True)] * 2)
     torch.testing.assert_close(results[1][0], results[0][0], rtol=2e-3, atol=0)
     for a, b in zip(results[1][1], results[0][1]):
         assert (a.float() - b.float()).norm() <= 2e-2 * b.float().norm(), a.shape

@@ -72,30 +72,28 @@ def use(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, l
     return _kernels() is not None
 
 
-def _rope(rope, stats):
-    return rope if rope is not None else (stats, stats)  # read only when ROPE
+def _launch(kernel, q, k, v, dout, pointers, grad, stats, lay, is_causal: bool, scale: float, rope) -> None:
+    """One of hopper_kernels' backward kernels over (T / ROWS, B·H) tiles of a head: q/k/v/dO
+    through TMA descriptors, then the kernel's own pointers, STATS, RoPE's tables and the
+    gradients' (B, T, H) strides (those of `grad`, which all three gradients share)."""
+    B, T, H, D = q.shape
+    descs = _kernels().descriptors((q, k, v, dout), 1, ROWS)
+    cos, sin = rope if rope is not None else (stats, stats)  # read only when ROPE
+    kernel[(T // ROWS, B * H)](*descs, *pointers, stats, cos, sin, *grad.stride()[:3], T, H, lay.L, 1, 0, H, B * H,
+                               scale * LOG2E, scale, STAGES=STAGES, CAUSAL=is_causal, N_BR=lay.n,
+                               ROPE=rope is not None, num_warps=4)
 
 
 def local_dq(q, k, v, dout, out, lse, stats, dq, lay, is_causal: bool, scale: float, rope=None) -> None:
     """The union backward's local dQ pass (level 1, with the weight terms of lay.n branches) into
     dq (B, T, H, D), writing STATS (2, B·H, T): log2 LSE and Δ by position, from the forward's
     out (B, T, H, D) and lse (B, T, H), both contiguous; rope as in local_dkdv."""
-    B, T, H, D = q.shape
     assert out.is_contiguous() and lse.is_contiguous(), "the forward's own out and lse"
-    kernels = _kernels()
-    descs = kernels.descriptors((q, k, v, dout), 1, ROWS)
-    kernels.dq[(T // ROWS, B * H)](*descs, out, lse, dq, stats, *_rope(rope, stats), *dq.stride()[:3], T, H, lay.L, 1,
-                                   0, H, B * H, scale * LOG2E, scale, STAGES=STAGES, CAUSAL=is_causal, N_BR=lay.n,
-                                   ROPE=rope is not None, num_warps=4)
+    _launch(_kernels().dq, q, k, v, dout, (out, lse, dq), dq, stats, lay, is_causal, scale, rope)
 
 
 def local_dkdv(q, k, v, dout, stats, dk, dv, lay, is_causal: bool, scale: float, rope=None) -> None:
     """The union backward's local dK/dV pass (level 1, with the weight terms of lay.n branches)
     into dk and dv (B, T, H, D, one set of strides), from STATS (2, B·H, T) that the local dQ
     pass wrote; rope: (cos, sin) (T, D/2) float32, dK rotated back as union_kernels._put does."""
-    B, T, H, D = q.shape
-    kernels = _kernels()
-    descs = kernels.descriptors((q, k, v, dout), 1, ROWS)
-    kernels.dkdv[(T // ROWS, B * H)](*descs, dk, dv, stats, *_rope(rope, stats), *dk.stride()[:3], T, H, lay.L, 1, 0, H,
-                                     B * H, scale * LOG2E, scale, STAGES=STAGES, CAUSAL=is_causal, N_BR=lay.n,
-                                     ROPE=rope is not None, num_warps=4)
+    _launch(_kernels().dkdv, q, k, v, dout, (dk, dv), dk, stats, lay, is_causal, scale, rope)

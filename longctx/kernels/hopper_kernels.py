@@ -131,6 +131,15 @@ def _tiles(a_desc, b_desc, ra_desc, rb_desc, row, at, ring_at, col, n, STAGES: g
 
 
 @gluon.jit
+def _release(bar, ready):
+    """Invalidate _tiles' mbarriers once the loop is done with them."""
+    STAGES: gl.constexpr = ready.shape[0]
+    mbarrier.invalidate(bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+
+
+@gluon.jit
 def _dkdv_step(i, n, k_smem, v_smem, q_smem, do_smem, ready, dk, dv, pt_op, dst_op, bias, q_terms, k_pos, t0, qk_scale,
                stats_ptr, T_all, BH, bh, R, off, q_desc, do_desc, row, col, MASK: gl.constexpr,
                WEIGHTS: gl.constexpr):
@@ -265,9 +274,7 @@ def dkdv(q_desc, k_desc, v_desc, do_desc, dk_ptr, dv_ptr, stats_ptr, cos_ptr, si
                                            do_desc, row, col, False, N_BR > 1)
     dk, dv, pt_op, dst_op = warpgroup_mma_wait(0, deps=(dk, dv, pt_op, dst_op))
 
-    mbarrier.invalidate(kv_bar)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
+    _release(kv_bar, ready)
     b = bh // H
     pos = gl.convert_layout(k_pos, gl.SliceLayout(1, o_layout)) * R + off
     scratch = gl.allocate_shared_memory(gl.float32, [BM, D], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
@@ -337,9 +344,7 @@ def dq(q_desc, k_desc, v_desc, do_desc, o_ptr, lse_ptr, dq_ptr, stats_ptr, cos_p
                              delta, lo, qk_scale, k_desc, v_desc, row, col, True, N_BR > 1)
     dq, ds_op = warpgroup_mma_wait(0, deps=(dq, ds_op))
 
-    mbarrier.invalidate(q_bar)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(i))
+    _release(q_bar, ready)
     pos = gl.convert_layout(q_pos, gl.SliceLayout(1, o_layout)) * R + off
     scratch = gl.allocate_shared_memory(gl.float32, [BM, D], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     _put(dq * scale, dq_ptr + b.to(gl.int64) * sgb + h * sgh, pos, sgt, cos_ptr, sin_ptr, scratch, ROPE, num_warps)
