@@ -203,12 +203,12 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     from .corpus import documents, source_files
 
-    if args.vocab_size < 257:
-        raise SystemExit(f"error: --vocab_size={args.vocab_size} must be at least 257 (256 bytes and <|endoftext|>)")
+    if args.vocab_size < 257:  # t.error: usage, one line, exit status 2, as train.py and generate.py
+        t.error(f"--vocab_size={args.vocab_size} must be at least 257 (256 bytes and <|endoftext|>)")
     try:
         root, files = source_files(args.data_dir)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        t.error(str(e))
     tok = train_bpe((text for _, text in documents(root, files, args.text_field)), args.vocab_size, len(files))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tok.save(args.out)

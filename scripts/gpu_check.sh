@@ -6,8 +6,8 @@
 # preset's op rows against dense SDPA), train (configs/longnet.yaml at 32K with configs/graphs.yaml,
 # and 1M eager, with validation and checkpoints), variants (each other variant at 32K, graphed),
 # union (the union kernels' parity and tile sweep: tools/kernels/union_probe.py), hopper (the
-# opt-in Gluon backward passes on sm_90, LONGCTX_HOPPER=1, against the Triton ones, =0: parity,
-# the op to 1M, the LM at 32K).
+# Gluon backward passes, sm_90's default, against the Triton ones, LONGCTX_HOPPER=0: the whole
+# GPU suite with them on, the op to 1M, the LM at 32K).
 # Results go to $OUT (the device tool's folder) or ./gpu_out. Wheels in .whl/ (jsonargparse and
 # what it needs, for train.py) are installed first where the image lacks them.
 set -uo pipefail

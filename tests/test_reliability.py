@@ -1,6 +1,5 @@
 """Reliability: bad input (settings, data, checkpoints) fails fast with one paragraph, non-finite
 losses stop cleanly, faults on one rank end every rank, running out of memory gives hints."""
-import os
 import shutil
 import time
 

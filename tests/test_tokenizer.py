@@ -83,3 +83,18 @@ def test_the_training_command_writes_a_tokenizer(tmp_path):
     tok = load_tokenizer(str(tmp_path / "tok"))
     assert tok.vocab_size == 280 and tok.decode(tok.encode("another record")) == "another record"
     assert "wrote" in out.stderr and "from 2 files" in out.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--vocab_size=10"], "--vocab_size=10 must be at least 257"),
+    (["--data_dir={empty}"], "contains no files to train on"),
+])
+def test_the_training_command_refuses_bad_settings_with_status_2(argv, message, tmp_path, capsys):
+    from longctx.tokenizer import main
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        main(["train", *(a.format(empty=tmp_path / "empty") for a in argv), f"--out={tmp_path}/tokenizer.json"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "tokenizer.json").exists()

@@ -1,8 +1,8 @@
 """The union kernels' local backward passes (dQ, then dK/dV) on Hopper GPUs (sm_90): Gluon code
 with TMA loads and asynchronous wgmma (hopper_kernels.py), which union.backward runs in place of
 the Triton local passes where `use` holds; the Triton kernels stay the path everywhere else
-(other GPUs, head_split, head dims other than 64, the CPU interpreter, and by default), and run
-the upper passes in every case.
+(other GPUs, head_split, head dims other than 64, the CPU interpreter, and LONGCTX_HOPPER=0), and
+run the upper passes in every case.
 
 Why: the local passes are the longest of the op's six (on an H200 at 128K, Triton's dK/dV 2.28
 and dQ 1.56 of 7.36 ms fwd+bwd), and Triton's versions of their loops run about half their
@@ -18,10 +18,8 @@ kernels take their tiles a segment at a time (hopper_kernels._geometry), as the 
 do: taken tile-major, the programs in flight at 1M read K/V of ~260 segments at once, past L2,
 and the op was slower.
 
-The path is opt-in (LONGCTX_HOPPER=1) although faster: with it on by default the whole GPU suite
-had one failure, in a case it does not take (head_split, causal, float16:
-tests/test_gpu.py::test_gpu_union_kernels_parity), not yet explained (docs/performance.md); it
-goes on by default once that suite passes with it on.
+The path is on by default; LONGCTX_HOPPER=0 turns it off (the Triton local passes, e.g. to
+compare the two).
 """
 from __future__ import annotations
 
@@ -32,7 +30,7 @@ import torch
 
 from . import LOG2E, compiled_triton
 
-ENABLED = os.environ.get("LONGCTX_HOPPER", "0") == "1"
+ENABLED = os.environ.get("LONGCTX_HOPPER", "1") != "0"
 ROWS, STAGES = 64, 3  # keys a program, the query ring's depth (2 ran slower): 244 registers, two programs an SM
 
 

@@ -30,7 +30,7 @@ with its rows stepping by 2^i, and no upper pass. The pieces path would run one 
 strided head group and branch (four at the seed's 8 heads); this is one launch per direction.
 
 The kernels are in union_kernels.py, their tiles' geometry in union_tiles.py; on Hopper GPUs
-with LONGCTX_HOPPER=1 the backward's local passes run hopper.py's Gluon kernels instead. They run on
+the backward's local passes run hopper.py's Gluon kernels instead (unless LONGCTX_HOPPER=0). They run on
 CUDA in fp16/bf16, and on CPU tensors through Triton's interpreter (tests only).
 attention/rotary.py runs them on the LM block's fused projection with RoPE inside (backward's
 `rope`).
