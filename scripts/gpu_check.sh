@@ -7,7 +7,8 @@
 # and 1M eager, with validation and checkpoints), variants (each other variant at 32K, graphed),
 # union (the union kernels' parity and tile sweep: tools/kernels/union_probe.py), hopper (the
 # Gluon backward passes, sm_90's default, against the Triton ones, LONGCTX_HOPPER=0: the op to 1M
-# and the LM at 32K; the tests stage runs the GPU suite with them on, ~10 minutes on an H100).
+# and the LM at 32K; the tests stage runs the GPU suite with them on, ~10 minutes on an H100), ws
+# (tools/kernels/ws_probe.py: the CUDA producer/consumer forward against cuDNN and Gluon).
 # Results go to $OUT (the device tool's folder) or ./gpu_out. Wheels in .whl/ (jsonargparse and
 # what it needs, for train.py) are installed first where the image lacks them.
 set -uo pipefail
@@ -69,6 +70,10 @@ for s in ${*:-tests bench train}; do
         LONGCTX_HOPPER=$h fit "32k-hopper$h" ${STEPS_32K:-300} --config configs/seq/32k.yaml --config configs/graphs.yaml \
           --trainer.limit_val_batches=0
       done ;;
-    *) echo "unknown stage $s (tests bench train variants union hopper)" ;;
+    ws)  # causal 2,048-row segments and whole sequences (the long preset's), then the seed's non-causal ones
+      python3 tools/kernels/ws_probe.py 2>&1 | grep -v -i warn | tee "$OUT/ws_probe.txt"
+      python3 tools/kernels/ws_probe.py --full --heads 8 --segments 1024 2048 --lengths 8192 32768 2>&1 \
+        | grep -v -i warn | tee -a "$OUT/ws_probe.txt" ;;
+    *) echo "unknown stage $s (tests bench train variants union hopper ws)" ;;
   esac
 done

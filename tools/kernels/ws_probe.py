@@ -1,0 +1,136 @@
+"""Probe: tools/kernels/ws_fwd.cu, attention inside segments with FlashAttention-3's structure in
+CUDA C++ (a TMA producer warp giving its registers to two wgmma consumer warpgroups), against
+cuDNN and the Gluon forward (gluon_probe.py) on the same problem.
+
+The question it answers: on the long preset's level-1 geometry (causal segments of 2,048 rows,
+12 heads of 64), where cuDNN reaches ~72% of its whole-sequence rate and the union kernels ~88% of
+cuDNN (docs/performance.md), does the producer/consumer split make a kernel faster per FLOP than
+cuDNN? The kernel is the union local pass without its weights, like gluon_probe.py's.
+
+`python tools/kernels/ws_probe.py [--lengths 32768 131072] [--segments 2048 0] [--full]`
+(W 0: W = T) builds the kernel with nvcc for sm_90a, checks output and LSE against the float32
+reference on q/k/v views of one fused projection, then times it, cuDNN and the Gluon forward, and
+prints TFLOP/s (2·D per pair scored and head for each matmul). `--build-only` compiles and
+prints ptxas' registers and spills and the SASS' wgmma and TMA counts, which needs no GPU.
+"""
+import argparse
+import ctypes
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("ws_fwd.cu")
+FLAGS = ["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "--shared", "-Xcompiler", "-fPIC",
+         "-Xptxas", "-v"]
+
+
+def build() -> Path:
+    """The shared library, compiled once per source text into LONGCTX_BUILD (default
+    ~/.cache/longctx); ptxas' report printed when it compiles."""
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
+    folder = Path(os.environ.get("LONGCTX_BUILD", Path.home() / ".cache" / "longctx"))
+    lib = folder / f"ws_fwd-{digest}.so"
+    if not lib.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run([nvcc, *FLAGS, str(SOURCE), "-o", str(lib)], capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"nvcc failed:\n{done.stderr}")
+        print("\n".join(line for line in done.stderr.splitlines() if "registers" in line or "spill" in line
+                        or "arning" in line), flush=True)
+    return lib
+
+
+def sass_counts(lib: Path) -> dict:
+    """Instruction counts of the compiled kernel, from the cuobjdump that Triton's package carries."""
+    import triton
+    tool = shutil.which("cuobjdump") or str(Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump")
+    sass = subprocess.run([tool, "--dump-sass", str(lib)], capture_output=True, text=True, check=True).stdout
+    lines = [line for line in sass.splitlines()
+             if line.strip().startswith("/*") and "*/" in line[:16] and " NOP" not in line]
+    count = lambda word: sum(word in line for line in lines)
+    return {"instructions": len(lines), "HGMMA": count("HGMMA"), "waits on wgmma": count("WARPGROUP.DEPBAR"),
+            "TMA loads": count("UTMALDG"), "register moves": count("USETMAXREG")}
+
+
+class Kernel:
+    def __init__(self):
+        self.lib = ctypes.CDLL(str(build()))
+        self.lib.ws_fwd.restype = ctypes.c_int
+        self.lib.ws_fwd.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_longlong, ctypes.c_void_p, ctypes.c_longlong,
+                                                             ctypes.c_void_p] + [ctypes.c_int] * 5 + [ctypes.c_float,
+                                                                                                      ctypes.c_void_p]
+
+    def __call__(self, q, k, v, W: int, scale: float, causal: bool = True):
+        """(out (B, T, H, 64) bf16, lse (B, T, H) float32) of attention inside segments of W rows;
+        q/k/v (B, T, H, 64) bf16 with heads contiguous and positions equally far apart in all three
+        (contiguous tensors or one fused projection's views)."""
+        import torch
+        B, T, H, D = q.shape
+        if D != 64 or q.dtype != torch.bfloat16 or any(x.stride() != q.stride() for x in (k, v)) \
+                or q.stride(3) != 1 or q.stride(2) != D or q.stride(0) != T * q.stride(1):
+            raise ValueError(f"q/k/v: bf16 heads of 64 with shared (B, T, H) strides, got {q.dtype} {tuple(q.shape)} "
+                             f"strides {q.stride()}, {k.stride()}, {v.stride()}")
+        out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
+        lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
+        err = self.lib.ws_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(1), out.data_ptr(), out.stride(1),
+                              lse.data_ptr(), B, T, H, W, int(causal), scale, torch.cuda.current_stream().cuda_stream)
+        if err:
+            raise RuntimeError(f"ws_fwd returned {err} (T={T}, W={W}, H={H})")
+        return out, lse
+
+
+def check(kernel, H: int, scale: float, causal: bool) -> bool:
+    """Output and LSE against the float32 reference, for q/k/v views of one fused projection,
+    B = 2, T = 1,024, W = 512 and 1,024; the bound is twice cuDNN's own output error plus 1e-3."""
+    import torch
+    from gluon_probe import reference, segments_sdpa
+    from torch.nn.attention import SDPBackend
+    ok = True
+    qkv = torch.randn(2, 1024, 3, H, 64, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.unbind(2)
+    for W in (512, 1024):
+        ref_out, ref_lse = reference(q, k, v, W, scale, causal)
+        cudnn, _ = segments_sdpa(*(x.contiguous() for x in (q, k, v)), W, scale, SDPBackend.CUDNN_ATTENTION, causal)
+        out, lse = kernel(q, k, v, W, scale, causal)
+        bound = 2 * (cudnn.float() - ref_out).abs().max().item() + 1e-3
+        e_out, e_lse = (out.float() - ref_out).abs().max().item(), (lse - ref_lse).abs().max().item()
+        good = e_out <= bound and e_lse <= 1e-3
+        ok &= good
+        print(f"check W={W} {'causal' if causal else 'full'}: max |out - ref| {e_out:.2e} (bound {bound:.2e}), "
+              f"max |lse - ref| {e_lse:.2e}: {'ok' if good else 'WRONG'}", flush=True)
+    return ok
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--segments", type=int, nargs="+", default=[2048, 0], help="W per case; 0: W = T")
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--full", action="store_true", help="non-causal (the seed preset's), not causal")
+    p.add_argument("--build-only", action="store_true", help="compile and count the SASS; no GPU needed")
+    args = p.parse_args(argv)
+    if args.build_only:
+        print(sass_counts(build()))
+        return
+    import torch
+    from gluon_probe import forward as gluon_forward, sweep
+    torch.manual_seed(0)
+    causal, scale = not args.full, 1 / math.sqrt(64)
+    kernel = Kernel()
+    if not check(kernel, args.heads, scale, causal):
+        sys.exit("ws_fwd is wrong: not timed")
+
+    def cells(q, k, v, packed, W, R):
+        return {"cuda-ws": lambda: kernel(q, k, v, W, scale, causal),
+                "gluon 128x2": lambda: gluon_forward(q, k, v, W, scale, 128, 2, 1, causal)}
+
+    sweep(args.lengths, args.segments, [1], args.heads, scale, causal, cells)
+
+
+if __name__ == "__main__":
+    main()
