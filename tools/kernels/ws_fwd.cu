@@ -78,7 +78,10 @@ __device__ __forceinline__ uint64_t descriptor(const void* p, uint32_t leading, 
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+template <int N>  // at most N groups still in flight
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
 
 // Keeps the compiler from moving reads or writes of accumulators across an asynchronous wgmma.
 template <int N>
@@ -107,6 +110,76 @@ __device__ __forceinline__ void wgmma_m64n64k16_rs(float* d, const uint32_t* a, 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
 
+// One consumer warpgroup's state: 64 query rows, and for each thread its two rows' running
+// maximum m and sum l (log2 units of the scaled scores). The wgmma accumulator layout: warp w holds
+// rows 16w + lane/4 and that + 8; register 4j + 2·half + e holds column 8j + 2·(lane % 4) + e of
+// the row (half 0: the first, 1: the one 8 below).
+struct Rows {
+  float o[32], s[64], m[2], l[2];
+  uint32_t p[32];  // P in bf16 pairs: p[4kk .. 4kk + 3] is the A operand of key step kk
+  int qrow, tq;
+};
+
+template <int N>
+__device__ __forceinline__ void pin(uint32_t (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+
+__device__ __forceinline__ void issue_qk(Rows& r, uint64_t q_desc, uint64_t k_desc) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)  // 16 columns = 32 bytes further along the swizzled rows
+    wgmma_m64n128k16_ss(r.s, q_desc + 2 * kk, k_desc + 2 * kk, kk);
+}
+
+__device__ __forceinline__ void issue_pv(Rows& r, uint64_t v_desc) {
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk)  // 16 keys = 16 rows of 128 bytes further
+    wgmma_m64n64k16_rs(r.o, &r.p[4 * kk], v_desc + (16 * 128 >> 4) * kk);
+}
+
+// The online softmax of one key tile in place (S becomes exp2(S·scale − m)), updating m and l;
+// returns O's rescale factor for each of the thread's two rows through alpha.
+__device__ __forceinline__ void softmax(Rows& r, int key0, bool diagonal, float scale_log2, float (&alpha)[2]) {
+  float top[2] = {r.m[0], r.m[1]};
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float x = r.s[4 * j + e] * scale_log2;
+      if (diagonal && key0 + 8 * j + 2 * r.tq + (e & 1) > r.qrow + 8 * (e / 2)) x = -INFINITY;
+      r.s[4 * j + e] = x;
+      top[e / 2] = fmaxf(top[e / 2], x);
+    }
+  }
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {  // a row's four threads share its maximum
+    top[half] = fmaxf(top[half], __shfl_xor_sync(0xffffffff, top[half], 1));
+    top[half] = fmaxf(top[half], __shfl_xor_sync(0xffffffff, top[half], 2));
+    alpha[half] = exp2f(r.m[half] - top[half]);
+    r.m[half] = top[half];
+    r.l[half] *= alpha[half];
+  }
+#pragma unroll
+  for (int i = 0; i < 64; ++i) {
+    r.s[i] = exp2f(r.s[i] - r.m[(i / 2) % 2]);
+    r.l[(i / 2) % 2] += r.s[i];
+  }
+}
+
+// O's rescale, then P to bf16: both only once the previous PV has retired (it reads p and adds to o).
+__device__ __forceinline__ void rescale_and_pack(Rows& r, const float (&alpha)[2]) {
+#pragma unroll
+  for (int i = 0; i < 32; ++i) {
+    r.o[i] *= alpha[(i / 2) % 2];
+    __nv_bfloat162 pair = __floats2bfloat162_rn(r.s[2 * i], r.s[2 * i + 1]);
+    r.p[i] = *reinterpret_cast<uint32_t*>(&pair);
+  }
+}
+
+// PIPELINED: the next tile's QKᵀ is issued before this tile's PV and both run under the softmax,
+// FlashAttention-3's overlap inside a warpgroup; else each wgmma group is waited for at once.
+template <bool PIPELINED>
 __global__ void __launch_bounds__(384, 1)
     ws_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                   const __grid_constant__ CUtensorMap v_map, __nv_bfloat16* __restrict__ out, long long out_row,
@@ -156,94 +229,97 @@ __global__ void __launch_bounds__(384, 1)
   // 24 + 2 · 240 = 3 · 168: the registers the launch gives three warpgroups
   asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
 
-  const int c = wg - 1, tid = threadIdx.x % 128, lane = tid % 32, tq = lane % 4;
-  // The wgmma accumulator layout: warp w of the warpgroup holds rows 16w + lane/4 and that + 8;
-  // register 4j + 2·half + e holds column 8j + 2·(lane % 4) + e of row (half ? +8 : +0).
-  const int qrow = q0 + 64 * c + 16 * (tid / 32) + lane / 4;
-  float o[32], s[64];
+  const int c = wg - 1, tid = threadIdx.x % 128, lane = tid % 32;
+  Rows r;
+  r.tq = lane % 4;
+  r.qrow = q0 + 64 * c + 16 * (tid / 32) + lane / 4;
 #pragma unroll
-  for (int i = 0; i < 32; ++i) o[i] = 0.f;
+  for (int i = 0; i < 32; ++i) r.o[i] = 0.f;
 #pragma unroll
-  for (int i = 0; i < 64; ++i) s[i] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  uint32_t p[32];  // P in bf16 pairs: p[4kk .. 4kk + 3] is the A operand of key step kk
+  for (int i = 0; i < 64; ++i) r.s[i] = 0.f;
+  r.m[0] = r.m[1] = -INFINITY;
+  r.l[0] = r.l[1] = 0.f;
+  float alpha[2];
   const uint64_t q_desc = descriptor(sh.q + 64 * c * D, 16, 1024);
+  const bool leader = tid == 0;  // arrives on the empty barriers for its warpgroup
   bar_wait(&sh.q_full, 0);
 
-  for (int n = 0; n < n_tiles; ++n) {
-    const int st = n % STAGES;
-    const uint32_t parity = (n / STAGES) & 1;
-    bar_wait(&sh.k_full[st], parity);
-    const uint64_t k_desc = descriptor(sh.k[st], 16, 1024);
+  if (!PIPELINED) {
+    for (int n = 0; n < n_tiles; ++n) {
+      const int st = n % STAGES;
+      const uint32_t parity = (n / STAGES) & 1;
+      bar_wait(&sh.k_full[st], parity);
+      wgmma_fence();
+      issue_qk(r, q_desc, descriptor(sh.k[st], 16, 1024));
+      wgmma_commit();
+      wgmma_wait<0>();
+      pin(r.s);
+      if (leader) bar_arrive(&sh.k_empty[st]);
+      softmax(r, seg0 + n * BN, causal && n == n_tiles - 1, scale_log2, alpha);
+      rescale_and_pack(r, alpha);
+      bar_wait(&sh.v_full[st], parity);
+      wgmma_fence();
+      issue_pv(r, descriptor(sh.v[st], 16, 1024));
+      wgmma_commit();
+      wgmma_wait<0>();
+      pin(r.o);
+      pin(r.p);
+      if (leader) bar_arrive(&sh.v_empty[st]);
+    }
+  } else {
+    bar_wait(&sh.k_full[0], 0);  // the first tile's scores alone
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)  // 16 columns = 32 bytes further along the swizzled rows
-      wgmma_m64n128k16_ss(s, q_desc + 2 * kk, k_desc + 2 * kk, kk);
+    issue_qk(r, q_desc, descriptor(sh.k[0], 16, 1024));
     wgmma_commit();
-    wgmma_wait0();
-    pin(s);
-    if (tid == 0) bar_arrive(&sh.k_empty[st]);
-
-    const int key0 = seg0 + n * BN;
-    const bool diagonal = causal && n == n_tiles - 1;
-    float top[2] = {m[0], m[1]};
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[4 * j + e] * scale_log2;
-        if (diagonal && key0 + 8 * j + 2 * tq + (e & 1) > qrow + 8 * (e / 2)) x = -INFINITY;
-        s[4 * j + e] = x;
-        top[e / 2] = fmaxf(top[e / 2], x);
-      }
+    wgmma_wait<0>();
+    pin(r.s);
+    if (leader) bar_arrive(&sh.k_empty[0]);
+    softmax(r, seg0, causal && n_tiles == 1, scale_log2, alpha);
+    rescale_and_pack(r, alpha);
+    for (int n = 1; n < n_tiles; ++n) {
+      const int st = n % STAGES, prev = (n - 1) % STAGES;
+      bar_wait(&sh.k_full[st], (n / STAGES) & 1);
+      wgmma_fence();
+      issue_qk(r, q_desc, descriptor(sh.k[st], 16, 1024));  // S_n
+      wgmma_commit();
+      bar_wait(&sh.v_full[prev], ((n - 1) / STAGES) & 1);
+      wgmma_fence();
+      issue_pv(r, descriptor(sh.v[prev], 16, 1024));  // O += P_{n-1} V_{n-1}, reading p until it retires
+      wgmma_commit();
+      wgmma_wait<1>();  // groups retire in order: S_n is done
+      pin(r.s);
+      if (leader) bar_arrive(&sh.k_empty[st]);
+      softmax(r, seg0 + n * BN, causal && n == n_tiles - 1, scale_log2, alpha);
+      wgmma_wait<0>();
+      pin(r.o);
+      pin(r.p);
+      if (leader) bar_arrive(&sh.v_empty[prev]);
+      rescale_and_pack(r, alpha);
     }
-    float alpha[2];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {  // a row's four threads share its maximum
-      top[half] = fmaxf(top[half], __shfl_xor_sync(0xffffffff, top[half], 1));
-      top[half] = fmaxf(top[half], __shfl_xor_sync(0xffffffff, top[half], 2));
-      alpha[half] = exp2f(m[half] - top[half]);
-      m[half] = top[half];
-      l[half] *= alpha[half];
-    }
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const float a = exp2f(s[4 * j + 2 * half] - m[half]), b = exp2f(s[4 * j + 2 * half + 1] - m[half]);
-        l[half] += a + b;
-        __nv_bfloat162 pair = __floats2bfloat162_rn(a, b);
-        p[2 * j + half] = *reinterpret_cast<uint32_t*>(&pair);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < 32; ++i) o[i] *= alpha[(i / 2) % 2];
-
-    bar_wait(&sh.v_full[st], parity);
-    const uint64_t v_desc = descriptor(sh.v[st], 16, 1024);
-    pin(o);
+    const int last = (n_tiles - 1) % STAGES;
+    bar_wait(&sh.v_full[last], ((n_tiles - 1) / STAGES) & 1);
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk)  // 16 keys = 16 rows of 128 bytes further
-      wgmma_m64n64k16_rs(o, &p[4 * kk], v_desc + (16 * 128 >> 4) * kk);
+    issue_pv(r, descriptor(sh.v[last], 16, 1024));
     wgmma_commit();
-    wgmma_wait0();
-    pin(o);
-    if (tid == 0) bar_arrive(&sh.v_empty[st]);
+    wgmma_wait<0>();
+    pin(r.o);
+    pin(r.p);
+    if (leader) bar_arrive(&sh.v_empty[last]);
   }
 
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    l[half] += __shfl_xor_sync(0xffffffff, l[half], 1);
-    l[half] += __shfl_xor_sync(0xffffffff, l[half], 2);
-    const int row = row0 + qrow + 8 * half;
-    const float inv = 1.f / l[half];
-    __nv_bfloat16* dst = out + row * out_row + h * D + 2 * tq;
+    float l = r.l[half];
+    l += __shfl_xor_sync(0xffffffff, l, 1);
+    l += __shfl_xor_sync(0xffffffff, l, 2);
+    const int row = row0 + r.qrow + 8 * half;
+    const float inv = 1.f / l;
+    __nv_bfloat16* dst = out + row * out_row + h * D + 2 * r.tq;
 #pragma unroll
     for (int j = 0; j < 8; ++j)
       *reinterpret_cast<__nv_bfloat162*>(dst + 8 * j) =
-          __floats2bfloat162_rn(o[4 * j + 2 * half] * inv, o[4 * j + 2 * half + 1] * inv);
-    if (tq == 0) lse[(long long)row * H + h] = (m[half] + log2f(l[half])) * 0.6931471805599453f;
+          __floats2bfloat162_rn(r.o[4 * j + 2 * half] * inv, r.o[4 * j + 2 * half + 1] * inv);
+    if (r.tq == 0) lse[(long long)row * H + h] = (r.m[half] + log2f(l)) * 0.6931471805599453f;
   }
 }
 
@@ -284,15 +360,16 @@ int tensor_map(CUtensorMap* map, const void* base, long long rows, int cols, lon
 // are qkv_row elements apart (heads contiguous), out's out_row apart; lse (B, T, H) float32.
 // Returns 0, a CUDA error, or -1 (no cuTensorMapEncodeTiled), -2 (a map refused), -3 (shapes).
 extern "C" int ws_fwd(const void* q, const void* k, const void* v, long long qkv_row, void* out, long long out_row,
-                      float* lse, int B, int T, int H, int L, int causal, float scale, void* stream) {
+                      float* lse, int B, int T, int H, int L, int causal, float scale, int pipelined, void* stream) {
   if (L % BM != 0 || T % L != 0) return -3;
   CUtensorMap maps[3];
   const void* bases[3] = {q, k, v};
   for (int i = 0; i < 3; ++i)
     if (const int e = tensor_map(&maps[i], bases[i], (long long)B * T, H * D, qkv_row)) return e;
   const int bytes = sizeof(Shared) + 1024;
-  cudaFuncSetAttribute(ws_fwd_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  ws_fwd_kernel<<<dim3(T / BM, H, B), 384, bytes, static_cast<cudaStream_t>(stream)>>>(
+  auto kernel = pipelined ? ws_fwd_kernel<true> : ws_fwd_kernel<false>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  kernel<<<dim3(T / BM, H, B), 384, bytes, static_cast<cudaStream_t>(stream)>>>(
       maps[0], maps[1], maps[2], static_cast<__nv_bfloat16*>(out), out_row, lse, T, H, L,
       scale * 1.4426950408889634f, causal);
   return static_cast<int>(cudaGetLastError());

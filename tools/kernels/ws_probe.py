@@ -46,29 +46,36 @@ def build() -> Path:
 
 
 def sass_counts(lib: Path) -> dict:
-    """Instruction counts of the compiled kernel, from the cuobjdump that Triton's package carries."""
+    """Instruction counts of each compiled kernel ("sequential", "pipelined"), from the cuobjdump
+    that Triton's package carries."""
     import triton
     tool = shutil.which("cuobjdump") or str(Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump")
     sass = subprocess.run([tool, "--dump-sass", str(lib)], capture_output=True, text=True, check=True).stdout
-    lines = [line for line in sass.splitlines()
-             if line.strip().startswith("/*") and "*/" in line[:16] and " NOP" not in line]
-    count = lambda word: sum(word in line for line in lines)
-    return {"instructions": len(lines), "HGMMA": count("HGMMA"), "waits on wgmma": count("WARPGROUP.DEPBAR"),
-            "TMA loads": count("UTMALDG"), "register moves": count("USETMAXREG")}
+    counts = {}
+    for part in sass.split("Function : ")[1:]:
+        name = "pipelined" if "ILb1E" in part.split("\n", 1)[0] else "sequential"
+        lines = [line for line in part.splitlines()
+                 if line.strip().startswith("/*") and "*/" in line[:16] and " NOP" not in line]
+        count = lambda word: sum(word in line for line in lines)
+        counts[name] = {"instructions": len(lines), "HGMMA": count("HGMMA"), "waits on wgmma": count("WARPGROUP.DEPBAR"),
+                        "TMA loads": count("UTMALDG"), "exp2": count("MUFU.EX2"), "register moves": count("USETMAXREG")}
+    return counts
 
 
 class Kernel:
     def __init__(self):
         self.lib = ctypes.CDLL(str(build()))
         self.lib.ws_fwd.restype = ctypes.c_int
-        self.lib.ws_fwd.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_longlong, ctypes.c_void_p, ctypes.c_longlong,
-                                                             ctypes.c_void_p] + [ctypes.c_int] * 5 + [ctypes.c_float,
-                                                                                                      ctypes.c_void_p]
+        ptr, i64, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
+        # q, k, v, their row stride, out, its row stride, lse, B, T, H, L, causal, scale, pipelined, stream
+        self.lib.ws_fwd.argtypes = [ptr, ptr, ptr, i64, ptr, i64, ptr, i32, i32, i32, i32, i32, ctypes.c_float, i32,
+                                    ptr]
 
-    def __call__(self, q, k, v, W: int, scale: float, causal: bool = True):
+    def __call__(self, q, k, v, W: int, scale: float, causal: bool = True, pipelined: bool = False):
         """(out (B, T, H, 64) bf16, lse (B, T, H) float32) of attention inside segments of W rows;
         q/k/v (B, T, H, 64) bf16 with heads contiguous and positions equally far apart in all three
-        (contiguous tensors or one fused projection's views)."""
+        (contiguous tensors or one fused projection's views). pipelined: the next tile's QKᵀ and
+        this tile's PV in flight under the softmax."""
         import torch
         B, T, H, D = q.shape
         if D != 64 or q.dtype != torch.bfloat16 or any(x.stride() != q.stride() for x in (k, v)) \
@@ -78,15 +85,17 @@ class Kernel:
         out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
         lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
         err = self.lib.ws_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(1), out.data_ptr(), out.stride(1),
-                              lse.data_ptr(), B, T, H, W, int(causal), scale, torch.cuda.current_stream().cuda_stream)
+                              lse.data_ptr(), B, T, H, W, int(causal), scale, int(pipelined),
+                              torch.cuda.current_stream().cuda_stream)
         if err:
             raise RuntimeError(f"ws_fwd returned {err} (T={T}, W={W}, H={H})")
         return out, lse
 
 
 def check(kernel, H: int, scale: float, causal: bool) -> bool:
-    """Output and LSE against the float32 reference, for q/k/v views of one fused projection,
-    B = 2, T = 1,024, W = 512 and 1,024; the bound is twice cuDNN's own output error plus 1e-3."""
+    """Output and LSE of both variants against the float32 reference, for q/k/v views of one fused
+    projection, B = 2, T = 1,024, W = 512 and 1,024; the bound is twice cuDNN's own output error
+    plus 1e-3."""
     import torch
     from gluon_probe import reference, segments_sdpa
     from torch.nn.attention import SDPBackend
@@ -96,13 +105,15 @@ def check(kernel, H: int, scale: float, causal: bool) -> bool:
     for W in (512, 1024):
         ref_out, ref_lse = reference(q, k, v, W, scale, causal)
         cudnn, _ = segments_sdpa(*(x.contiguous() for x in (q, k, v)), W, scale, SDPBackend.CUDNN_ATTENTION, causal)
-        out, lse = kernel(q, k, v, W, scale, causal)
         bound = 2 * (cudnn.float() - ref_out).abs().max().item() + 1e-3
-        e_out, e_lse = (out.float() - ref_out).abs().max().item(), (lse - ref_lse).abs().max().item()
-        good = e_out <= bound and e_lse <= 1e-3
-        ok &= good
-        print(f"check W={W} {'causal' if causal else 'full'}: max |out - ref| {e_out:.2e} (bound {bound:.2e}), "
-              f"max |lse - ref| {e_lse:.2e}: {'ok' if good else 'WRONG'}", flush=True)
+        for pipelined in (False, True):
+            out, lse = kernel(q, k, v, W, scale, causal, pipelined)
+            e_out, e_lse = (out.float() - ref_out).abs().max().item(), (lse - ref_lse).abs().max().item()
+            good = e_out <= bound and e_lse <= 1e-3
+            ok &= good
+            print(f"check W={W} {'causal' if causal else 'full'} {'pipelined' if pipelined else 'sequential'}: "
+                  f"max |out - ref| {e_out:.2e} (bound {bound:.2e}), max |lse - ref| {e_lse:.2e}: "
+                  f"{'ok' if good else 'WRONG'}", flush=True)
     return ok
 
 
@@ -127,6 +138,7 @@ def main(argv=None):
 
     def cells(q, k, v, packed, W, R):
         return {"cuda-ws": lambda: kernel(q, k, v, W, scale, causal),
+                "cuda-ws pipelined": lambda: kernel(q, k, v, W, scale, causal, True),
                 "gluon 128x2": lambda: gluon_forward(q, k, v, W, scale, 128, 2, 1, causal)}
 
     sweep(args.lengths, args.segments, [1], args.heads, scale, causal, cells)
