@@ -110,12 +110,21 @@ __device__ __forceinline__ void wgmma_m64n64k16_rs(float* d, const uint32_t* a, 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
 
+// λ of position x for head h: how many of the dilations 2 … 2^(branches−1) keep x. The union
+// kernels weight a local pair (x, s) by m = min(λ(x), λ(s)) + 1 (longctx/kernels/union.py).
+__device__ __forceinline__ int lam(int x, int h, int branches) {
+  int n = 0;
+  for (int j = 1; j < branches; ++j) n += ((x ^ h) & ((1 << j) - 1)) == 0;
+  return n;
+}
+
 // One consumer warpgroup's state: 64 query rows, and for each thread its two rows' running
 // maximum m and sum l (log2 units of the scaled scores). The wgmma accumulator layout: warp w holds
 // rows 16w + lane/4 and that + 8; register 4j + 2·half + e holds column 8j + 2·(lane % 4) + e of
 // the row (half 0: the first, 1: the one 8 below).
 struct Rows {
   float o[32], s[64], m[2], l[2];
+  float bias[8];   // the weight terms, log2 m, by [half][j mod 2][e] (the same in every key tile)
   uint32_t p[32];  // P in bf16 pairs: p[4kk .. 4kk + 3] is the A operand of key step kk
   int qrow, tq;
 };
@@ -146,7 +155,7 @@ __device__ __forceinline__ void softmax(Rows& r, int key0, bool diagonal, float 
   for (int j = 0; j < 16; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      float x = r.s[4 * j + e] * scale_log2;
+      float x = fmaf(r.s[4 * j + e], scale_log2, r.bias[4 * (e / 2) + 2 * (j % 2) + e % 2]);
       if (diagonal && key0 + 8 * j + 2 * r.tq + (e & 1) > r.qrow + 8 * (e / 2)) x = -INFINITY;
       r.s[4 * j + e] = x;
       top[e / 2] = fmaxf(top[e / 2], x);
@@ -183,7 +192,7 @@ template <bool PIPELINED>
 __global__ void __launch_bounds__(384, 1)
     ws_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                   const __grid_constant__ CUtensorMap v_map, __nv_bfloat16* __restrict__ out, long long out_row,
-                  float* __restrict__ lse, int T, int H, int L, float scale_log2, int causal) {
+                  float* __restrict__ lse, int T, int H, int L, float scale_log2, int causal, int branches) {
   extern __shared__ uint8_t raw[];
   Shared& sh = *reinterpret_cast<Shared*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
   const int h = blockIdx.y, row0 = blockIdx.z * T;  // head, the batch element's first row
@@ -239,6 +248,12 @@ __global__ void __launch_bounds__(384, 1)
   for (int i = 0; i < 64; ++i) r.s[i] = 0.f;
   r.m[0] = r.m[1] = -INFINITY;
   r.l[0] = r.l[1] = 0.f;
+  // A key's λ depends on its low branches − 1 bits, which a column's place in a 128-key tile fixes
+  // (branches ≤ 5): 8j + 2·tq + e has those of 8·(j mod 2) + 2·tq + e.
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+    r.bias[i] = log2f(
+        min(lam(r.qrow + 8 * (i / 4), h, branches), lam(8 * ((i / 2) % 2) + 2 * r.tq + i % 2, h, branches)) + 1.f);
   float alpha[2];
   const uint64_t q_desc = descriptor(sh.q + 64 * c * D, 16, 1024);
   const bool leader = tid == 0;  // arrives on the empty barriers for its warpgroup
@@ -357,11 +372,13 @@ int tensor_map(CUtensorMap* map, const void* base, long long rows, int cols, lon
 }  // namespace
 
 // out and lse of attention inside segments of L rows for q/k/v (B, T, H, 64) bf16 whose positions
-// are qkv_row elements apart (heads contiguous), out's out_row apart; lse (B, T, H) float32.
+// are qkv_row elements apart (heads contiguous), out's out_row apart; lse (B, T, H) float32. With
+// branches > 1 the scores get the union local pass's weight terms for that many branches.
 // Returns 0, a CUDA error, or -1 (no cuTensorMapEncodeTiled), -2 (a map refused), -3 (shapes).
 extern "C" int ws_fwd(const void* q, const void* k, const void* v, long long qkv_row, void* out, long long out_row,
-                      float* lse, int B, int T, int H, int L, int causal, float scale, int pipelined, void* stream) {
-  if (L % BM != 0 || T % L != 0) return -3;
+                      float* lse, int B, int T, int H, int L, int causal, float scale, int branches, int pipelined,
+                      void* stream) {
+  if (L % BM != 0 || T % L != 0 || branches < 1 || branches > 5) return -3;
   CUtensorMap maps[3];
   const void* bases[3] = {q, k, v};
   for (int i = 0; i < 3; ++i)
@@ -371,6 +388,6 @@ extern "C" int ws_fwd(const void* q, const void* k, const void* v, long long qkv
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   kernel<<<dim3(T / BM, H, B), 384, bytes, static_cast<cudaStream_t>(stream)>>>(
       maps[0], maps[1], maps[2], static_cast<__nv_bfloat16*>(out), out_row, lse, T, H, L,
-      scale * 1.4426950408889634f, causal);
+      scale * 1.4426950408889634f, causal, branches);
   return static_cast<int>(cudaGetLastError());
 }

@@ -67,15 +67,17 @@ class Kernel:
         self.lib = ctypes.CDLL(str(build()))
         self.lib.ws_fwd.restype = ctypes.c_int
         ptr, i64, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
-        # q, k, v, their row stride, out, its row stride, lse, B, T, H, L, causal, scale, pipelined, stream
+        # q, k, v, their row stride, out, its row stride, lse, B, T, H, L, causal, scale, branches, pipelined, stream
         self.lib.ws_fwd.argtypes = [ptr, ptr, ptr, i64, ptr, i64, ptr, i32, i32, i32, i32, i32, ctypes.c_float, i32,
-                                    ptr]
+                                    i32, ptr]
 
-    def __call__(self, q, k, v, W: int, scale: float, causal: bool = True, pipelined: bool = False):
+    def __call__(self, q, k, v, W: int, scale: float, causal: bool = True, pipelined: bool = False,
+                 branches: int = 1):
         """(out (B, T, H, 64) bf16, lse (B, T, H) float32) of attention inside segments of W rows;
         q/k/v (B, T, H, 64) bf16 with heads contiguous and positions equally far apart in all three
         (contiguous tensors or one fused projection's views). pipelined: the next tile's QKᵀ and
-        this tile's PV in flight under the softmax."""
+        this tile's PV in flight under the softmax. branches > 1 (at most 5): the union local pass's
+        weight terms for LongNet's layout of that many branches."""
         import torch
         B, T, H, D = q.shape
         if D != 64 or q.dtype != torch.bfloat16 or any(x.stride() != q.stride() for x in (k, v)) \
@@ -85,35 +87,57 @@ class Kernel:
         out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
         lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
         err = self.lib.ws_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(1), out.data_ptr(), out.stride(1),
-                              lse.data_ptr(), B, T, H, W, int(causal), scale, int(pipelined),
+                              lse.data_ptr(), B, T, H, W, int(causal), scale, branches, int(pipelined),
                               torch.cuda.current_stream().cuda_stream)
         if err:
             raise RuntimeError(f"ws_fwd returned {err} (T={T}, W={W}, H={H})")
         return out, lse
 
 
-def check(kernel, H: int, scale: float, causal: bool) -> bool:
-    """Output and LSE of both variants against the float32 reference, for q/k/v views of one fused
-    projection, B = 2, T = 1,024, W = 512 and 1,024; the bound is twice cuDNN's own output error
-    plus 1e-3."""
+def weighted_reference(q, k, v, W: int, scale: float, causal: bool, branches: int):
+    """float32 output and LSE by the definition, segment by segment, each pair (x, s) of head h
+    weighted by m = min(λ(x), λ(s)) + 1, λ(x) counting the dilations 2 … 2^(branches−1) that keep x
+    for h (the union local pass; docs/design.md). branches = 1: plain attention."""
     import torch
-    from gluon_probe import reference, segments_sdpa
+    B, T, H, D = q.shape
+    pos, h = torch.arange(T, device=q.device)[:, None], torch.arange(H, device=q.device)[None, :]
+    lam = torch.zeros(T, H, device=q.device)
+    for j in range(1, branches):
+        lam += (((pos ^ h) & ((1 << j) - 1)) == 0).float()
+    lam = lam.reshape(T // W, W, H).transpose(1, 2)  # (segments, H, W)
+    log_m = torch.log(torch.minimum(lam[..., :, None], lam[..., None, :]) + 1)
+    qs, ks, vs = (x.float().reshape(B, T // W, W, H, D).transpose(2, 3) for x in (q, k, v))
+    s = qs @ ks.transpose(-1, -2) * scale + log_m
+    if causal:
+        s = s.masked_fill(torch.ones(W, W, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    out = torch.softmax(s, -1) @ vs
+    return out.transpose(2, 3).reshape(B, T, H, D), lse.transpose(2, 3).reshape(B, T, H)
+
+
+def check(kernel, H: int, scale: float, causal: bool) -> bool:
+    """Output and LSE of both variants, without weights and with five branches' (the long
+    preset's), against the float32 reference, for q/k/v views of one fused projection, B = 2,
+    T = 1,024, W = 512 and 1,024; the bound is twice cuDNN's own output error (unweighted) plus 1e-3."""
+    import torch
+    from gluon_probe import segments_sdpa
     from torch.nn.attention import SDPBackend
     ok = True
     qkv = torch.randn(2, 1024, 3, H, 64, device="cuda", dtype=torch.bfloat16)
     q, k, v = qkv.unbind(2)
     for W in (512, 1024):
-        ref_out, ref_lse = reference(q, k, v, W, scale, causal)
         cudnn, _ = segments_sdpa(*(x.contiguous() for x in (q, k, v)), W, scale, SDPBackend.CUDNN_ATTENTION, causal)
-        bound = 2 * (cudnn.float() - ref_out).abs().max().item() + 1e-3
-        for pipelined in (False, True):
-            out, lse = kernel(q, k, v, W, scale, causal, pipelined)
-            e_out, e_lse = (out.float() - ref_out).abs().max().item(), (lse - ref_lse).abs().max().item()
-            good = e_out <= bound and e_lse <= 1e-3
-            ok &= good
-            print(f"check W={W} {'causal' if causal else 'full'} {'pipelined' if pipelined else 'sequential'}: "
-                  f"max |out - ref| {e_out:.2e} (bound {bound:.2e}), max |lse - ref| {e_lse:.2e}: "
-                  f"{'ok' if good else 'WRONG'}", flush=True)
+        bound = 2 * (cudnn.float() - weighted_reference(q, k, v, W, scale, causal, 1)[0]).abs().max().item() + 1e-3
+        for branches in (1, 5):
+            ref_out, ref_lse = weighted_reference(q, k, v, W, scale, causal, branches)
+            for pipelined in (False, True):
+                out, lse = kernel(q, k, v, W, scale, causal, pipelined, branches)
+                e_out, e_lse = (out.float() - ref_out).abs().max().item(), (lse - ref_lse).abs().max().item()
+                good = e_out <= bound and e_lse <= 1e-3
+                ok &= good
+                print(f"check W={W} {'causal' if causal else 'full'} branches={branches} "
+                      f"{'pipelined' if pipelined else 'sequential'}: max |out - ref| {e_out:.2e} (bound {bound:.2e}), "
+                      f"max |lse - ref| {e_lse:.2e}: {'ok' if good else 'WRONG'}", flush=True)
     return ok
 
 
@@ -123,6 +147,8 @@ def main(argv=None):
     p.add_argument("--segments", type=int, nargs="+", default=[2048, 0], help="W per case; 0: W = T")
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--full", action="store_true", help="non-causal (the seed preset's), not causal")
+    p.add_argument("--branches", type=int, default=1,
+                   help="timed with the union local pass's weight terms of this many branches (5: the long preset's)")
     p.add_argument("--build-only", action="store_true", help="compile and count the SASS; no GPU needed")
     args = p.parse_args(argv)
     if args.build_only:
@@ -137,9 +163,10 @@ def main(argv=None):
         sys.exit("ws_fwd is wrong: not timed")
 
     def cells(q, k, v, packed, W, R):
-        return {"cuda-ws": lambda: kernel(q, k, v, W, scale, causal),
-                "cuda-ws pipelined": lambda: kernel(q, k, v, W, scale, causal, True),
-                "gluon 128x2": lambda: gluon_forward(q, k, v, W, scale, 128, 2, 1, causal)}
+        n = args.branches
+        return {"cuda-ws": lambda: kernel(q, k, v, W, scale, causal, False, n),
+                "cuda-ws pipelined": lambda: kernel(q, k, v, W, scale, causal, True, n),
+                "gluon 128x2": lambda: gluon_forward(q, k, v, W, scale, 128, 2, 1, causal, n)}
 
     sweep(args.lengths, args.segments, [1], args.heads, scale, causal, cells)
 
