@@ -186,9 +186,17 @@ __device__ __forceinline__ void rescale_and_pack(Rows& r, const float (&alpha)[2
   }
 }
 
-// PIPELINED: the next tile's QKᵀ is issued before this tile's PV and both run under the softmax,
-// FlashAttention-3's overlap inside a warpgroup; else each wgmma group is waited for at once.
-template <bool PIPELINED>
+// Named barriers 1 and 2: "consumer 0 (1) may issue its matmuls" (ping-pong); 0 is __syncthreads'.
+__device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
+__device__ __forceinline__ void named_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
+
+enum Mode { SEQUENTIAL = 0, PIPELINED = 1, PING_PONG = 2 };
+
+// SEQUENTIAL: each wgmma group is waited for at once. PIPELINED: the next tile's QKᵀ is issued
+// before this tile's PV and both run under the softmax, FlashAttention-3's overlap inside a
+// warpgroup. PING_PONG: that, with the two consumers taking turns to issue their matmuls (named
+// barriers), so that one's softmax runs while the other's matmuls hold the tensor cores.
+template <int MODE>
 __global__ void __launch_bounds__(384, 1)
     ws_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                   const __grid_constant__ CUtensorMap v_map, __nv_bfloat16* __restrict__ out, long long out_row,
@@ -259,7 +267,8 @@ __global__ void __launch_bounds__(384, 1)
   const bool leader = tid == 0;  // arrives on the empty barriers for its warpgroup
   bar_wait(&sh.q_full, 0);
 
-  if (!PIPELINED) {
+  if (MODE == PING_PONG && c == 1) named_arrive(1);  // consumer 0 issues first
+  if (MODE == SEQUENTIAL) {
     for (int n = 0; n < n_tiles; ++n) {
       const int st = n % STAGES;
       const uint32_t parity = (n / STAGES) & 1;
@@ -294,13 +303,15 @@ __global__ void __launch_bounds__(384, 1)
     for (int n = 1; n < n_tiles; ++n) {
       const int st = n % STAGES, prev = (n - 1) % STAGES;
       bar_wait(&sh.k_full[st], (n / STAGES) & 1);
+      bar_wait(&sh.v_full[prev], ((n - 1) / STAGES) & 1);
+      if (MODE == PING_PONG) named_sync(1 + c);  // this consumer's turn
       wgmma_fence();
       issue_qk(r, q_desc, descriptor(sh.k[st], 16, 1024));  // S_n
       wgmma_commit();
-      bar_wait(&sh.v_full[prev], ((n - 1) / STAGES) & 1);
       wgmma_fence();
       issue_pv(r, descriptor(sh.v[prev], 16, 1024));  // O += P_{n-1} V_{n-1}, reading p until it retires
       wgmma_commit();
+      if (MODE == PING_PONG) named_arrive(2 - c);  // the other's turn
       wgmma_wait<1>();  // groups retire in order: S_n is done
       pin(r.s);
       if (leader) bar_arrive(&sh.k_empty[st]);
@@ -376,15 +387,17 @@ int tensor_map(CUtensorMap* map, const void* base, long long rows, int cols, lon
 // branches > 1 the scores get the union local pass's weight terms for that many branches.
 // Returns 0, a CUDA error, or -1 (no cuTensorMapEncodeTiled), -2 (a map refused), -3 (shapes).
 extern "C" int ws_fwd(const void* q, const void* k, const void* v, long long qkv_row, void* out, long long out_row,
-                      float* lse, int B, int T, int H, int L, int causal, float scale, int branches, int pipelined,
+                      float* lse, int B, int T, int H, int L, int causal, float scale, int branches, int mode,
                       void* stream) {
-  if (L % BM != 0 || T % L != 0 || branches < 1 || branches > 5) return -3;
+  if (L % BM != 0 || T % L != 0 || branches < 1 || branches > 5 || mode < SEQUENTIAL || mode > PING_PONG) return -3;
   CUtensorMap maps[3];
   const void* bases[3] = {q, k, v};
   for (int i = 0; i < 3; ++i)
     if (const int e = tensor_map(&maps[i], bases[i], (long long)B * T, H * D, qkv_row)) return e;
   const int bytes = sizeof(Shared) + 1024;
-  auto kernel = pipelined ? ws_fwd_kernel<true> : ws_fwd_kernel<false>;
+  auto kernel = mode == SEQUENTIAL ? ws_fwd_kernel<SEQUENTIAL>
+                : mode == PIPELINED  ? ws_fwd_kernel<PIPELINED>
+                                     : ws_fwd_kernel<PING_PONG>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   kernel<<<dim3(T / BM, H, B), 384, bytes, static_cast<cudaStream_t>(stream)>>>(
       maps[0], maps[1], maps[2], static_cast<__nv_bfloat16*>(out), out_row, lse, T, H, L,

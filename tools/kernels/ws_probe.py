@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("ws_fwd.cu")
+MODES = ("sequential", "pipelined", "ping-pong")  # ws_fwd.cu's Mode, in order
 FLAGS = ["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "--shared", "-Xcompiler", "-fPIC",
          "-Xptxas", "-v"]
 
@@ -46,14 +47,14 @@ def build() -> Path:
 
 
 def sass_counts(lib: Path) -> dict:
-    """Instruction counts of each compiled kernel ("sequential", "pipelined"), from the cuobjdump
-    that Triton's package carries."""
+    """Instruction counts of each compiled kernel (by mode), from the cuobjdump that Triton's
+    package carries."""
     import triton
     tool = shutil.which("cuobjdump") or str(Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump")
     sass = subprocess.run([tool, "--dump-sass", str(lib)], capture_output=True, text=True, check=True).stdout
     counts = {}
     for part in sass.split("Function : ")[1:]:
-        name = "pipelined" if "ILb1E" in part.split("\n", 1)[0] else "sequential"
+        name = MODES[int(part.split("ILi", 1)[1][0])]  # the mangled template argument
         lines = [line for line in part.splitlines()
                  if line.strip().startswith("/*") and "*/" in line[:16] and " NOP" not in line]
         count = lambda word: sum(word in line for line in lines)
@@ -67,17 +68,17 @@ class Kernel:
         self.lib = ctypes.CDLL(str(build()))
         self.lib.ws_fwd.restype = ctypes.c_int
         ptr, i64, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
-        # q, k, v, their row stride, out, its row stride, lse, B, T, H, L, causal, scale, branches, pipelined, stream
+        # q, k, v, their row stride, out, its row stride, lse, B, T, H, L, causal, scale, branches, mode, stream
         self.lib.ws_fwd.argtypes = [ptr, ptr, ptr, i64, ptr, i64, ptr, i32, i32, i32, i32, i32, ctypes.c_float, i32,
                                     i32, ptr]
 
-    def __call__(self, q, k, v, W: int, scale: float, causal: bool = True, pipelined: bool = False,
+    def __call__(self, q, k, v, W: int, scale: float, causal: bool = True, mode: str = "sequential",
                  branches: int = 1):
         """(out (B, T, H, 64) bf16, lse (B, T, H) float32) of attention inside segments of W rows;
         q/k/v (B, T, H, 64) bf16 with heads contiguous and positions equally far apart in all three
-        (contiguous tensors or one fused projection's views). pipelined: the next tile's QKᵀ and
-        this tile's PV in flight under the softmax. branches > 1 (at most 5): the union local pass's
-        weight terms for LongNet's layout of that many branches."""
+        (contiguous tensors or one fused projection's views). mode: one of MODES (ws_fwd.cu's Mode).
+        branches > 1 (at most 5): the union local pass's weight terms for LongNet's layout of that
+        many branches."""
         import torch
         B, T, H, D = q.shape
         if D != 64 or q.dtype != torch.bfloat16 or any(x.stride() != q.stride() for x in (k, v)) \
@@ -87,7 +88,7 @@ class Kernel:
         out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
         lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
         err = self.lib.ws_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(1), out.data_ptr(), out.stride(1),
-                              lse.data_ptr(), B, T, H, W, int(causal), scale, branches, int(pipelined),
+                              lse.data_ptr(), B, T, H, W, int(causal), scale, branches, MODES.index(mode),
                               torch.cuda.current_stream().cuda_stream)
         if err:
             raise RuntimeError(f"ws_fwd returned {err} (T={T}, W={W}, H={H})")
@@ -116,7 +117,7 @@ def weighted_reference(q, k, v, W: int, scale: float, causal: bool, branches: in
 
 
 def check(kernel, H: int, scale: float, causal: bool) -> bool:
-    """Output and LSE of both variants, without weights and with five branches' (the long
+    """Output and LSE of every mode, without weights and with five branches' (the long
     preset's), against the float32 reference, for q/k/v views of one fused projection, B = 2,
     T = 1,024, W = 512 and 1,024; the bound is twice cuDNN's own output error (unweighted) plus 1e-3."""
     import torch
@@ -130,13 +131,13 @@ def check(kernel, H: int, scale: float, causal: bool) -> bool:
         bound = 2 * (cudnn.float() - weighted_reference(q, k, v, W, scale, causal, 1)[0]).abs().max().item() + 1e-3
         for branches in (1, 5):
             ref_out, ref_lse = weighted_reference(q, k, v, W, scale, causal, branches)
-            for pipelined in (False, True):
-                out, lse = kernel(q, k, v, W, scale, causal, pipelined, branches)
+            for mode in MODES:
+                out, lse = kernel(q, k, v, W, scale, causal, mode, branches)
                 e_out, e_lse = (out.float() - ref_out).abs().max().item(), (lse - ref_lse).abs().max().item()
                 good = e_out <= bound and e_lse <= 1e-3
                 ok &= good
-                print(f"check W={W} {'causal' if causal else 'full'} branches={branches} "
-                      f"{'pipelined' if pipelined else 'sequential'}: max |out - ref| {e_out:.2e} (bound {bound:.2e}), "
+                print(f"check W={W} {'causal' if causal else 'full'} branches={branches} {mode}: "
+                      f"max |out - ref| {e_out:.2e} (bound {bound:.2e}), "
                       f"max |lse - ref| {e_lse:.2e}: {'ok' if good else 'WRONG'}", flush=True)
     return ok
 
@@ -164,9 +165,8 @@ def main(argv=None):
 
     def cells(q, k, v, packed, W, R):
         n = args.branches
-        return {"cuda-ws": lambda: kernel(q, k, v, W, scale, causal, False, n),
-                "cuda-ws pipelined": lambda: kernel(q, k, v, W, scale, causal, True, n),
-                "gluon 128x2": lambda: gluon_forward(q, k, v, W, scale, 128, 2, 1, causal, n)}
+        cuda = {f"cuda {mode}": lambda mode=mode: kernel(q, k, v, W, scale, causal, mode, n) for mode in MODES}
+        return {**cuda, "gluon 128x2": lambda: gluon_forward(q, k, v, W, scale, 128, 2, 1, causal, n)}
 
     sweep(args.lengths, args.segments, [1], args.heads, scale, causal, cells)
 
