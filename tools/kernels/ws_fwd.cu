@@ -186,6 +186,29 @@ __device__ __forceinline__ void rescale_and_pack(Rows& r, const float (&alpha)[2
   }
 }
 
+// S = Q·K_st (stage st, its parity-th fill) waited for at once; K's stage released.
+__device__ __forceinline__ void qk_now(Rows& r, Shared& sh, uint64_t q_desc, int st, uint32_t parity, bool leader) {
+  bar_wait(&sh.k_full[st], parity);
+  wgmma_fence();
+  issue_qk(r, q_desc, descriptor(sh.k[st], 16, 1024));
+  wgmma_commit();
+  wgmma_wait<0>();
+  pin(r.s);
+  if (leader) bar_arrive(&sh.k_empty[st]);
+}
+
+// O += P·V_st waited for at once; V's stage released.
+__device__ __forceinline__ void pv_now(Rows& r, Shared& sh, int st, uint32_t parity, bool leader) {
+  bar_wait(&sh.v_full[st], parity);
+  wgmma_fence();
+  issue_pv(r, descriptor(sh.v[st], 16, 1024));
+  wgmma_commit();
+  wgmma_wait<0>();
+  pin(r.o);
+  pin(r.p);
+  if (leader) bar_arrive(&sh.v_empty[st]);
+}
+
 // Named barriers 1 and 2: "consumer 0 (1) may issue its matmuls" (ping-pong); 0 is __syncthreads'.
 __device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
 __device__ __forceinline__ void named_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
@@ -272,32 +295,13 @@ __global__ void __launch_bounds__(384, 1)
     for (int n = 0; n < n_tiles; ++n) {
       const int st = n % STAGES;
       const uint32_t parity = (n / STAGES) & 1;
-      bar_wait(&sh.k_full[st], parity);
-      wgmma_fence();
-      issue_qk(r, q_desc, descriptor(sh.k[st], 16, 1024));
-      wgmma_commit();
-      wgmma_wait<0>();
-      pin(r.s);
-      if (leader) bar_arrive(&sh.k_empty[st]);
+      qk_now(r, sh, q_desc, st, parity, leader);
       softmax(r, seg0 + n * BN, causal && n == n_tiles - 1, scale_log2, alpha);
       rescale_and_pack(r, alpha);
-      bar_wait(&sh.v_full[st], parity);
-      wgmma_fence();
-      issue_pv(r, descriptor(sh.v[st], 16, 1024));
-      wgmma_commit();
-      wgmma_wait<0>();
-      pin(r.o);
-      pin(r.p);
-      if (leader) bar_arrive(&sh.v_empty[st]);
+      pv_now(r, sh, st, parity, leader);
     }
   } else {
-    bar_wait(&sh.k_full[0], 0);  // the first tile's scores alone
-    wgmma_fence();
-    issue_qk(r, q_desc, descriptor(sh.k[0], 16, 1024));
-    wgmma_commit();
-    wgmma_wait<0>();
-    pin(r.s);
-    if (leader) bar_arrive(&sh.k_empty[0]);
+    qk_now(r, sh, q_desc, 0, 0, leader);  // the first tile's scores alone
     softmax(r, seg0, causal && n_tiles == 1, scale_log2, alpha);
     rescale_and_pack(r, alpha);
     for (int n = 1; n < n_tiles; ++n) {
@@ -322,15 +326,7 @@ __global__ void __launch_bounds__(384, 1)
       if (leader) bar_arrive(&sh.v_empty[prev]);
       rescale_and_pack(r, alpha);
     }
-    const int last = (n_tiles - 1) % STAGES;
-    bar_wait(&sh.v_full[last], ((n_tiles - 1) / STAGES) & 1);
-    wgmma_fence();
-    issue_pv(r, descriptor(sh.v[last], 16, 1024));
-    wgmma_commit();
-    wgmma_wait<0>();
-    pin(r.o);
-    pin(r.p);
-    if (leader) bar_arrive(&sh.v_empty[last]);
+    pv_now(r, sh, (n_tiles - 1) % STAGES, ((n_tiles - 1) / STAGES) & 1, leader);  // the last tile's PV
   }
 
 #pragma unroll
