@@ -33,7 +33,8 @@ def build() -> Path:
     """The shared library, compiled once per source text into LONGCTX_BUILD (default
     ~/.cache/longctx); ptxas' report printed when it compiles."""
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(SOURCE.read_bytes() + SOURCE.with_name("ws_common.cuh").read_bytes()
+                            + " ".join(FLAGS).encode()).hexdigest()[:12]
     folder = Path(os.environ.get("LONGCTX_BUILD", Path.home() / ".cache" / "longctx"))
     lib = folder / f"ws_fwd-{digest}.so"
     if not lib.exists():
