@@ -8,7 +8,8 @@
 # union (the union kernels' parity and tile sweep: tools/kernels/union_probe.py), hopper (the
 # Gluon backward passes, sm_90's default, against the Triton ones, LONGCTX_HOPPER=0: the op to 1M
 # and the LM at 32K; the tests stage runs the GPU suite with them on, ~10 minutes on an H100), ws
-# (tools/kernels/ws_probe.py: the CUDA producer/consumer forward against cuDNN and Gluon).
+# (tools/kernels/ws_probe.py, ws_bwd_probe.py: the CUDA producer/consumer forward and dK/dV pass
+# against cuDNN and Gluon).
 # Results go to $OUT (the device tool's folder) or ./gpu_out. Wheels in .whl/ (jsonargparse and
 # what it needs, for train.py) are installed first where the image lacks them.
 set -uo pipefail
@@ -74,7 +75,8 @@ for s in ${*:-tests bench train}; do
       python3 tools/kernels/ws_probe.py 2>&1 | grep -v -i warn | tee "$OUT/ws_probe.txt"
       python3 tools/kernels/ws_probe.py --branches 5 --segments 2048 2>&1 | grep -v -i warn | tee -a "$OUT/ws_probe.txt"
       python3 tools/kernels/ws_probe.py --full --heads 8 --segments 1024 2048 --lengths 8192 32768 2>&1 \
-        | grep -v -i warn | tee -a "$OUT/ws_probe.txt" ;;
+        | grep -v -i warn | tee -a "$OUT/ws_probe.txt"
+      python3 tools/kernels/ws_bwd_probe.py --branches 5 2>&1 | grep -v -i warn | tee -a "$OUT/ws_probe.txt" ;;
     *) echo "unknown stage $s (tests bench train variants union hopper ws)" ;;
   esac
 done

@@ -5,13 +5,15 @@ cuDNN and the Gluon forward (gluon_probe.py) on the same problem.
 The question it answers: on the long preset's level-1 geometry (causal segments of 2,048 rows,
 12 heads of 64), where cuDNN reaches ~72% of its whole-sequence rate and the union kernels ~88% of
 cuDNN (docs/performance.md), does the producer/consumer split make a kernel faster per FLOP than
-cuDNN? The kernel is the union local pass without its weights, like gluon_probe.py's.
+cuDNN? The kernel is the union local pass, with or without its weight terms (gluon_probe.py's
+problem). Its dK/dV pass (ws_bwd.cu) is checked and timed by ws_bwd_probe.py.
 
 `python tools/kernels/ws_probe.py [--lengths 32768 131072] [--segments 2048 0] [--full]`
 (W 0: W = T) builds the kernel with nvcc for sm_90a, checks output and LSE against the float32
 reference on q/k/v views of one fused projection, then times it, cuDNN and the Gluon forward, and
-prints TFLOP/s (2·D per pair scored and head for each matmul). `--build-only` compiles and
-prints ptxas' registers and spills and the SASS' wgmma and TMA counts, which needs no GPU.
+prints TFLOP/s (2·D per pair scored and head for each matmul). `--build-only` compiles both
+kernels and prints ptxas' registers and spills and the SASS' wgmma and TMA counts, which needs
+no GPU.
 """
 import argparse
 import ctypes
@@ -23,7 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("ws_fwd.cu")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "ws_fwd.cu", HERE / "ws_bwd.cu"]  # one library; both include ws_common.cuh
 MODES = ("sequential", "pipelined", "ping-pong")  # ws_fwd.cu's Mode, in order
 FLAGS = ["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "--shared", "-Xcompiler", "-fPIC",
          "-Xptxas", "-v"]
@@ -33,13 +36,13 @@ def build() -> Path:
     """The shared library, compiled once per source text into LONGCTX_BUILD (default
     ~/.cache/longctx); ptxas' report printed when it compiles."""
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-    digest = hashlib.sha256(SOURCE.read_bytes() + SOURCE.with_name("ws_common.cuh").read_bytes()
-                            + " ".join(FLAGS).encode()).hexdigest()[:12]
+    text = b"".join(path.read_bytes() for path in [*SOURCES, HERE / "ws_common.cuh"])
+    digest = hashlib.sha256(text + " ".join(FLAGS).encode()).hexdigest()[:12]
     folder = Path(os.environ.get("LONGCTX_BUILD", Path.home() / ".cache" / "longctx"))
-    lib = folder / f"ws_fwd-{digest}.so"
+    lib = folder / f"ws-{digest}.so"
     if not lib.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run([nvcc, *FLAGS, str(SOURCE), "-o", str(lib)], capture_output=True, text=True)
+        done = subprocess.run([nvcc, *FLAGS, *map(str, SOURCES), "-o", str(lib)], capture_output=True, text=True)
         if done.returncode:
             sys.exit(f"nvcc failed:\n{done.stderr}")
         print("\n".join(line for line in done.stderr.splitlines() if "registers" in line or "spill" in line
@@ -48,14 +51,15 @@ def build() -> Path:
 
 
 def sass_counts(lib: Path) -> dict:
-    """Instruction counts of each compiled kernel (by mode), from the cuobjdump that Triton's
-    package carries."""
+    """Instruction counts of each compiled kernel (the forward by mode, and dkdv), from the
+    cuobjdump that Triton's package carries."""
     import triton
     tool = shutil.which("cuobjdump") or str(Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump")
     sass = subprocess.run([tool, "--dump-sass", str(lib)], capture_output=True, text=True, check=True).stdout
     counts = {}
     for part in sass.split("Function : ")[1:]:
-        name = MODES[int(part.split("ILi", 1)[1][0])]  # the mangled template argument
+        header = part.split("\n", 1)[0]
+        name = "dkdv" if "ws_dkdv" in header else MODES[int(header.split("ILi", 1)[1][0])]  # the template argument
         lines = [line for line in part.splitlines()
                  if line.strip().startswith("/*") and "*/" in line[:16] and " NOP" not in line]
         count = lambda word: sum(word in line for line in lines)
@@ -72,6 +76,11 @@ class Kernel:
         # q, k, v, their row stride, out, its row stride, lse, B, T, H, L, causal, scale, branches, mode, stream
         self.lib.ws_fwd.argtypes = [ptr, ptr, ptr, i64, ptr, i64, ptr, i32, i32, i32, i32, i32, ctypes.c_float, i32,
                                     i32, ptr]
+        self.lib.ws_dkdv.restype = ctypes.c_int
+        # q, k, v, their row stride, dO, its row stride, STATS, dK, dV, their row stride, B, T, H, L, causal,
+        # scale, branches, stream
+        self.lib.ws_dkdv.argtypes = [ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i32, i32, i32,
+                                     ctypes.c_float, i32, ptr]
 
     def __call__(self, q, k, v, W: int, scale: float, causal: bool = True, mode: str = "sequential",
                  branches: int = 1):
@@ -94,6 +103,23 @@ class Kernel:
         if err:
             raise RuntimeError(f"ws_fwd returned {err} (T={T}, W={W}, H={H})")
         return out, lse
+
+    def dkdv(self, q, k, v, dout, stats, W: int, scale: float, causal: bool = True, branches: int = 1):
+        """(dK, dV) (B, T, H, 64) bf16 of __call__'s attention; q/k/v as there, dO (B, T, H, 64) bf16
+        with heads contiguous, STATS (2, B·H, T) float32: log2 LSE and Δ = rowsum(dO∘O) by position."""
+        import torch
+        B, T, H, D = q.shape
+        if dout.stride(3) != 1 or dout.stride(2) != D or dout.stride(0) != T * dout.stride(1) \
+                or stats.shape != (2, B * H, T) or not stats.is_contiguous():
+            raise ValueError(f"dO strides {dout.stride()} or STATS {tuple(stats.shape)} do not fit q {tuple(q.shape)}")
+        dk, dv = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device), torch.empty(B, T, H, D, dtype=q.dtype,
+                                                                                      device=q.device)
+        err = self.lib.ws_dkdv(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(1), dout.data_ptr(), dout.stride(1),
+                               stats.data_ptr(), dk.data_ptr(), dv.data_ptr(), dk.stride(1), B, T, H, W, int(causal),
+                               scale, branches, torch.cuda.current_stream().cuda_stream)
+        if err:
+            raise RuntimeError(f"ws_dkdv returned {err} (T={T}, W={W}, H={H})")
+        return dk, dv
 
 
 def weighted_reference(q, k, v, W: int, scale: float, causal: bool, branches: int):
