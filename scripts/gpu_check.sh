@@ -71,12 +71,13 @@ for s in ${*:-tests bench train}; do
         LONGCTX_HOPPER=$h fit "32k-hopper$h" ${STEPS_32K:-300} --config configs/seq/32k.yaml --config configs/graphs.yaml \
           --trainer.limit_val_batches=0
       done ;;
-    ws)  # causal 2,048-row segments and whole sequences, with the long preset's weight terms, the seed's segments
-      python3 tools/kernels/ws_probe.py 2>&1 | grep -v -i warn | tee "$OUT/ws_probe.txt"
-      python3 tools/kernels/ws_probe.py --branches 5 --segments 2048 2>&1 | grep -v -i warn | tee -a "$OUT/ws_probe.txt"
-      python3 tools/kernels/ws_probe.py --full --heads 8 --segments 1024 2048 --lengths 8192 32768 2>&1 \
-        | grep -v -i warn | tee -a "$OUT/ws_probe.txt"
-      python3 tools/kernels/ws_bwd_probe.py --branches 5 2>&1 | grep -v -i warn | tee -a "$OUT/ws_probe.txt" ;;
+    ws)  # causal 2,048-row segments and whole sequences, with the long preset's weight terms, the seed's segments;
+      # each run time-limited: a wrong barrier parity hangs a kernel rather than failing it
+      for args in "" "--branches 5 --segments 2048" "--full --heads 8 --segments 1024 2048 --lengths 8192 32768"; do
+        timeout ${WS_TIMEOUT:-240} python3 tools/kernels/ws_probe.py $args 2>&1 | grep -v -i warn | tee -a "$OUT/ws_probe.txt"
+      done
+      timeout ${WS_TIMEOUT:-240} python3 tools/kernels/ws_bwd_probe.py --branches 5 2>&1 | grep -v -i warn \
+        | tee -a "$OUT/ws_probe.txt" ;;
     *) echo "unknown stage $s (tests bench train variants union hopper ws)" ;;
   esac
 done
