@@ -6,7 +6,7 @@ The question it answers: on the long preset's level-1 geometry (causal segments 
 12 heads of 64), where cuDNN reaches ~72% of its whole-sequence rate and the union kernels ~88% of
 cuDNN (docs/performance.md), does the producer/consumer split make a kernel faster per FLOP than
 cuDNN? The kernel is the union local pass, with or without its weight terms (gluon_probe.py's
-problem). Its dK/dV pass (ws_bwd.cu) is checked and timed by ws_bwd_probe.py.
+problem). Its backward passes (ws_bwd.cu) are checked and timed by ws_bwd_probe.py.
 
 `python tools/kernels/ws_probe.py [--lengths 32768 131072] [--segments 2048 0] [--full]`
 (W 0: W = T) builds the kernel with nvcc for sm_90a, checks output and LSE against the float32
@@ -51,7 +51,7 @@ def build() -> Path:
 
 
 def sass_counts(lib: Path) -> dict:
-    """Instruction counts of each compiled kernel (the forward by mode, and dkdv), from the
+    """Instruction counts of each compiled kernel (the forward by mode, dkdv, dq), from the
     cuobjdump that Triton's package carries."""
     import triton
     tool = shutil.which("cuobjdump") or str(Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump")
@@ -59,7 +59,9 @@ def sass_counts(lib: Path) -> dict:
     counts = {}
     for part in sass.split("Function : ")[1:]:
         header = part.split("\n", 1)[0]
-        name = "dkdv" if "ws_dkdv" in header else MODES[int(header.split("ILi", 1)[1][0])]  # the template argument
+        # by the mangled template argument
+        name = (("dkdv", "dq")[int(header.split("ILb", 1)[1][0])] if "ws_bwd" in header
+                else MODES[int(header.split("ILi", 1)[1][0])])
         lines = [line for line in part.splitlines()
                  if line.strip().startswith("/*") and "*/" in line[:16] and " NOP" not in line]
         count = lambda word: sum(word in line for line in lines)
@@ -76,11 +78,11 @@ class Kernel:
         # q, k, v, their row stride, out, its row stride, lse, B, T, H, L, causal, scale, branches, mode, stream
         self.lib.ws_fwd.argtypes = [ptr, ptr, ptr, i64, ptr, i64, ptr, i32, i32, i32, i32, i32, ctypes.c_float, i32,
                                     i32, ptr]
-        self.lib.ws_dkdv.restype = ctypes.c_int
-        # q, k, v, their row stride, dO, its row stride, STATS, dK, dV, their row stride, B, T, H, L, causal,
-        # scale, branches, stream
-        self.lib.ws_dkdv.argtypes = [ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i32, i32, i32,
-                                     ctypes.c_float, i32, ptr]
+        self.lib.ws_bwd.restype = ctypes.c_int
+        # q, k, v, their row stride, dO, its row stride, STATS, two gradients, their row stride, B, T, H, L,
+        # causal, scale, branches, dq, stream
+        self.lib.ws_bwd.argtypes = [ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i32, i32, i32,
+                                    ctypes.c_float, i32, i32, ptr]
 
     def __call__(self, q, k, v, W: int, scale: float, causal: bool = True, mode: str = "sequential",
                  branches: int = 1):
@@ -104,23 +106,23 @@ class Kernel:
             raise RuntimeError(f"ws_fwd returned {err} (T={T}, W={W}, H={H})")
         return out, lse
 
-    def dkdv(self, q, k, v, dout, stats, W: int, scale: float, causal: bool = True, branches: int = 1):
-        """(dK, dV) (B, T, H, 64) bf16 of __call__'s attention; q/k/v as there, dO (B, T, H, 64) bf16
-        with heads contiguous, STATS (2, B·H, T) float32: log2 LSE and Δ = rowsum(dO∘O) by position."""
+    def backward(self, q, k, v, dout, stats, W: int, scale: float, causal: bool = True, branches: int = 1,
+                 dq: bool = False):
+        """(dK, dV), or with dq (dQ,), (B, T, H, 64) bf16, of __call__'s attention; q/k/v as there,
+        dO (B, T, H, 64) bf16 with heads contiguous, STATS (2, B·H, T) float32: log2 LSE and
+        Δ = rowsum(dO∘O) by position."""
         import torch
         B, T, H, D = q.shape
         if dout.stride(3) != 1 or dout.stride(2) != D or dout.stride(0) != T * dout.stride(1) \
                 or stats.shape != (2, B * H, T) or not stats.is_contiguous():
             raise ValueError(f"dO strides {dout.stride()} or STATS {tuple(stats.shape)} do not fit q {tuple(q.shape)}")
-        dk, dv = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device), torch.empty(B, T, H, D, dtype=q.dtype,
-                                                                                      device=q.device)
-        err = self.lib.ws_dkdv(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(1), dout.data_ptr(), dout.stride(1),
-                               stats.data_ptr(), dk.data_ptr(), dv.data_ptr(), dk.stride(1), B, T, H, W, int(causal),
-                               scale, branches, torch.cuda.current_stream().cuda_stream)
+        grads = [torch.empty(B, T, H, D, dtype=q.dtype, device=q.device) for _ in range(1 if dq else 2)]
+        err = self.lib.ws_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(1), dout.data_ptr(), dout.stride(1),
+                              stats.data_ptr(), grads[0].data_ptr(), grads[-1].data_ptr(), grads[0].stride(1), B, T,
+                              H, W, int(causal), scale, branches, int(dq), torch.cuda.current_stream().cuda_stream)
         if err:
-            raise RuntimeError(f"ws_dkdv returned {err} (T={T}, W={W}, H={H})")
-        return dk, dv
-
+            raise RuntimeError(f"ws_bwd returned {err} (T={T}, W={W}, H={H}, dq={dq})")
+        return tuple(grads)
 
 def weighted_reference(q, k, v, W: int, scale: float, causal: bool, branches: int):
     """float32 output and LSE by the definition, segment by segment, each pair (x, s) of head h
