@@ -90,10 +90,7 @@ __global__ void __launch_bounds__(384, 1)
   r.row = f0 + 64 * c + 16 * (tid / 32) + lane / 4;
 #pragma unroll
   for (int i = 0; i < 32; ++i) r.x[i] = r.dx[i] = r.g0[i] = r.g1[i] = 0.f;
-#pragma unroll
-  for (int i = 0; i < 8; ++i)  // streamed tiles start at multiples of 64: a column's low 4 bits are fixed
-    r.bias[i] = log2f(
-        min(lam(r.row + 8 * (i / 4), h, branches), lam(8 * ((i / 2) % 2) + 2 * r.tq + i % 2, h, branches)) + 1.f);
+  weight_terms(r.bias, r.row, r.tq, h, branches);
   const float scale_log2 = scale * 1.4426950408889634f;
   const float* lse2 = stats + (long long)(b * H + h) * T;
   const float* delta = lse2 + (long long)BH * T;
@@ -190,8 +187,8 @@ __global__ void __launch_bounds__(384, 1)
 // (do_row), given STATS (2, B·H, T) float32 (log2 LSE and Δ): dK and dV into grad0 and grad1, or
 // (dq) dQ into grad0, (B, T, H, 64) bf16, grad_row apart.
 // Returns 0, a CUDA error, or -1 (no cuTensorMapEncodeTiled), -2 (a map refused), -3 (shapes).
-extern "C" int ws_bwd(const void* q, const void* k, const void* v, long long qkv_row, const void* dout, long long do_row,
-                      const float* stats, void* grad0, void* grad1, long long grad_row, int B, int T, int H, int L,
+extern "C" int ws_bwd(const void* q, const void* k, const void* v, long long qkv_row, const void* dout,
+                      long long do_row, const float* stats, void* grad0, void* grad1, long long grad_row, int B, int T, int H, int L,
                       int causal, float scale, int branches, int dq, void* stream) {
   if (L % BF != 0 || T % L != 0 || branches < 1 || branches > 5) return -3;
   CUtensorMap maps[4];  // fixed₀, fixed₁, streamed₀, streamed₁

@@ -118,6 +118,16 @@ __device__ __forceinline__ int lam(int x, int h, int branches) {
   return n;
 }
 
+// A thread's eight weight terms log2 m for its accumulator rows `row` and row + 8 against the
+// columns 8j + 2·tq + e of a tile that starts at a multiple of 64, by [half][j mod 2][e]: a
+// column's λ depends only on its low branches − 1 (≤ 4) bits, which its place in the tile fixes.
+__device__ __forceinline__ void weight_terms(float (&bias)[8], int row, int tq, int h, int branches) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+    bias[i] = log2f(
+        min(lam(row + 8 * (i / 4), h, branches), lam(8 * ((i / 2) % 2) + 2 * tq + i % 2, h, branches)) + 1.f);
+}
+
 using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                             const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                             CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);

@@ -183,12 +183,7 @@ __global__ void __launch_bounds__(384, 1)
   for (int i = 0; i < 64; ++i) r.s[i] = 0.f;
   r.m[0] = r.m[1] = -INFINITY;
   r.l[0] = r.l[1] = 0.f;
-  // A key's λ depends on its low branches − 1 bits, which a column's place in a 128-key tile fixes
-  // (branches ≤ 5): 8j + 2·tq + e has those of 8·(j mod 2) + 2·tq + e.
-#pragma unroll
-  for (int i = 0; i < 8; ++i)
-    r.bias[i] = log2f(
-        min(lam(r.qrow + 8 * (i / 4), h, branches), lam(8 * ((i / 2) % 2) + 2 * r.tq + i % 2, h, branches)) + 1.f);
+  weight_terms(r.bias, r.qrow, r.tq, h, branches);
   float alpha[2];
   const uint64_t q_desc = descriptor(sh.q + 64 * c * D, 16, 1024);
   const bool leader = tid == 0;  // arrives on the empty barriers for its warpgroup
