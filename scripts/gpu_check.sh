@@ -8,8 +8,8 @@
 # union (the union kernels' parity and tile sweep: tools/kernels/union_probe.py), hopper (the
 # Gluon backward passes, sm_90's default, against the Triton ones, LONGCTX_HOPPER=0: the op to 1M
 # and the LM at 32K; the tests stage runs the GPU suite with them on, ~10 minutes on an H100), ws
-# (tools/kernels/ws_probe.py, ws_bwd_probe.py: the CUDA producer/consumer forward and dK/dV pass
-# against cuDNN and Gluon).
+# (tools/kernels/ws_probe.py, ws_bwd_probe.py: the CUDA producer/consumer forward and backward
+# passes against cuDNN and Gluon).
 # Results go to $OUT (the device tool's folder) or ./gpu_out. Wheels in .whl/ (jsonargparse and
 # what it needs, for train.py) are installed first where the image lacks them.
 set -uo pipefail

@@ -196,13 +196,13 @@ def backward(dout, q, k, v, out, lse, lay: Layout, is_causal: bool, scale: float
     cos, sin = rope if rope is not None else (stats, stats)  # read only when ROPE
     strides = [*_strides(q, k, v, dout), *_strides(dq)]
     consts = dict(ROPE=rope is not None)
-    passes = ("local", "upper")
-    if hopper.use(q, k, v, dout, lay):  # its local passes on Hopper, the upper ones here
-        passes = ("upper",)
+    gluon = hopper.use(q, k, v, dout, lay)  # the local passes on Hopper, the upper ones here
+    passes = ("upper",) if gluon else ("local", "upper")
+    if gluon:
         hopper.local_dq(q, k, v, dout, out, lse, stats, dq, lay, is_causal, scale, rope)
     _launch("dq", q, lay, (q, k, v, dout, out, lse, stats, dq, cos, sin, *strides, T, H, scale * LOG2E, scale),
             is_causal, passes, **consts)
-    if "local" not in passes:
+    if gluon:
         hopper.local_dkdv(q, k, v, dout, stats, dk, dv, lay, is_causal, scale, rope)
     _launch("dkdv", q, lay, (q, k, v, dout, stats, dk, dv, cos, sin, *strides, T, H, scale * LOG2E, scale),
             is_causal, passes, **consts)

@@ -70,6 +70,18 @@ def sass_counts(lib: Path) -> dict:
     return counts
 
 
+def _tma_rows(q, k, v, *more) -> None:
+    """Raises unless q/k/v (and `more`, dO) are bf16 (B, T, H, 64) rows that one TMA map reads in
+    place (longctx.kernels.hopper._flat: heads adjacent, batches T rows apart, 16-byte rows), q/k/v
+    with one set of strides (the kernels take one row stride for the three)."""
+    import torch
+    from longctx.kernels.hopper import _flat
+    if q.shape[-1] != 64 or q.dtype != torch.bfloat16 or any(x.stride() != q.stride() for x in (k, v)) \
+            or not all(_flat(x) for x in (q, k, v, *more)):
+        raise ValueError(f"q/k/v/dO: bf16 heads of 64 read in place, q/k/v with one set of strides; got {q.dtype} "
+                         f"{tuple(q.shape)}, strides {[x.stride() for x in (q, k, v, *more)]}")
+
+
 class Kernel:
     def __init__(self):
         self.lib = ctypes.CDLL(str(build()))
@@ -93,10 +105,7 @@ class Kernel:
         many branches."""
         import torch
         B, T, H, D = q.shape
-        if D != 64 or q.dtype != torch.bfloat16 or any(x.stride() != q.stride() for x in (k, v)) \
-                or q.stride(3) != 1 or q.stride(2) != D or q.stride(0) != T * q.stride(1):
-            raise ValueError(f"q/k/v: bf16 heads of 64 with shared (B, T, H) strides, got {q.dtype} {tuple(q.shape)} "
-                             f"strides {q.stride()}, {k.stride()}, {v.stride()}")
+        _tma_rows(q, k, v)
         out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
         lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
         err = self.lib.ws_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(1), out.data_ptr(), out.stride(1),
@@ -113,9 +122,9 @@ class Kernel:
         Δ = rowsum(dO∘O) by position."""
         import torch
         B, T, H, D = q.shape
-        if dout.stride(3) != 1 or dout.stride(2) != D or dout.stride(0) != T * dout.stride(1) \
-                or stats.shape != (2, B * H, T) or not stats.is_contiguous():
-            raise ValueError(f"dO strides {dout.stride()} or STATS {tuple(stats.shape)} do not fit q {tuple(q.shape)}")
+        _tma_rows(q, k, v, dout)
+        if stats.shape != (2, B * H, T) or not stats.is_contiguous():
+            raise ValueError(f"STATS: (2, B·H, T) = {(2, B * H, T)} contiguous, got {tuple(stats.shape)}")
         grads = [torch.empty(B, T, H, D, dtype=q.dtype, device=q.device) for _ in range(1 if dq else 2)]
         err = self.lib.ws_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(1), dout.data_ptr(), dout.stride(1),
                               stats.data_ptr(), grads[0].data_ptr(), grads[-1].data_ptr(), grads[0].stride(1), B, T,
@@ -124,42 +133,25 @@ class Kernel:
             raise RuntimeError(f"ws_bwd returned {err} (T={T}, W={W}, H={H}, dq={dq})")
         return tuple(grads)
 
-def weighted_reference(q, k, v, W: int, scale: float, causal: bool, branches: int):
-    """float32 output and LSE by the definition, segment by segment, each pair (x, s) of head h
-    weighted by m = min(λ(x), λ(s)) + 1, λ(x) counting the dilations 2 … 2^(branches−1) that keep x
-    for h (the union local pass; docs/design.md). branches = 1: plain attention."""
-    import torch
-    B, T, H, D = q.shape
-    pos, h = torch.arange(T, device=q.device)[:, None], torch.arange(H, device=q.device)[None, :]
-    lam = torch.zeros(T, H, device=q.device)
-    for j in range(1, branches):
-        lam += (((pos ^ h) & ((1 << j) - 1)) == 0).float()
-    lam = lam.reshape(T // W, W, H).transpose(1, 2)  # (segments, H, W)
-    log_m = torch.log(torch.minimum(lam[..., :, None], lam[..., None, :]) + 1)
-    qs, ks, vs = (x.float().reshape(B, T // W, W, H, D).transpose(2, 3) for x in (q, k, v))
-    s = qs @ ks.transpose(-1, -2) * scale + log_m
-    if causal:
-        s = s.masked_fill(torch.ones(W, W, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    out = torch.softmax(s, -1) @ vs
-    return out.transpose(2, 3).reshape(B, T, H, D), lse.transpose(2, 3).reshape(B, T, H)
-
 
 def check(kernel, H: int, scale: float, causal: bool) -> bool:
     """Output and LSE of every mode, without weights and with five branches' (the long
-    preset's), against the float32 reference, for q/k/v views of one fused projection, B = 2,
-    T = 1,024, W = 512 and 1,024; the bound is twice cuDNN's own output error (unweighted) plus 1e-3."""
+    preset's), against the float32 reference (gluon_bwd_probe.reference: each pair weighted by
+    m = min(λ(x), λ(s)) + 1), for q/k/v views of one fused projection, B = 2, T = 1,024, W = 512
+    and 1,024; the bound is twice cuDNN's own output error (unweighted) plus 1e-3."""
     import torch
+    from gluon_bwd_probe import reference
     from gluon_probe import segments_sdpa
     from torch.nn.attention import SDPBackend
     ok = True
     qkv = torch.randn(2, 1024, 3, H, 64, device="cuda", dtype=torch.bfloat16)
     q, k, v = qkv.unbind(2)
+    no_grad = torch.zeros_like(q)  # the reference's backward runs too; its gradients are not read
     for W in (512, 1024):
         cudnn, _ = segments_sdpa(*(x.contiguous() for x in (q, k, v)), W, scale, SDPBackend.CUDNN_ATTENTION, causal)
-        bound = 2 * (cudnn.float() - weighted_reference(q, k, v, W, scale, causal, 1)[0]).abs().max().item() + 1e-3
+        bound = 2 * (cudnn.float() - reference(q, k, v, no_grad, W, scale, causal)[0]).abs().max().item() + 1e-3
         for branches in (1, 5):
-            ref_out, ref_lse = weighted_reference(q, k, v, W, scale, causal, branches)
+            ref_out, ref_lse = reference(q, k, v, no_grad, W, scale, causal, branches)[:2]
             for mode in MODES:
                 out, lse = kernel(q, k, v, W, scale, causal, mode, branches)
                 e_out, e_lse = (out.float() - ref_out).abs().max().item(), (lse - ref_lse).abs().max().item()
