@@ -37,6 +37,32 @@ struct Rows {
   int row, tq;             // the thread's first fixed row (absolute), lane % 4
 };
 
+// P and dS of one streamed tile from X and dX, packed to bf16 as the next matmuls' A operands.
+// MASK: a tile across the causal diagonal, the only kind that needs the compare and select an
+// element (dK/dV: query ≥ key with queries streamed; dQ: key ≤ query with keys streamed).
+template <bool DQ, bool MASK>
+__device__ __forceinline__ void probabilities(Rows& r, int s0, float scale_log2, const float2 (&col_lse)[8],
+                                              const float2 (&col_delta)[8]) {
+#pragma unroll
+  for (int i = 0; i < 32; i += 2) {
+    const int j = i / 4, half = (i / 2) % 2;
+    float pv[2], dsv[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const float l2 = DQ ? r.lse2[half] : (e ? col_lse[j].y : col_lse[j].x);
+      const float dl = DQ ? r.delta[half] : (e ? col_delta[j].y : col_delta[j].x);
+      const int fixed = r.row + 8 * half, streamed = s0 + 8 * j + 2 * r.tq + e;
+      float pe = ex2(fmaf(r.x[i + e], scale_log2, r.bias[4 * half + 2 * (j % 2) + e]) - l2);
+      if (MASK && (DQ ? streamed > fixed : streamed < fixed)) pe = 0.f;
+      pv[e] = pe;
+      dsv[e] = pe * (r.dx[i + e] - dl);
+    }
+    __nv_bfloat162 pp = __floats2bfloat162_rn(pv[0], pv[1]), dd = __floats2bfloat162_rn(dsv[0], dsv[1]);
+    r.p[i / 2] = *reinterpret_cast<uint32_t*>(&pp);
+    r.ds[i / 2] = *reinterpret_cast<uint32_t*>(&dd);
+  }
+}
+
 template <bool DQ>
 __global__ void __launch_bounds__(384, 1)
     ws_bwd_kernel(const __grid_constant__ CUtensorMap fixed0_map, const __grid_constant__ CUtensorMap fixed1_map,
@@ -128,25 +154,10 @@ __global__ void __launch_bounds__(384, 1)
     pin(r.dx);
 
     // some of these pairs have the query before the key: the tiles across the CTA's diagonal
-    const bool diagonal = causal && (DQ ? s0 + BS > f0 : s0 < f0 + BF);
-#pragma unroll
-    for (int i = 0; i < 32; i += 2) {
-      const int j = i / 4, half = (i / 2) % 2;
-      float pv[2], dsv[2];
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float l2 = DQ ? r.lse2[half] : (e ? col_lse[j].y : col_lse[j].x);
-        const float dl = DQ ? r.delta[half] : (e ? col_delta[j].y : col_delta[j].x);
-        const int fixed = r.row + 8 * half, streamed = s0 + 8 * j + 2 * r.tq + e;
-        float pe = exp2f(fmaf(r.x[i + e], scale_log2, r.bias[4 * half + 2 * (j % 2) + e]) - l2);
-        if (diagonal && (DQ ? streamed > fixed : streamed < fixed)) pe = 0.f;
-        pv[e] = pe;
-        dsv[e] = pe * (r.dx[i + e] - dl);
-      }
-      __nv_bfloat162 pp = __floats2bfloat162_rn(pv[0], pv[1]), dd = __floats2bfloat162_rn(dsv[0], dsv[1]);
-      r.p[i / 2] = *reinterpret_cast<uint32_t*>(&pp);
-      r.ds[i / 2] = *reinterpret_cast<uint32_t*>(&dd);
-    }
+    if (causal && (DQ ? s0 + BS > f0 : s0 < f0 + BF))
+      probabilities<DQ, true>(r, s0, scale_log2, col_lse, col_delta);
+    else
+      probabilities<DQ, false>(r, s0, scale_log2, col_lse, col_delta);
 
     pin(r.g0);
     pin(r.g1);

@@ -63,6 +63,14 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 
+// 2^x on the SFU alone. exp2f adds a denormal path around it (FSETP and two predicated FMULs an
+// element, issued whether taken or not); softmax weights below 2^-126 may as well be 0.
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Keeps the compiler from moving reads or writes of accumulators across an asynchronous wgmma.
 template <int N>
 __device__ __forceinline__ void pin(float (&r)[N]) {

@@ -5,9 +5,10 @@
 // warpgroup gives its registers to the consumers (setmaxnreg), the split Triton 3.6 cannot
 // make (ptxas C7512 in tools/kernels/gluon_ws_probe.py's producer-warp kernel).
 //
-// Each consumer runs its matmuls and softmax in sequence (it waits for every wgmma group): the
-// overlap comes from the two consumers (one's softmax under the other's wgmma) and from the
-// producer running ahead; overlap inside a consumer is the next step once this one is exact.
+// Three schedules (Mode, below): each consumer waiting for every wgmma group, the next tile's
+// QKᵀ in flight under this tile's softmax, and that with the consumers taking turns at the
+// tensor cores. The last is the fastest on an H100, though still below cuDNN per FLOP
+// (docs/lab/runs.md).
 // Heads of 64, bf16, q/k/v rows read in place from (B·T, row stride) views (the LM's fused
 // projection), segments of L rows (a multiple of 128), causal or not.
 // Built and run by tools/kernels/ws_probe.py (nvcc, sm_90a).
@@ -54,15 +55,17 @@ __device__ __forceinline__ void issue_pv(Rows& r, uint64_t v_desc) {
 }
 
 // The online softmax of one key tile in place (S becomes exp2(S·scale − m)), updating m and l;
-// returns O's rescale factor for each of the thread's two rows through alpha.
-__device__ __forceinline__ void softmax(Rows& r, int key0, bool diagonal, float scale_log2, float (&alpha)[2]) {
+// returns O's rescale factor for each of the thread's two rows through alpha. DIAGONAL: the tile
+// across the causal diagonal, the only one that needs the mask's compare and select an element.
+template <bool DIAGONAL>
+__device__ __forceinline__ void softmax_tile(Rows& r, int key0, float scale_log2, float (&alpha)[2]) {
   float top[2] = {r.m[0], r.m[1]};
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       float x = fmaf(r.s[4 * j + e], scale_log2, r.bias[4 * (e / 2) + 2 * (j % 2) + e % 2]);
-      if (diagonal && key0 + 8 * j + 2 * r.tq + (e & 1) > r.qrow + 8 * (e / 2)) x = -INFINITY;
+      if (DIAGONAL && key0 + 8 * j + 2 * r.tq + (e & 1) > r.qrow + 8 * (e / 2)) x = -INFINITY;
       r.s[4 * j + e] = x;
       top[e / 2] = fmaxf(top[e / 2], x);
     }
@@ -71,15 +74,22 @@ __device__ __forceinline__ void softmax(Rows& r, int key0, bool diagonal, float 
   for (int half = 0; half < 2; ++half) {  // a row's four threads share its maximum
     top[half] = fmaxf(top[half], __shfl_xor_sync(0xffffffff, top[half], 1));
     top[half] = fmaxf(top[half], __shfl_xor_sync(0xffffffff, top[half], 2));
-    alpha[half] = exp2f(r.m[half] - top[half]);
+    alpha[half] = ex2(r.m[half] - top[half]);
     r.m[half] = top[half];
     r.l[half] *= alpha[half];
   }
 #pragma unroll
   for (int i = 0; i < 64; ++i) {
-    r.s[i] = exp2f(r.s[i] - r.m[(i / 2) % 2]);
+    r.s[i] = ex2(r.s[i] - r.m[(i / 2) % 2]);
     r.l[(i / 2) % 2] += r.s[i];
   }
+}
+
+__device__ __forceinline__ void softmax(Rows& r, int key0, bool diagonal, float scale_log2, float (&alpha)[2]) {
+  if (diagonal)
+    softmax_tile<true>(r, key0, scale_log2, alpha);
+  else
+    softmax_tile<false>(r, key0, scale_log2, alpha);
 }
 
 // O's rescale, then P to bf16: both only once the previous PV has retired (it reads p and adds to o).
