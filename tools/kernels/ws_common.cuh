@@ -118,22 +118,24 @@ __device__ __forceinline__ void pin(uint32_t (&r)[N]) {
 __device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
 __device__ __forceinline__ void named_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
 
-// λ of position x for head h: how many of the dilations 2 … 2^(branches−1) keep x. The union
+// λ of position x for head h: how many of the dilations 2 … 2^(branches−1) keep x, i.e. of
+// j = 1 … branches − 1 with the low j bits of x ^ h zero: its trailing zeros, capped. The union
 // kernels weight a local pair (x, s) by m = min(λ(x), λ(s)) + 1 (longctx/kernels/union.py).
 __device__ __forceinline__ int lam(int x, int h, int branches) {
-  int n = 0;
-  for (int j = 1; j < branches; ++j) n += ((x ^ h) & ((1 << j) - 1)) == 0;
-  return n;
+  return min(__clz(__brev(x ^ h)), branches - 1);
 }
 
 // A thread's eight weight terms log2 m for its accumulator rows `row` and row + 8 against the
 // columns 8j + 2·tq + e of a tile that starts at a multiple of 64, by [half][j mod 2][e]: a
 // column's λ depends only on its low branches − 1 (≤ 4) bits, which its place in the tile fixes.
+// m is 1 … 5: its log2 correctly rounded, by selects, not log2f's general
+// path: a persistent CTA computes the terms again for every item (its head changes).
 __device__ __forceinline__ void weight_terms(float (&bias)[8], int row, int tq, int h, int branches) {
 #pragma unroll
-  for (int i = 0; i < 8; ++i)
-    bias[i] = log2f(
-        min(lam(row + 8 * (i / 4), h, branches), lam(8 * ((i / 2) % 2) + 2 * tq + i % 2, h, branches)) + 1.f);
+  for (int i = 0; i < 8; ++i) {
+    const int m = min(lam(row + 8 * (i / 4), h, branches), lam(8 * ((i / 2) % 2) + 2 * tq + i % 2, h, branches)) + 1;
+    bias[i] = m == 1 ? 0.f : m == 2 ? 1.f : m == 3 ? 1.5849625007f : m == 4 ? 2.f : 2.3219280949f;
+  }
 }
 
 using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,

@@ -25,10 +25,10 @@ constexpr int TILE_BYTES = BM * D * 2;  // one Q, K or V tile (BM == BN): 16 KB
 static_assert(BM == BN, "the causal diagonal is the last key tile only when BM == BN");
 
 struct Shared {
-  alignas(1024) __nv_bfloat16 q[BM * D];  // 1024-byte aligned: the 128-byte swizzle's period
+  alignas(1024) __nv_bfloat16 q[2][BM * D];  // 1024-byte aligned: the 128-byte swizzle's period
   alignas(1024) __nv_bfloat16 k[STAGES][BN * D];
   alignas(1024) __nv_bfloat16 v[STAGES][BN * D];
-  uint64_t q_full, k_full[STAGES], v_full[STAGES], k_empty[STAGES], v_empty[STAGES];
+  uint64_t q_full[2], q_empty[2], k_full[STAGES], v_full[STAGES], k_empty[STAGES], v_empty[STAGES];
 };
 
 // One consumer warpgroup's state: 64 query rows, and for each thread its two rows' running
@@ -125,36 +125,47 @@ __device__ __forceinline__ void pv_now(Rows& r, Shared& sh, int st, uint32_t par
   if (leader) bar_arrive(&sh.v_empty[st]);
 }
 
-// Named barriers 1 and 2 in PING_PONG: "consumer 0 (1) may issue its matmuls".
-
 enum Mode { SEQUENTIAL = 0, PIPELINED = 1, PING_PONG = 2 };
+
+// A CTA's work items: 128-row query tiles, ordered longest first across the whole problem (under
+// the causal mask a tile's key count is its rank + 1), then by segment, head and batch element.
+struct Item {
+  int h, row0, seg0, q0, n_tiles;
+};
+
+__device__ __forceinline__ Item item(int w, int B, int T, int H, int L, int causal) {
+  const int per_seg = L / BM, nseg = T / L, rest = nseg * H * B;
+  const int rank = w / rest, seg = w % rest % nseg, bh = w % rest / nseg;
+  const int t = causal ? per_seg - 1 - rank : rank;
+  return {bh % H, (bh / H) * T, seg * L, seg * L + t * BM, causal ? t + 1 : per_seg};
+}
 
 // SEQUENTIAL: each wgmma group is waited for at once. PIPELINED: the next tile's QKᵀ is issued
 // before this tile's PV and both run under the softmax, FlashAttention-3's overlap inside a
 // warpgroup. PING_PONG: that, with the two consumers taking turns to issue their matmuls (named
 // barriers), so that one's softmax runs while the other's matmuls hold the tensor cores.
+// A CTA takes the items blockIdx.x, + gridDim.x, ...: one each when the grid has one CTA an
+// item, or persistent (a grid of one CTA an SM), with Q double-buffered and the K/V ring running
+// on across items so that the producer loads the next item's tiles under this one's last.
 template <int MODE>
 __global__ void __launch_bounds__(384, 1)
     ws_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
                   const __grid_constant__ CUtensorMap v_map, __nv_bfloat16* __restrict__ out, long long out_row,
-                  float* __restrict__ lse, int T, int H, int L, float scale_log2, int causal, int branches) {
+                  float* __restrict__ lse, int B, int T, int H, int L, float scale_log2, int causal, int branches) {
   extern __shared__ uint8_t raw[];
   Shared& sh = *reinterpret_cast<Shared*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
-  const int h = blockIdx.y, row0 = blockIdx.z * T;  // head, the batch element's first row
-  const int per_seg = L / BM, nseg = T / L;
-  int t = blockIdx.x / nseg;            // tile-major: every segment's t-th query tile, then the next
-  if (causal) t = per_seg - 1 - t;      // the longest rows first
-  const int seg0 = (blockIdx.x % nseg) * L;
-  const int q0 = seg0 + t * BM;
-  const int n_tiles = causal ? t + 1 : per_seg;
+  const int n_items = (T / BM) * H * B;
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
-    bar_init(&sh.q_full, 1);
+    for (int s = 0; s < 2; ++s) {
+      bar_init(&sh.q_full[s], 1);
+      bar_init(&sh.q_empty[s], 2);  // one arrival from each consumer warpgroup
+    }
     for (int s = 0; s < STAGES; ++s) {
       bar_init(&sh.k_full[s], 1);
       bar_init(&sh.v_full[s], 1);
-      bar_init(&sh.k_empty[s], 2);  // one arrival from each consumer warpgroup
+      bar_init(&sh.k_empty[s], 2);
       bar_init(&sh.v_empty[s], 2);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -164,18 +175,24 @@ __global__ void __launch_bounds__(384, 1)
   if (wg == 0) {  // the producer: 24 registers a thread, one thread issuing the loads
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
     if (threadIdx.x == 0) {
-      bar_expect(&sh.q_full, TILE_BYTES);
-      tma_load(sh.q, &q_map, &sh.q_full, h * D, row0 + q0);
-      for (int n = 0; n < n_tiles; ++n) {
-        const int s = n % STAGES;
-        const uint32_t again = (n / STAGES - 1) & 1;  // parity of the stage's previous release
-        const int key = row0 + seg0 + n * BN;
-        if (n >= STAGES) bar_wait(&sh.k_empty[s], again);
-        bar_expect(&sh.k_full[s], TILE_BYTES);
-        tma_load(sh.k[s], &k_map, &sh.k_full[s], h * D, key);
-        if (n >= STAGES) bar_wait(&sh.v_empty[s], again);
-        bar_expect(&sh.v_full[s], TILE_BYTES);
-        tma_load(sh.v[s], &v_map, &sh.v_full[s], h * D, key);
+      int kv = 0;  // K/V tiles loaded so far: the ring's position and fill
+      for (int w = blockIdx.x, it = 0; w < n_items; w += gridDim.x, ++it) {
+        const Item x = item(w, B, T, H, L, causal);
+        const int qb = it % 2;
+        if (it >= 2) bar_wait(&sh.q_empty[qb], (it / 2 - 1) & 1);
+        bar_expect(&sh.q_full[qb], TILE_BYTES);
+        tma_load(sh.q[qb], &q_map, &sh.q_full[qb], x.h * D, x.row0 + x.q0);
+        for (int n = 0; n < x.n_tiles; ++n, ++kv) {
+          const int s = kv % STAGES;
+          const uint32_t again = (kv / STAGES - 1) & 1;  // parity of the stage's previous release
+          const int key = x.row0 + x.seg0 + n * BN;
+          if (kv >= STAGES) bar_wait(&sh.k_empty[s], again);
+          bar_expect(&sh.k_full[s], TILE_BYTES);
+          tma_load(sh.k[s], &k_map, &sh.k_full[s], x.h * D, key);
+          if (kv >= STAGES) bar_wait(&sh.v_empty[s], again);
+          bar_expect(&sh.v_full[s], TILE_BYTES);
+          tma_load(sh.v[s], &v_map, &sh.v_full[s], x.h * D, key);
+        }
       }
     }
     return;
@@ -184,73 +201,81 @@ __global__ void __launch_bounds__(384, 1)
   asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
 
   const int c = wg - 1, tid = threadIdx.x % 128, lane = tid % 32;
+  const bool leader = tid == 0;  // arrives on the empty barriers for its warpgroup
   Rows r;
   r.tq = lane % 4;
-  r.qrow = q0 + 64 * c + 16 * (tid / 32) + lane / 4;
-#pragma unroll
-  for (int i = 0; i < 32; ++i) r.o[i] = 0.f;
-#pragma unroll
-  for (int i = 0; i < 64; ++i) r.s[i] = 0.f;
-  r.m[0] = r.m[1] = -INFINITY;
-  r.l[0] = r.l[1] = 0.f;
-  weight_terms(r.bias, r.qrow, r.tq, h, branches);
   float alpha[2];
-  const uint64_t q_desc = descriptor(sh.q + 64 * c * D, 16, 1024);
-  const bool leader = tid == 0;  // arrives on the empty barriers for its warpgroup
-  bar_wait(&sh.q_full, 0);
+  // Named barriers 1 and 2 in PING_PONG: "consumer 0 (1) may issue its matmuls". Consumer 0 goes
+  // first; the turns then run on across items, which both consumers take with the same tiles.
+  if (MODE == PING_PONG && c == 1) named_arrive(1);
+  int kv = 0;  // K/V tiles consumed so far, as the producer counts them
+  for (int w = blockIdx.x, it = 0; w < n_items; w += gridDim.x, ++it) {
+    const Item x = item(w, B, T, H, L, causal);
+    const int qb = it % 2, n_tiles = x.n_tiles;
+    r.qrow = x.q0 + 64 * c + 16 * (tid / 32) + lane / 4;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) r.o[i] = 0.f;
+    r.m[0] = r.m[1] = -INFINITY;
+    r.l[0] = r.l[1] = 0.f;
+    weight_terms(r.bias, r.qrow, r.tq, x.h, branches);
+    const uint64_t q_desc = descriptor(sh.q[qb] + 64 * c * D, 16, 1024);
+    bar_wait(&sh.q_full[qb], (it / 2) & 1);
 
-  if (MODE == PING_PONG && c == 1) named_arrive(1);  // consumer 0 issues first
-  if (MODE == SEQUENTIAL) {
-    for (int n = 0; n < n_tiles; ++n) {
-      const int st = n % STAGES;
-      const uint32_t parity = (n / STAGES) & 1;
-      qk_now(r, sh, q_desc, st, parity, leader);
-      softmax(r, seg0 + n * BN, causal && n == n_tiles - 1, scale_log2, alpha);
+    if (MODE == SEQUENTIAL) {
+      for (int n = 0; n < n_tiles; ++n, ++kv) {
+        const int st = kv % STAGES;
+        const uint32_t parity = (kv / STAGES) & 1;
+        qk_now(r, sh, q_desc, st, parity, leader);
+        softmax(r, x.seg0 + n * BN, causal && n == n_tiles - 1, scale_log2, alpha);
+        rescale_and_pack(r, alpha);
+        pv_now(r, sh, st, parity, leader);
+      }
+    } else {
+      qk_now(r, sh, q_desc, kv % STAGES, (kv / STAGES) & 1, leader);  // the first tile's scores alone
+      softmax(r, x.seg0, causal && n_tiles == 1, scale_log2, alpha);
       rescale_and_pack(r, alpha);
-      pv_now(r, sh, st, parity, leader);
+      for (int n = 1; n < n_tiles; ++n) {
+        const int now = kv + n, st = now % STAGES, prev = (now - 1) % STAGES;
+        bar_wait(&sh.k_full[st], (now / STAGES) & 1);
+        bar_wait(&sh.v_full[prev], ((now - 1) / STAGES) & 1);
+        if (MODE == PING_PONG) named_sync(1 + c);  // this consumer's turn
+        wgmma_fence();
+        issue_qk(r, q_desc, descriptor(sh.k[st], 16, 1024));  // S_n
+        wgmma_commit();
+        wgmma_fence();
+        issue_pv(r, descriptor(sh.v[prev], 16, 1024));  // O += P_{n-1} V_{n-1}, reading p until it retires
+        wgmma_commit();
+        if (MODE == PING_PONG) named_arrive(2 - c);  // the other's turn
+        wgmma_wait<1>();  // groups retire in order: S_n is done
+        pin(r.s);
+        if (leader) bar_arrive(&sh.k_empty[st]);
+        softmax(r, x.seg0 + n * BN, causal && n == n_tiles - 1, scale_log2, alpha);
+        wgmma_wait<0>();
+        pin(r.o);
+        pin(r.p);
+        if (leader) bar_arrive(&sh.v_empty[prev]);
+        rescale_and_pack(r, alpha);
+      }
+      const int last = kv + n_tiles - 1;
+      pv_now(r, sh, last % STAGES, (last / STAGES) & 1, leader);  // the last tile's PV
+      kv += n_tiles;
     }
-  } else {
-    qk_now(r, sh, q_desc, 0, 0, leader);  // the first tile's scores alone
-    softmax(r, seg0, causal && n_tiles == 1, scale_log2, alpha);
-    rescale_and_pack(r, alpha);
-    for (int n = 1; n < n_tiles; ++n) {
-      const int st = n % STAGES, prev = (n - 1) % STAGES;
-      bar_wait(&sh.k_full[st], (n / STAGES) & 1);
-      bar_wait(&sh.v_full[prev], ((n - 1) / STAGES) & 1);
-      if (MODE == PING_PONG) named_sync(1 + c);  // this consumer's turn
-      wgmma_fence();
-      issue_qk(r, q_desc, descriptor(sh.k[st], 16, 1024));  // S_n
-      wgmma_commit();
-      wgmma_fence();
-      issue_pv(r, descriptor(sh.v[prev], 16, 1024));  // O += P_{n-1} V_{n-1}, reading p until it retires
-      wgmma_commit();
-      if (MODE == PING_PONG) named_arrive(2 - c);  // the other's turn
-      wgmma_wait<1>();  // groups retire in order: S_n is done
-      pin(r.s);
-      if (leader) bar_arrive(&sh.k_empty[st]);
-      softmax(r, seg0 + n * BN, causal && n == n_tiles - 1, scale_log2, alpha);
-      wgmma_wait<0>();
-      pin(r.o);
-      pin(r.p);
-      if (leader) bar_arrive(&sh.v_empty[prev]);
-      rescale_and_pack(r, alpha);
-    }
-    pv_now(r, sh, (n_tiles - 1) % STAGES, ((n_tiles - 1) / STAGES) & 1, leader);  // the last tile's PV
-  }
+    if (leader) bar_arrive(&sh.q_empty[qb]);  // every QKᵀ of this item has retired
 
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    float l = r.l[half];
-    l += __shfl_xor_sync(0xffffffff, l, 1);
-    l += __shfl_xor_sync(0xffffffff, l, 2);
-    const int row = row0 + r.qrow + 8 * half;
-    const float inv = 1.f / l;
-    __nv_bfloat16* dst = out + row * out_row + h * D + 2 * r.tq;
+    for (int half = 0; half < 2; ++half) {
+      float l = r.l[half];
+      l += __shfl_xor_sync(0xffffffff, l, 1);
+      l += __shfl_xor_sync(0xffffffff, l, 2);
+      const int row = x.row0 + r.qrow + 8 * half;
+      const float inv = 1.f / l;
+      __nv_bfloat16* dst = out + row * out_row + x.h * D + 2 * r.tq;
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
-      *reinterpret_cast<__nv_bfloat162*>(dst + 8 * j) =
-          __floats2bfloat162_rn(r.o[4 * j + 2 * half] * inv, r.o[4 * j + 2 * half + 1] * inv);
-    if (r.tq == 0) lse[(long long)row * H + h] = (r.m[half] + log2f(l)) * 0.6931471805599453f;
+      for (int j = 0; j < 8; ++j)
+        *reinterpret_cast<__nv_bfloat162*>(dst + 8 * j) =
+            __floats2bfloat162_rn(r.o[4 * j + 2 * half] * inv, r.o[4 * j + 2 * half + 1] * inv);
+      if (r.tq == 0) lse[(long long)row * H + x.h] = (r.m[half] + log2f(l)) * 0.6931471805599453f;
+    }
   }
 }
 
@@ -259,10 +284,11 @@ __global__ void __launch_bounds__(384, 1)
 // out and lse of attention inside segments of L rows for q/k/v (B, T, H, 64) bf16 whose positions
 // are qkv_row elements apart (heads contiguous), out's out_row apart; lse (B, T, H) float32. With
 // branches > 1 the scores get the union local pass's weight terms for that many branches.
+// ctas > 0: a persistent grid of that many CTAs (at most one an item); 0: one CTA an item.
 // Returns 0, a CUDA error, or -1 (no cuTensorMapEncodeTiled), -2 (a map refused), -3 (shapes).
 extern "C" int ws_fwd(const void* q, const void* k, const void* v, long long qkv_row, void* out, long long out_row,
                       float* lse, int B, int T, int H, int L, int causal, float scale, int branches, int mode,
-                      void* stream) {
+                      int ctas, void* stream) {
   if (L % BM != 0 || T % L != 0 || branches < 1 || branches > 5 || mode < SEQUENTIAL || mode > PING_PONG) return -3;
   CUtensorMap maps[3];
   const void* bases[3] = {q, k, v};
@@ -273,8 +299,9 @@ extern "C" int ws_fwd(const void* q, const void* k, const void* v, long long qkv
                 : mode == PIPELINED  ? ws_fwd_kernel<PIPELINED>
                                      : ws_fwd_kernel<PING_PONG>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  kernel<<<dim3(T / BM, H, B), 384, bytes, static_cast<cudaStream_t>(stream)>>>(
-      maps[0], maps[1], maps[2], static_cast<__nv_bfloat16*>(out), out_row, lse, T, H, L,
+  const int items = T / BM * H * B;
+  kernel<<<ctas > 0 && ctas < items ? ctas : items, 384, bytes, static_cast<cudaStream_t>(stream)>>>(
+      maps[0], maps[1], maps[2], static_cast<__nv_bfloat16*>(out), out_row, lse, B, T, H, L,
       scale * 1.4426950408889634f, causal, branches);
   return static_cast<int>(cudaGetLastError());
 }

@@ -18,6 +18,7 @@ no GPU.
 import argparse
 import ctypes
 import hashlib
+import itertools
 import math
 import os
 import shutil
@@ -87,9 +88,10 @@ class Kernel:
         self.lib = ctypes.CDLL(str(build()))
         self.lib.ws_fwd.restype = ctypes.c_int
         ptr, i64, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
-        # q, k, v, their row stride, out, its row stride, lse, B, T, H, L, causal, scale, branches, mode, stream
+        # q, k, v, their row stride, out, its row stride, lse, B, T, H, L, causal, scale, branches, mode, ctas,
+        # stream
         self.lib.ws_fwd.argtypes = [ptr, ptr, ptr, i64, ptr, i64, ptr, i32, i32, i32, i32, i32, ctypes.c_float, i32,
-                                    i32, ptr]
+                                    i32, i32, ptr]
         self.lib.ws_bwd.restype = ctypes.c_int
         # q, k, v, their row stride, dO, its row stride, STATS, two gradients, their row stride, B, T, H, L,
         # causal, scale, branches, dq, stream
@@ -97,19 +99,19 @@ class Kernel:
                                     ctypes.c_float, i32, i32, ptr]
 
     def __call__(self, q, k, v, W: int, scale: float, causal: bool = True, mode: str = "sequential",
-                 branches: int = 1):
+                 branches: int = 1, ctas: int = 0):
         """(out (B, T, H, 64) bf16, lse (B, T, H) float32) of attention inside segments of W rows;
         q/k/v (B, T, H, 64) bf16 with heads contiguous and positions equally far apart in all three
         (contiguous tensors or one fused projection's views). mode: one of MODES (ws_fwd.cu's Mode).
         branches > 1 (at most 5): the union local pass's weight terms for LongNet's layout of that
-        many branches."""
+        many branches. ctas > 0: a persistent grid of that many CTAs; 0: one CTA a 128-row tile."""
         import torch
         B, T, H, D = q.shape
         _tma_rows(q, k, v)
         out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
         lse = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
         err = self.lib.ws_fwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(1), out.data_ptr(), out.stride(1),
-                              lse.data_ptr(), B, T, H, W, int(causal), scale, branches, MODES.index(mode),
+                              lse.data_ptr(), B, T, H, W, int(causal), scale, branches, MODES.index(mode), ctas,
                               torch.cuda.current_stream().cuda_stream)
         if err:
             raise RuntimeError(f"ws_fwd returned {err} (T={T}, W={W}, H={H})")
@@ -138,7 +140,9 @@ def check(kernel, H: int, scale: float, causal: bool) -> bool:
     """Output and LSE of every mode, without weights and with five branches' (the long
     preset's), against the float32 reference (gluon_bwd_probe.reference: each pair weighted by
     m = min(λ(x), λ(s)) + 1), for q/k/v views of one fused projection, B = 2, T = 1,024, W = 512
-    and 1,024; the bound is twice cuDNN's own output error (unweighted) plus 1e-3."""
+    and 1,024, one CTA an item and a persistent grid of 7 (an odd count, so that a CTA's items
+    wrap the double-buffered Q and the K/V ring at every parity); the bound is twice cuDNN's own
+    output error (unweighted) plus 1e-3."""
     import torch
     from gluon_bwd_probe import reference
     from gluon_probe import segments_sdpa
@@ -152,12 +156,12 @@ def check(kernel, H: int, scale: float, causal: bool) -> bool:
         bound = 2 * (cudnn.float() - reference(q, k, v, no_grad, W, scale, causal)[0]).abs().max().item() + 1e-3
         for branches in (1, 5):
             ref_out, ref_lse = reference(q, k, v, no_grad, W, scale, causal, branches)[:2]
-            for mode in MODES:
-                out, lse = kernel(q, k, v, W, scale, causal, mode, branches)
+            for mode, ctas in itertools.product(MODES, (0, 7)):
+                out, lse = kernel(q, k, v, W, scale, causal, mode, branches, ctas)
                 e_out, e_lse = (out.float() - ref_out).abs().max().item(), (lse - ref_lse).abs().max().item()
                 good = e_out <= bound and e_lse <= 1e-3
                 ok &= good
-                print(f"check W={W} {'causal' if causal else 'full'} branches={branches} {mode}: "
+                print(f"check W={W} {'causal' if causal else 'full'} branches={branches} {mode} ctas={ctas}: "
                       f"max |out - ref| {e_out:.2e} (bound {bound:.2e}), "
                       f"max |lse - ref| {e_lse:.2e}: {'ok' if good else 'WRONG'}", flush=True)
     return ok
@@ -186,7 +190,9 @@ def main(argv=None):
 
     def cells(q, k, v, packed, W, R):
         n = args.branches
-        cuda = {f"cuda {mode}": lambda mode=mode: kernel(q, k, v, W, scale, causal, mode, n) for mode in MODES}
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        cuda = {f"cuda {mode}{' persistent' if ctas else ''}": lambda mode=mode, ctas=ctas:
+                kernel(q, k, v, W, scale, causal, mode, n, ctas) for mode in MODES for ctas in (0, sms)}
         return {**cuda, "gluon 128x2": lambda: gluon_forward(q, k, v, W, scale, 128, 2, 1, causal, n)}
 
     sweep(args.lengths, args.segments, [1], args.heads, scale, causal, cells)
