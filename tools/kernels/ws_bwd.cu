@@ -22,9 +22,9 @@ constexpr int STAGES = 2;
 constexpr int FIXED_BYTES = BF * D * 2, STREAM_BYTES = BS * D * 2;  // 16 KB, 8 KB
 
 struct Shared {
-  alignas(1024) __nv_bfloat16 fixed[2][BF * D];              // K, V (dK/dV) or Q, dO (dQ)
+  alignas(1024) __nv_bfloat16 fixed[2][2][BF * D];           // two items' K, V (dK/dV) or Q, dO (dQ)
   alignas(1024) __nv_bfloat16 streamed[STAGES][2][BS * D];   // Q, dO (dK/dV) or K, V (dQ)
-  uint64_t fixed_full, full[STAGES], empty[STAGES];
+  uint64_t fixed_full[2], fixed_empty[2], full[STAGES], empty[STAGES];
 };
 
 // One consumer's 64 fixed rows against one streamed tile. Accumulator layout as in ws_fwd.cu:
@@ -63,30 +63,46 @@ __device__ __forceinline__ void probabilities(Rows& r, int s0, float scale_log2,
   }
 }
 
+// A CTA's work items: 128 fixed rows, ordered by how many streamed tiles meet them under the
+// causal mask, most first (dK/dV: a segment's first key tile; dQ: its last query tile), then by
+// segment, head and batch element; `first` and `n_tiles` are the streamed tiles that meet them
+// (query ≥ key): for dK/dV the query tiles from f0 on, for dQ the key tiles up to f0 + BF.
+struct Item {
+  int h, b, seg0, f0, first, n_tiles;
+};
+
+template <bool DQ>
+__device__ __forceinline__ Item item(int w, int B, int T, int H, int L, int causal) {
+  const int per_seg = L / BF, nseg = T / L, rest = nseg * H * B;
+  const int rank = w / rest, seg = w % rest % nseg, bh = w % rest / nseg;
+  const int seg0 = seg * L, f0 = seg0 + (causal && DQ ? per_seg - 1 - rank : rank) * BF;
+  const int first = causal && !DQ ? (f0 - seg0) / BS : 0;
+  const int n_tiles = !causal ? L / BS : DQ ? (f0 - seg0) / BS + BF / BS : (seg0 + L - f0) / BS;
+  return {bh % H, bh / H, seg0, f0, first, n_tiles};
+}
+
+// A CTA takes the items blockIdx.x, + gridDim.x, ...: one each, or persistent, the fixed tiles
+// double-buffered and the streamed ring running on across items.
 template <bool DQ>
 __global__ void __launch_bounds__(384, 1)
     ws_bwd_kernel(const __grid_constant__ CUtensorMap fixed0_map, const __grid_constant__ CUtensorMap fixed1_map,
                   const __grid_constant__ CUtensorMap stream0_map, const __grid_constant__ CUtensorMap stream1_map,
                   const float* __restrict__ stats, __nv_bfloat16* __restrict__ grad0,
-                  __nv_bfloat16* __restrict__ grad1, long long grad_row, int T, int H, int BH, int L, float scale,
+                  __nv_bfloat16* __restrict__ grad1, long long grad_row, int B, int T, int H, int L, float scale,
                   int causal, int branches) {
   extern __shared__ uint8_t raw[];
   Shared& sh = *reinterpret_cast<Shared*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
-  const int h = blockIdx.y, b = blockIdx.z, row0 = b * T;
-  const int per_seg = L / BF;
-  const int seg0 = (blockIdx.x / per_seg) * L;  // a segment's tiles one after another (L2 keeps its rows)
-  const int f0 = seg0 + (blockIdx.x % per_seg) * BF;
-  // The streamed tiles that meet these rows under the causal mask (query ≥ key): for dK/dV the
-  // query tiles from f0 on, for dQ the key tiles up to f0 + BF.
-  const int first = causal && !DQ ? (f0 - seg0) / BS : 0;
-  const int n_tiles = !causal ? L / BS : DQ ? (f0 - seg0) / BS + BF / BS : (seg0 + L - f0) / BS;
+  const int n_items = (T / BF) * H * B;
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
-    bar_init(&sh.fixed_full, 1);
+    for (int s = 0; s < 2; ++s) {
+      bar_init(&sh.fixed_full[s], 1);
+      bar_init(&sh.fixed_empty[s], 2);  // one arrival from each consumer warpgroup
+    }
     for (int s = 0; s < STAGES; ++s) {
       bar_init(&sh.full[s], 1);
-      bar_init(&sh.empty[s], 2);  // one arrival from each consumer warpgroup
+      bar_init(&sh.empty[s], 2);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -95,15 +111,21 @@ __global__ void __launch_bounds__(384, 1)
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
     if (threadIdx.x == 0) {
-      bar_expect(&sh.fixed_full, 2 * FIXED_BYTES);
-      tma_load(sh.fixed[0], &fixed0_map, &sh.fixed_full, h * D, row0 + f0);
-      tma_load(sh.fixed[1], &fixed1_map, &sh.fixed_full, h * D, row0 + f0);
-      for (int n = 0; n < n_tiles; ++n) {
-        const int s = n % STAGES, at = row0 + seg0 + (first + n) * BS;
-        if (n >= STAGES) bar_wait(&sh.empty[s], (n / STAGES - 1) & 1);
-        bar_expect(&sh.full[s], 2 * STREAM_BYTES);
-        tma_load(sh.streamed[s][0], &stream0_map, &sh.full[s], h * D, at);
-        tma_load(sh.streamed[s][1], &stream1_map, &sh.full[s], h * D, at);
+      int ring = 0;  // streamed tiles loaded so far
+      for (int w = blockIdx.x, it = 0; w < n_items; w += gridDim.x, ++it) {
+        const Item x = item<DQ>(w, B, T, H, L, causal);
+        const int fb = it % 2, row0 = x.b * T;
+        if (it >= 2) bar_wait(&sh.fixed_empty[fb], (it / 2 - 1) & 1);
+        bar_expect(&sh.fixed_full[fb], 2 * FIXED_BYTES);
+        tma_load(sh.fixed[fb][0], &fixed0_map, &sh.fixed_full[fb], x.h * D, row0 + x.f0);
+        tma_load(sh.fixed[fb][1], &fixed1_map, &sh.fixed_full[fb], x.h * D, row0 + x.f0);
+        for (int n = 0; n < x.n_tiles; ++n, ++ring) {
+          const int s = ring % STAGES, at = row0 + x.seg0 + (x.first + n) * BS;
+          if (ring >= STAGES) bar_wait(&sh.empty[s], (ring / STAGES - 1) & 1);
+          bar_expect(&sh.full[s], 2 * STREAM_BYTES);
+          tma_load(sh.streamed[s][0], &stream0_map, &sh.full[s], x.h * D, at);
+          tma_load(sh.streamed[s][1], &stream1_map, &sh.full[s], x.h * D, at);
+        }
       }
     }
     return;
@@ -111,83 +133,91 @@ __global__ void __launch_bounds__(384, 1)
   asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
 
   const int c = wg - 1, tid = threadIdx.x % 128, lane = tid % 32;
+  const float scale_log2 = scale * 1.4426950408889634f;
   Rows r;
   r.tq = lane % 4;
-  r.row = f0 + 64 * c + 16 * (tid / 32) + lane / 4;
 #pragma unroll
-  for (int i = 0; i < 32; ++i) r.x[i] = r.dx[i] = r.g0[i] = r.g1[i] = 0.f;
-  weight_terms(r.bias, r.row, r.tq, h, branches);
-  const float scale_log2 = scale * 1.4426950408889634f;
-  const float* lse2 = stats + (long long)(b * H + h) * T;
-  const float* delta = lse2 + (long long)BH * T;
-  if (DQ) {
-    for (int half = 0; half < 2; ++half) {
-      r.lse2[half] = lse2[r.row + 8 * half];
-      r.delta[half] = delta[r.row + 8 * half];
-    }
-  }
-  const uint64_t f0_desc = descriptor(sh.fixed[0] + 64 * c * D, 16, 1024);
-  const uint64_t f1_desc = descriptor(sh.fixed[1] + 64 * c * D, 16, 1024);
-  bar_wait(&sh.fixed_full, 0);
-
-  for (int n = 0; n < n_tiles; ++n) {
-    const int st = n % STAGES, s0 = seg0 + (first + n) * BS;
-    float2 col_lse[8], col_delta[8];  // dK/dV: the thread's 16 queries' STATS, 8j + 2·tq + (0, 1)
-    if (!DQ) {
+  for (int i = 0; i < 32; ++i) r.x[i] = r.dx[i] = 0.f;  // the first wgmma of each tile overwrites them
+  int ring = 0;  // streamed tiles consumed so far, as the producer counts them
+  for (int w = blockIdx.x, it = 0; w < n_items; w += gridDim.x, ++it) {
+    const Item x = item<DQ>(w, B, T, H, L, causal);
+    const int fb = it % 2, row0 = x.b * T, seg0 = x.seg0, f0 = x.f0, first = x.first, n_tiles = x.n_tiles;
+    r.row = f0 + 64 * c + 16 * (tid / 32) + lane / 4;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        col_lse[j] = *reinterpret_cast<const float2*>(lse2 + s0 + 8 * j + 2 * r.tq);
-        col_delta[j] = *reinterpret_cast<const float2*>(delta + s0 + 8 * j + 2 * r.tq);
+    for (int i = 0; i < 32; ++i) r.g0[i] = r.g1[i] = 0.f;
+    weight_terms(r.bias, r.row, r.tq, x.h, branches);
+    const float* lse2 = stats + (long long)(x.b * H + x.h) * T;
+    const float* delta = lse2 + (long long)B * H * T;
+    if (DQ) {
+      for (int half = 0; half < 2; ++half) {
+        r.lse2[half] = lse2[r.row + 8 * half];
+        r.delta[half] = delta[r.row + 8 * half];
       }
     }
-    bar_wait(&sh.full[st], (n / STAGES) & 1);
-    const uint64_t s0_desc = descriptor(sh.streamed[st][0], 16, 1024);
-    const uint64_t s1_desc = descriptor(sh.streamed[st][1], 16, 1024);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64k16_ss(r.x, f0_desc + 2 * kk, s0_desc + 2 * kk, kk);
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64k16_ss(r.dx, f1_desc + 2 * kk, s1_desc + 2 * kk, kk);
-    wgmma_commit();
-    wgmma_wait<0>();
-    pin(r.x);
-    pin(r.dx);
+    const uint64_t f0_desc = descriptor(sh.fixed[fb][0] + 64 * c * D, 16, 1024);
+    const uint64_t f1_desc = descriptor(sh.fixed[fb][1] + 64 * c * D, 16, 1024);
+    bar_wait(&sh.fixed_full[fb], (it / 2) & 1);
 
-    // some of these pairs have the query before the key: the tiles across the CTA's diagonal
-    if (causal && (DQ ? s0 + BS > f0 : s0 < f0 + BF))
-      probabilities<DQ, true>(r, s0, scale_log2, col_lse, col_delta);
-    else
-      probabilities<DQ, false>(r, s0, scale_log2, col_lse, col_delta);
+    for (int n = 0; n < n_tiles; ++n, ++ring) {
+      const int st = ring % STAGES, s0 = seg0 + (first + n) * BS;
+      float2 col_lse[8], col_delta[8];  // dK/dV: the thread's 16 queries' STATS, 8j + 2·tq + (0, 1)
+      if (!DQ) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          col_lse[j] = *reinterpret_cast<const float2*>(lse2 + s0 + 8 * j + 2 * r.tq);
+          col_delta[j] = *reinterpret_cast<const float2*>(delta + s0 + 8 * j + 2 * r.tq);
+        }
+      }
+      bar_wait(&sh.full[st], (ring / STAGES) & 1);
+      const uint64_t s0_desc = descriptor(sh.streamed[st][0], 16, 1024);
+      const uint64_t s1_desc = descriptor(sh.streamed[st][1], 16, 1024);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64k16_ss(r.x, f0_desc + 2 * kk, s0_desc + 2 * kk, kk);
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64k16_ss(r.dx, f1_desc + 2 * kk, s1_desc + 2 * kk, kk);
+      wgmma_commit();
+      wgmma_wait<0>();
+      pin(r.x);
+      pin(r.dx);
 
-    pin(r.g0);
-    pin(r.g1);
-    wgmma_fence();
+      // some of these pairs have the query before the key: the tiles across the CTA's diagonal
+      if (causal && (DQ ? s0 + BS > f0 : s0 < f0 + BF))
+        probabilities<DQ, true>(r, s0, scale_log2, col_lse, col_delta);
+      else
+        probabilities<DQ, false>(r, s0, scale_log2, col_lse, col_delta);
+
+      pin(r.g0);
+      pin(r.g1);
+      wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < BS / 16; ++kk)  // 16 streamed rows = 16 rows of 128 bytes further
-      wgmma_m64n64k16_rs(r.g0, &r.ds[4 * kk], s0_desc + (16 * 128 >> 4) * kk);  // dK += dSᵀQ, dQ += dS K
-    if (!DQ) {
+      for (int kk = 0; kk < BS / 16; ++kk)  // 16 streamed rows = 16 rows of 128 bytes further
+        wgmma_m64n64k16_rs(r.g0, &r.ds[4 * kk], s0_desc + (16 * 128 >> 4) * kk);  // dK += dSᵀQ, dQ += dS K
+      if (!DQ) {
 #pragma unroll
-      for (int kk = 0; kk < BS / 16; ++kk) wgmma_m64n64k16_rs(r.g1, &r.p[4 * kk], s1_desc + (16 * 128 >> 4) * kk);
+        for (int kk = 0; kk < BS / 16; ++kk) wgmma_m64n64k16_rs(r.g1, &r.p[4 * kk], s1_desc + (16 * 128 >> 4) * kk);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      pin(r.g0);
+      pin(r.g1);
+      pin(r.p);
+      pin(r.ds);
+      if (tid == 0) bar_arrive(&sh.empty[st]);
     }
-    wgmma_commit();
-    wgmma_wait<0>();
-    pin(r.g0);
-    pin(r.g1);
-    pin(r.p);
-    pin(r.ds);
-    if (tid == 0) bar_arrive(&sh.empty[st]);
-  }
+    if (tid == 0) bar_arrive(&sh.fixed_empty[fb]);  // every matmul of this item has retired
 
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const long long at = (long long)(row0 + r.row + 8 * half) * grad_row + h * D + 2 * r.tq;
+    for (int half = 0; half < 2; ++half) {
+      const long long at = (long long)(row0 + r.row + 8 * half) * grad_row + x.h * D + 2 * r.tq;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      *reinterpret_cast<__nv_bfloat162*>(grad0 + at + 8 * j) =
-          __floats2bfloat162_rn(r.g0[4 * j + 2 * half] * scale, r.g0[4 * j + 2 * half + 1] * scale);
-      if (!DQ)
-        *reinterpret_cast<__nv_bfloat162*>(grad1 + at + 8 * j) =
-            __floats2bfloat162_rn(r.g1[4 * j + 2 * half], r.g1[4 * j + 2 * half + 1]);
+      for (int j = 0; j < 8; ++j) {
+        *reinterpret_cast<__nv_bfloat162*>(grad0 + at + 8 * j) =
+            __floats2bfloat162_rn(r.g0[4 * j + 2 * half] * scale, r.g0[4 * j + 2 * half + 1] * scale);
+        if (!DQ)
+          *reinterpret_cast<__nv_bfloat162*>(grad1 + at + 8 * j) =
+              __floats2bfloat162_rn(r.g1[4 * j + 2 * half], r.g1[4 * j + 2 * half + 1]);
+      }
     }
   }
 }
@@ -196,11 +226,13 @@ __global__ void __launch_bounds__(384, 1)
 
 // The gradients of ws_fwd's attention for q/k/v (qkv_row elements between positions) and dO
 // (do_row), given STATS (2, B·H, T) float32 (log2 LSE and Δ): dK and dV into grad0 and grad1, or
-// (dq) dQ into grad0, (B, T, H, 64) bf16, grad_row apart.
+// (dq) dQ into grad0, (B, T, H, 64) bf16, grad_row apart. ctas > 0: a persistent grid of that
+// many CTAs (at most one an item); 0: one CTA an item.
 // Returns 0, a CUDA error, or -1 (no cuTensorMapEncodeTiled), -2 (a map refused), -3 (shapes).
 extern "C" int ws_bwd(const void* q, const void* k, const void* v, long long qkv_row, const void* dout,
-                      long long do_row, const float* stats, void* grad0, void* grad1, long long grad_row, int B, int T, int H, int L,
-                      int causal, float scale, int branches, int dq, void* stream) {
+                      long long do_row, const float* stats, void* grad0, void* grad1, long long grad_row, int B, int T,
+                      int H, int L,
+                      int causal, float scale, int branches, int dq, int ctas, void* stream) {
   if (L % BF != 0 || T % L != 0 || branches < 1 || branches > 5) return -3;
   CUtensorMap maps[4];  // fixed₀, fixed₁, streamed₀, streamed₁
   const long long rows = (long long)B * T;
@@ -214,8 +246,9 @@ extern "C" int ws_bwd(const void* q, const void* k, const void* v, long long qkv
   const int bytes = sizeof(Shared) + 1024;
   auto kernel = dq ? ws_bwd_kernel<true> : ws_bwd_kernel<false>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  kernel<<<dim3(T / BF, H, B), 384, bytes, static_cast<cudaStream_t>(stream)>>>(
+  const int items = T / BF * H * B;
+  kernel<<<ctas > 0 && ctas < items ? ctas : items, 384, bytes, static_cast<cudaStream_t>(stream)>>>(
       maps[0], maps[1], maps[2], maps[3], stats, static_cast<__nv_bfloat16*>(grad0),
-      static_cast<__nv_bfloat16*>(grad1), grad_row, T, H, B * H, L, scale, causal, branches);
+      static_cast<__nv_bfloat16*>(grad1), grad_row, B, T, H, L, scale, causal, branches);
   return static_cast<int>(cudaGetLastError());
 }

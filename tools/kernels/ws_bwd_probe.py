@@ -29,8 +29,9 @@ def stats_of(out, lse, dout):
 
 def check(kernel, H: int, scale: float, causal: bool) -> bool:
     """dQ, dK and dV against the float32 reference, B = 2, T = 1,024, W = 512 and 1,024, without
-    weights and with five branches'; the bound on max |g − ref| / max |ref| is twice cuDNN's (its
-    unweighted backward against the same reference) plus 1e-3."""
+    weights and with five branches', one CTA an item and a persistent grid of 7 (a CTA's items
+    wrap every buffer at both parities); the bound on max |g − ref| / max |ref| is twice cuDNN's
+    (its unweighted backward against the same reference) plus 1e-3."""
     ok = True
     qkv = torch.randn(2, 1024, 3, H, 64, device="cuda", dtype=torch.bfloat16)
     q, k, v = qkv.unbind(2)
@@ -41,15 +42,16 @@ def check(kernel, H: int, scale: float, causal: bool) -> bool:
         packed = [x.contiguous() for x in (q, k, v, dout)]
         cudnn = (g.transpose(1, 2).reshape(q.shape) for g in cudnn_backward(*packed, W, scale, causal)())
         bound = 2 * max(gap(g, r) for g, r in zip(cudnn, exact)) + 1e-3
-        for branches in (1, 5):
+        for branches, ctas in ((1, 0), (1, 7), (5, 0), (5, 7)):
             out, lse, *ref = reference(q, k, v, dout, W, scale, causal, branches)
             stats = stats_of(out, lse, dout)
-            got = kernel.backward(q, k, v, dout, stats, W, scale, causal, branches, dq=True)
-            got += kernel.backward(q, k, v, dout, stats, W, scale, causal, branches)
+            got = kernel.backward(q, k, v, dout, stats, W, scale, causal, branches, dq=True, ctas=ctas)
+            got += kernel.backward(q, k, v, dout, stats, W, scale, causal, branches, ctas=ctas)
             gaps = [gap(g, r) for g, r in zip(got, ref)]
             good = max(gaps) <= bound
             ok &= good
-            print(f"check W={W} {'causal' if causal else 'full'} branches={branches}: max |g - ref| / max |ref| "
+            print(f"check W={W} {'causal' if causal else 'full'} branches={branches} ctas={ctas}: "
+                  "max |g - ref| / max |ref| "
                   + ", ".join(f"{name} {e:.1e}" for name, e in zip(("dq", "dk", "dv"), gaps))
                   + f" (bound {bound:.1e}): {'ok' if good else 'WRONG'}", flush=True)
     return ok
@@ -79,14 +81,17 @@ def main(argv=None):
             gluon_backward(q, k, v, dout, out, lse, W, scale, 64, 2, 1, causal, n, ("dq",), grads, stats=stats)
             gluon = lambda which: gluon_backward(q, k, v, dout, out, lse, W, scale, 64, 2, 1, causal, n, which,
                                                  grads, stats=stats)
-            cuda = lambda dq: kernel.backward(q, k, v, dout, stats, W, scale, causal, n, dq)
+            cuda = lambda dq, ctas=0: kernel.backward(q, k, v, dout, stats, W, scale, causal, n, dq, ctas)
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
             cells = {"cudnn backward": (cudnn_backward(q, k, v, dout, W, scale, causal), 10 * count),
                      "gluon dq": (lambda: gluon(("dq",)), 6 * count),
                      "gluon dkdv": (lambda: gluon(("dkdv",)), 8 * count),
                      "gluon both": (lambda: gluon(("dq", "dkdv")), 10 * count),
                      "cuda dq": (lambda: cuda(True), 6 * count),
                      "cuda dkdv": (lambda: cuda(False), 8 * count),
-                     "cuda both": (lambda: (cuda(True), cuda(False)), 10 * count)}
+                     "cuda both": (lambda: (cuda(True), cuda(False)), 10 * count),
+                     "cuda dq persistent": (lambda: cuda(True, sms), 6 * count),
+                     "cuda dkdv persistent": (lambda: cuda(False, sms), 8 * count)}
             line = ", ".join(f"{name} {t:.3f} ms {flops / t / 1e9:.0f} TF/s"
                              for name, (fn, flops) in cells.items() for t in [timed(fn)])
             print(f"T={T} W={W} branches={n} {'causal' if causal else 'full'}: {line}", flush=True)

@@ -94,9 +94,9 @@ class Kernel:
                                     i32, i32, ptr]
         self.lib.ws_bwd.restype = ctypes.c_int
         # q, k, v, their row stride, dO, its row stride, STATS, two gradients, their row stride, B, T, H, L,
-        # causal, scale, branches, dq, stream
+        # causal, scale, branches, dq, ctas, stream
         self.lib.ws_bwd.argtypes = [ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i32, i32, i32,
-                                    ctypes.c_float, i32, i32, ptr]
+                                    ctypes.c_float, i32, i32, i32, ptr]
 
     def __call__(self, q, k, v, W: int, scale: float, causal: bool = True, mode: str = "sequential",
                  branches: int = 1, ctas: int = 0):
@@ -118,10 +118,10 @@ class Kernel:
         return out, lse
 
     def backward(self, q, k, v, dout, stats, W: int, scale: float, causal: bool = True, branches: int = 1,
-                 dq: bool = False):
+                 dq: bool = False, ctas: int = 0):
         """(dK, dV), or with dq (dQ,), (B, T, H, 64) bf16, of __call__'s attention; q/k/v as there,
         dO (B, T, H, 64) bf16 with heads contiguous, STATS (2, B·H, T) float32: log2 LSE and
-        Δ = rowsum(dO∘O) by position."""
+        Δ = rowsum(dO∘O) by position. ctas as in __call__."""
         import torch
         B, T, H, D = q.shape
         _tma_rows(q, k, v, dout)
@@ -130,7 +130,8 @@ class Kernel:
         grads = [torch.empty(B, T, H, D, dtype=q.dtype, device=q.device) for _ in range(1 if dq else 2)]
         err = self.lib.ws_bwd(q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(1), dout.data_ptr(), dout.stride(1),
                               stats.data_ptr(), grads[0].data_ptr(), grads[-1].data_ptr(), grads[0].stride(1), B, T,
-                              H, W, int(causal), scale, branches, int(dq), torch.cuda.current_stream().cuda_stream)
+                              H, W, int(causal), scale, branches, int(dq), ctas,
+                              torch.cuda.current_stream().cuda_stream)
         if err:
             raise RuntimeError(f"ws_bwd returned {err} (T={T}, W={W}, H={H}, dq={dq})")
         return tuple(grads)
