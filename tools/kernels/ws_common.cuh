@@ -125,17 +125,20 @@ __device__ __forceinline__ int lam(int x, int h, int branches) {
   return min(__clz(__brev(x ^ h)), branches - 1);
 }
 
+// log2 m for a pair's weight m = 1 … 5, correctly rounded, by selects rather than log2f's general
+// path: a persistent CTA computes its terms again for every item (its head changes).
+__device__ __forceinline__ float log2_weight(int m) {
+  return m == 1 ? 0.f : m == 2 ? 1.f : m == 3 ? 1.5849625007f : m == 4 ? 2.f : 2.3219280949f;
+}
+
 // A thread's eight weight terms log2 m for its accumulator rows `row` and row + 8 against the
 // columns 8j + 2·tq + e of a tile that starts at a multiple of 64, by [half][j mod 2][e]: a
 // column's λ depends only on its low branches − 1 (≤ 4) bits, which its place in the tile fixes.
-// m is 1 … 5: its log2 correctly rounded, by selects, not log2f's general
-// path: a persistent CTA computes the terms again for every item (its head changes).
 __device__ __forceinline__ void weight_terms(float (&bias)[8], int row, int tq, int h, int branches) {
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int m = min(lam(row + 8 * (i / 4), h, branches), lam(8 * ((i / 2) % 2) + 2 * tq + i % 2, h, branches)) + 1;
-    bias[i] = m == 1 ? 0.f : m == 2 ? 1.f : m == 3 ? 1.5849625007f : m == 4 ? 2.f : 2.3219280949f;
-  }
+  for (int i = 0; i < 8; ++i)
+    bias[i] = log2_weight(
+        min(lam(row + 8 * (i / 4), h, branches), lam(8 * ((i / 2) % 2) + 2 * tq + i % 2, h, branches)) + 1);
 }
 
 using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,

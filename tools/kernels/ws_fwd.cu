@@ -38,6 +38,7 @@ struct Shared {
 struct Rows {
   float o[32], s[64], m[2], l[2];
   float bias[8];   // the weight terms, log2 m, by [half][j mod 2][e] (the same in every key tile)
+  float row_bias[2];  // the largest weight term each of the two rows can meet: log2(λ(row) + 1)
   uint32_t p[32];  // P in bf16 pairs: p[4kk .. 4kk + 3] is the A operand of key step kk
   int qrow, tq;
 };
@@ -54,34 +55,45 @@ __device__ __forceinline__ void issue_pv(Rows& r, uint64_t v_desc) {
     wgmma_m64n64k16_rs(r.o, &r.p[4 * kk], v_desc + (16 * 128 >> 4) * kk);
 }
 
-// The online softmax of one key tile in place (S becomes exp2(S·scale − m)), updating m and l;
-// returns O's rescale factor for each of the thread's two rows through alpha. DIAGONAL: the tile
-// across the causal diagonal, the only one that needs the mask's compare and select an element.
+// The online softmax of one key tile in place (S becomes exp2(S·scale + log2 m − M)), updating M
+// and l; O's rescale factor for each of the thread's two rows comes back through alpha. M bounds
+// the row's largest weighted score instead of being it: scale · max S plus the largest weight term
+// the row can meet (row_bias, its own λ's). So the maximum is taken over the raw scores and each
+// score costs one FFMA into its exponent, the scale folded as FlashAttention-3 folds it. M exceeds
+// the true maximum by at most log2 5, which the exponentials and the LSE (M + log2 l) absorb
+// exactly. DIAGONAL: the tile across the causal diagonal, the only one that needs the mask's
+// compare and select an element.
 template <bool DIAGONAL>
 __device__ __forceinline__ void softmax_tile(Rows& r, int key0, float scale_log2, float (&alpha)[2]) {
-  float top[2] = {r.m[0], r.m[1]};
+  float top[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      float x = fmaf(r.s[4 * j + e], scale_log2, r.bias[4 * (e / 2) + 2 * (j % 2) + e % 2]);
-      if (DIAGONAL && key0 + 8 * j + 2 * r.tq + (e & 1) > r.qrow + 8 * (e / 2)) x = -INFINITY;
-      r.s[4 * j + e] = x;
-      top[e / 2] = fmaxf(top[e / 2], x);
+      if (DIAGONAL && key0 + 8 * j + 2 * r.tq + (e & 1) > r.qrow + 8 * (e / 2)) r.s[4 * j + e] = -INFINITY;
+      top[e / 2] = fmaxf(top[e / 2], r.s[4 * j + e]);
     }
   }
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {  // a row's four threads share its maximum
+  for (int half = 0; half < 2; ++half) {  // a row's four threads share its bound
     top[half] = fmaxf(top[half], __shfl_xor_sync(0xffffffff, top[half], 1));
     top[half] = fmaxf(top[half], __shfl_xor_sync(0xffffffff, top[half], 2));
-    alpha[half] = ex2(r.m[half] - top[half]);
-    r.m[half] = top[half];
+    const float bound = fmaxf(r.m[half], fmaf(top[half], scale_log2, r.row_bias[half]));
+    alpha[half] = ex2(r.m[half] - bound);
+    r.m[half] = bound;
     r.l[half] *= alpha[half];
   }
+  float shift[8];  // log2 m − M by the weight terms' index
 #pragma unroll
-  for (int i = 0; i < 64; ++i) {
-    r.s[i] = ex2(r.s[i] - r.m[(i / 2) % 2]);
-    r.l[(i / 2) % 2] += r.s[i];
+  for (int i = 0; i < 8; ++i) shift[i] = r.bias[i] - r.m[i / 4];
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = 4 * j + e;
+      r.s[i] = ex2(fmaf(r.s[i], scale_log2, shift[4 * (e / 2) + 2 * (j % 2) + e % 2]));
+      r.l[e / 2] += r.s[i];
+    }
   }
 }
 
@@ -218,6 +230,7 @@ __global__ void __launch_bounds__(384, 1)
     r.m[0] = r.m[1] = -INFINITY;
     r.l[0] = r.l[1] = 0.f;
     weight_terms(r.bias, r.qrow, r.tq, x.h, branches);
+    for (int half = 0; half < 2; ++half) r.row_bias[half] = log2_weight(lam(r.qrow + 8 * half, x.h, branches) + 1);
     const uint64_t q_desc = descriptor(sh.q[qb] + 64 * c * D, 16, 1024);
     bar_wait(&sh.q_full[qb], (it / 2) & 1);
 
