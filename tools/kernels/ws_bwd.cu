@@ -32,8 +32,9 @@ struct Shared {
 struct Rows {
   float x[32], dx[32], g0[32], g1[32];  // X, dX; the gradients: dK and dV, or dQ (g0)
   uint32_t p[16], ds[16];  // P and dS in bf16 pairs: [4kk .. 4kk + 3] is streamed step kk's A operand
-  float bias[8];           // log2 m by [half][j mod 2][e]: a streamed row's λ is fixed by its place in the tile
-  float lse2[2], delta[2]; // dQ: the fixed rows' (queries') STATS
+  float bias[8];           // log2 m by [half][j mod 2][e] (a streamed row's λ is fixed by its place in the
+                           // tile); for dQ, log2 m − LSE₂ of the row
+  float delta[2];          // dQ: the fixed rows' (queries') Δ
   int row, tq;             // the thread's first fixed row (absolute), lane % 4
 };
 
@@ -49,10 +50,10 @@ __device__ __forceinline__ void probabilities(Rows& r, int s0, float scale_log2,
     float pv[2], dsv[2];
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-      const float l2 = DQ ? r.lse2[half] : (e ? col_lse[j].y : col_lse[j].x);
       const float dl = DQ ? r.delta[half] : (e ? col_delta[j].y : col_delta[j].x);
       const int fixed = r.row + 8 * half, streamed = s0 + 8 * j + 2 * r.tq + e;
-      float pe = ex2(fmaf(r.x[i + e], scale_log2, r.bias[4 * half + 2 * (j % 2) + e]) - l2);
+      const float z = fmaf(r.x[i + e], scale_log2, r.bias[4 * half + 2 * (j % 2) + e]);
+      float pe = ex2(DQ ? z : z - (e ? col_lse[j].y : col_lse[j].x));  // dQ's bias holds log2 m − LSE₂
       if (MASK && (DQ ? streamed > fixed : streamed < fixed)) pe = 0.f;
       pv[e] = pe;
       dsv[e] = pe * (r.dx[i + e] - dl);
@@ -148,11 +149,11 @@ __global__ void __launch_bounds__(384, 1)
     weight_terms(r.bias, r.row, r.tq, x.h, branches);
     const float* lse2 = stats + (long long)(x.b * H + x.h) * T;
     const float* delta = lse2 + (long long)B * H * T;
-    if (DQ) {
-      for (int half = 0; half < 2; ++half) {
-        r.lse2[half] = lse2[r.row + 8 * half];
-        r.delta[half] = delta[r.row + 8 * half];
-      }
+    if (DQ) {  // a query's LSE₂ folds into its weight terms: one FFMA an exponent
+#pragma unroll
+      for (int half = 0; half < 2; ++half) r.delta[half] = delta[r.row + 8 * half];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) r.bias[i] -= lse2[r.row + 8 * (i / 4)];
     }
     const uint64_t f0_desc = descriptor(sh.fixed[fb][0] + 64 * c * D, 16, 1024);
     const uint64_t f1_desc = descriptor(sh.fixed[fb][1] + 64 * c * D, 16, 1024);
