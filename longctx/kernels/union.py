@@ -30,7 +30,8 @@ with its rows stepping by 2^i, and no upper pass. The pieces path would run one 
 strided head group and branch (four at the seed's 8 heads); this is one launch per direction.
 
 The kernels are in union_kernels.py, their tiles' geometry in union_tiles.py; on Hopper GPUs
-the backward's local passes run hopper.py's Gluon kernels instead (unless LONGCTX_HOPPER=0). They run on
+the backward's local passes run hopper.py's Gluon kernels instead (unless LONGCTX_HOPPER=0), and with
+LONGCTX_HOPPER_CUDA=1 the forward's local pass runs hopper_cuda.py's CUDA kernel. They run on
 CUDA in fp16/bf16, and on CPU tensors through Triton's interpreter (tests only).
 attention/rotary.py runs them on the LM block's fused projection with RoPE inside (backward's
 `rope`).
@@ -45,7 +46,7 @@ from typing import NamedTuple
 import torch
 
 from ..attention.layout import head_groups
-from . import LOG2E, SUPPORTED, compiled_triton, hopper, sm_count
+from . import LOG2E, SUPPORTED, compiled_triton, hopper, hopper_cuda, sm_count
 
 if SUPPORTED:
     from .union_kernels import KERNELS
@@ -177,7 +178,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, is_c
     B, T, H, D = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, T, H), dtype=torch.float32, device=q.device)
-    _launch("fwd", q, lay, (q, k, v, out, lse, *_strides(q, k, v), T, H, scale * LOG2E), is_causal)
+    passes = ("local", "upper")
+    if hopper_cuda.use_forward(q, k, v, lay):  # the local pass in CUDA (LONGCTX_HOPPER_CUDA=1), the upper one here
+        hopper_cuda.local_forward(q, k, v, out, lse, lay, is_causal, scale)
+        passes = ("upper",)
+    _launch("fwd", q, lay, (q, k, v, out, lse, *_strides(q, k, v), T, H, scale * LOG2E), is_causal, passes)
     return out, lse
 
 

@@ -1,4 +1,4 @@
-"""Probe: tools/kernels/ws_bwd.cu, the backward of ws_fwd.cu's problem (a dK/dV pass and a dQ
+"""Probe: longctx/kernels/csrc/ws_bwd.cu (hopper_cuda.gradients), the backward of ws_fwd.cu's problem (a dK/dV pass and a dQ
 pass) with the same producer/consumer structure in CUDA C++, against the Gluon passes (the op's
 on Hopper, longctx/kernels/hopper_kernels.py) and cuDNN's whole backward on the same segments.
 
@@ -17,7 +17,15 @@ import torch
 
 from gluon_bwd_probe import backward as gluon_backward, cudnn_backward, reference
 from gluon_probe import LOG2E, forward as gluon_forward, pairs, timed
-from ws_probe import Kernel
+from longctx.kernels.hopper_cuda import gradients
+
+
+def backward(q, k, v, dout, stats, W: int, scale: float, causal: bool, branches: int, dq: bool = False,
+             ctas: int = 0) -> tuple:
+    """(dK, dV), or with dq (dQ,), on new (B, T, H, 64) bf16 tensors: hopper_cuda.gradients."""
+    grads = tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(1 if dq else 2))
+    gradients(q, k, v, dout, stats, grads, W, scale, causal, branches, dq, ctas)
+    return grads
 
 
 def stats_of(out, lse, dout):
@@ -27,7 +35,7 @@ def stats_of(out, lse, dout):
     return torch.stack([lse * LOG2E, delta]).permute(0, 1, 3, 2).reshape(2, B * H, T).contiguous()
 
 
-def check(kernel, H: int, scale: float, causal: bool) -> bool:
+def check(H: int, scale: float, causal: bool) -> bool:
     """dQ, dK and dV against the float32 reference, B = 2, T = 1,024, W = 512 and 1,024, without
     weights and with five branches', one CTA an item and a persistent grid of 7 (a CTA's items
     wrap every buffer at both parities); the bound on max |g − ref| / max |ref| is twice cuDNN's
@@ -45,8 +53,8 @@ def check(kernel, H: int, scale: float, causal: bool) -> bool:
         for branches, ctas in ((1, 0), (1, 7), (5, 0), (5, 7)):
             out, lse, *ref = reference(q, k, v, dout, W, scale, causal, branches)
             stats = stats_of(out, lse, dout)
-            got = kernel.backward(q, k, v, dout, stats, W, scale, causal, branches, dq=True, ctas=ctas)
-            got += kernel.backward(q, k, v, dout, stats, W, scale, causal, branches, ctas=ctas)
+            got = backward(q, k, v, dout, stats, W, scale, causal, branches, dq=True, ctas=ctas)
+            got += backward(q, k, v, dout, stats, W, scale, causal, branches, ctas=ctas)
             gaps = [gap(g, r) for g, r in zip(got, ref)]
             good = max(gaps) <= bound
             ok &= good
@@ -68,8 +76,7 @@ def main(argv=None):
     torch.manual_seed(0)
     H, causal, n = args.heads, not args.full, args.branches
     scale = 1 / math.sqrt(64)
-    kernel = Kernel()
-    if not check(kernel, H, scale, causal):
+    if not check(H, scale, causal):
         sys.exit("ws_bwd is wrong: not timed")
     for T in args.lengths:
         q, k, v, dout = (torch.randn(1, T, H, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
@@ -81,7 +88,7 @@ def main(argv=None):
             gluon_backward(q, k, v, dout, out, lse, W, scale, 64, 2, 1, causal, n, ("dq",), grads, stats=stats)
             gluon = lambda which: gluon_backward(q, k, v, dout, out, lse, W, scale, 64, 2, 1, causal, n, which,
                                                  grads, stats=stats)
-            cuda = lambda dq, ctas=0: kernel.backward(q, k, v, dout, stats, W, scale, causal, n, dq, ctas)
+            cuda = lambda dq, ctas=0: backward(q, k, v, dout, stats, W, scale, causal, n, dq, ctas)
             sms = torch.cuda.get_device_properties(0).multi_processor_count
             cells = {"cudnn backward": (cudnn_backward(q, k, v, dout, W, scale, causal), 10 * count),
                      "gluon dq": (lambda: gluon(("dq",)), 6 * count),

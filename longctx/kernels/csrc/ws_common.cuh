@@ -1,4 +1,4 @@
-// Shared pieces of the CUDA Hopper probes (ws_fwd.cu, ws_bwd.cu): mbarriers, TMA loads, wgmma
+// Shared pieces of the CUDA Hopper kernels (ws_fwd.cu, ws_bwd.cu): mbarriers, TMA loads, wgmma
 // descriptors and calls for heads of 64 in bf16 under the 128-byte swizzle, the union kernels'
 // weight terms, and the host's tensor maps. PTX ISA 8 (sm_90a): wgmma, cp.async.bulk.tensor,
 // mbarrier, setmaxnreg.

@@ -1,4 +1,4 @@
-// Probe: attention inside segments (the union kernels' local pass, weight terms included) as
+// Attention inside segments (the union kernels' local pass, weight terms included) as
 // FlashAttention-3 structures it on Hopper, in CUDA C++: one producer warp loading Q, K and V
 // through TMA into a ring of shared-memory stages (mbarriers), and two consumer warpgroups of
 // 64 query rows each, computing S = QKᵀ and O += PV with asynchronous wgmma. The producer's
@@ -11,7 +11,7 @@
 // (docs/lab/runs.md).
 // Heads of 64, bf16, q/k/v rows read in place from (B·T, row stride) views (the LM's fused
 // projection), segments of L rows (a multiple of 128), causal or not.
-// Built and run by tools/kernels/ws_probe.py (nvcc, sm_90a).
+// Built by longctx/kernels/hopper_cuda.py (nvcc, sm_90a); probed by tools/kernels/ws_probe.py.
 #include "ws_common.cuh"
 
 namespace {
@@ -294,19 +294,21 @@ __global__ void __launch_bounds__(384, 1)
 
 }  // namespace
 
-// out and lse of attention inside segments of L rows for q/k/v (B, T, H, 64) bf16 whose positions
-// are qkv_row elements apart (heads contiguous), out's out_row apart; lse (B, T, H) float32. With
+// out and lse of attention inside segments of L rows for q/k/v (B, T, H, 64) bf16 with heads
+// contiguous and positions q_row, k_row, v_row elements apart (batches T positions apart), out's
+// out_row apart; lse (B, T, H) float32. With
 // branches > 1 the scores get the union local pass's weight terms for that many branches.
 // ctas > 0: a persistent grid of that many CTAs (at most one an item); 0: one CTA an item.
 // Returns 0, a CUDA error, or -1 (no cuTensorMapEncodeTiled), -2 (a map refused), -3 (shapes).
-extern "C" int ws_fwd(const void* q, const void* k, const void* v, long long qkv_row, void* out, long long out_row,
-                      float* lse, int B, int T, int H, int L, int causal, float scale, int branches, int mode,
-                      int ctas, void* stream) {
+extern "C" int ws_fwd(const void* q, const void* k, const void* v, long long q_row, long long k_row, long long v_row,
+                      void* out, long long out_row, float* lse, int B, int T, int H, int L, int causal, float scale,
+                      int branches, int mode, int ctas, void* stream) {
   if (L % BM != 0 || T % L != 0 || branches < 1 || branches > 5 || mode < SEQUENTIAL || mode > PING_PONG) return -3;
   CUtensorMap maps[3];
   const void* bases[3] = {q, k, v};
+  const long long rows[3] = {q_row, k_row, v_row};
   for (int i = 0; i < 3; ++i)
-    if (const int e = tensor_map(&maps[i], bases[i], (long long)B * T, H * D, qkv_row, BM)) return e;
+    if (const int e = tensor_map(&maps[i], bases[i], (long long)B * T, H * D, rows[i], BM)) return e;
   const int bytes = sizeof(Shared) + 1024;
   auto kernel = mode == SEQUENTIAL ? ws_fwd_kernel<SEQUENTIAL>
                 : mode == PIPELINED  ? ws_fwd_kernel<PIPELINED>

@@ -1,4 +1,4 @@
-// Probe: the backward of ws_fwd.cu's problem (the union local pass, weight terms included) with
+// The backward of ws_fwd.cu's problem (the union local pass, weight terms included) with
 // the same producer/consumer structure, as the union kernels split it: a dK/dV pass and a dQ pass,
 // one templated kernel. A CTA fixes 128 rows (keys for dK/dV, queries for dQ), two consumer
 // warpgroups (240 registers) taking 64 each; a TMA producer warp (its warpgroup at 24 registers)
@@ -9,7 +9,8 @@
 // then dV += Pᵀ dO and dK += dSᵀ Q, or dQ += dS K (P and dS as register operands, the streamed
 // tiles read N-major). LSE₂ (log2 units) and Δ = rowsum(dO∘O) come as the union kernels' STATS,
 // (2, B·H, T) float32 by position. Every wgmma group is waited for at once; the two consumers
-// overlap each other. Built and run by tools/kernels/ws_probe.py (nvcc, sm_90a).
+// overlap each other. Built by longctx/kernels/hopper_cuda.py (nvcc, sm_90a); probed by
+// tools/kernels/ws_bwd_probe.py.
 #include "ws_common.cuh"
 
 namespace {
@@ -225,21 +226,22 @@ __global__ void __launch_bounds__(384, 1)
 
 }  // namespace
 
-// The gradients of ws_fwd's attention for q/k/v (qkv_row elements between positions) and dO
-// (do_row), given STATS (2, B·H, T) float32 (log2 LSE and Δ): dK and dV into grad0 and grad1, or
+// The gradients of ws_fwd's attention for q/k/v and dO (q_row, k_row, v_row, do_row elements
+// between positions), given STATS (2, B·H, T) float32 (log2 LSE and Δ): dK and dV into grad0 and grad1, or
 // (dq) dQ into grad0, (B, T, H, 64) bf16, grad_row apart. ctas > 0: a persistent grid of that
 // many CTAs (at most one an item); 0: one CTA an item.
 // Returns 0, a CUDA error, or -1 (no cuTensorMapEncodeTiled), -2 (a map refused), -3 (shapes).
-extern "C" int ws_bwd(const void* q, const void* k, const void* v, long long qkv_row, const void* dout,
-                      long long do_row, const float* stats, void* grad0, void* grad1, long long grad_row, int B, int T,
-                      int H, int L,
-                      int causal, float scale, int branches, int dq, int ctas, void* stream) {
+extern "C" int ws_bwd(const void* q, const void* k, const void* v, long long q_row, long long k_row,
+                      long long v_row, const void* dout, long long do_row, const float* stats, void* grad0,
+                      void* grad1, long long grad_row, int B, int T, int H, int L, int causal, float scale,
+                      int branches, int dq, int ctas, void* stream) {
   if (L % BF != 0 || T % L != 0 || branches < 1 || branches > 5) return -3;
   CUtensorMap maps[4];  // fixed₀, fixed₁, streamed₀, streamed₁
   const long long rows = (long long)B * T;
   const void* fixed[2] = {dq ? q : k, dq ? dout : v};
   const void* streamed[2] = {dq ? k : q, dq ? v : dout};
-  const long long fixed_row[2] = {qkv_row, dq ? do_row : qkv_row}, streamed_row[2] = {qkv_row, dq ? qkv_row : do_row};
+  const long long fixed_row[2] = {dq ? q_row : k_row, dq ? do_row : v_row};
+  const long long streamed_row[2] = {dq ? k_row : q_row, dq ? v_row : do_row};
   for (int i = 0; i < 2; ++i) {
     if (int e = tensor_map(&maps[i], fixed[i], rows, H * D, fixed_row[i], BF)) return e;
     if (int e = tensor_map(&maps[2 + i], streamed[i], rows, H * D, streamed_row[i], BS)) return e;

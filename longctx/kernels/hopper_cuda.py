@@ -1,0 +1,156 @@
+"""The union kernels' local forward pass on Hopper GPUs (sm_90) in CUDA C++ (csrc/ws_fwd.cu), with
+FlashAttention-3's structure: a TMA producer warp giving its registers to two wgmma consumer
+warpgroups that take turns at the tensor cores, over a persistent grid. union.forward runs it in
+place of the Triton local pass where `use_forward` holds; the Triton pass stays the path
+everywhere else, and the upper pass runs on its result in every case. csrc/ws_bwd.cu holds the
+backward's two passes in the same form, for the probes (tools/kernels/ws_bwd_probe.py) until they
+beat the Gluon ones (hopper.py).
+
+Why CUDA: Triton 3.6 cannot give a producer warp's registers to the consumers (ptxas C7512), and
+the structure needs 240 registers a consumer thread. The kernels are compiled with the CUDA
+toolkit's nvcc on first use into LONGCTX_BUILD (default ~/.cache/longctx), one library per source
+text, and called through ctypes; without nvcc the Triton pass runs, with one warning.
+
+Off unless LONGCTX_HOPPER_CUDA=1: the kernels are exact on an H100, but the version measured there
+ran below cuDNN's rate on the long preset's segments (259–267 against 364–415 TF/s) and was not
+timed against the Triton local pass; this one (half the instructions a key tile, a persistent
+grid) is not yet measured (docs/performance.md).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import sm_count
+from .hopper import _flat, _hopper
+
+ENABLED = os.environ.get("LONGCTX_HOPPER_CUDA", "0") == "1"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("ws_fwd.cu", "ws_bwd.cu")]
+HEADERS = [Path(__file__).parent / "csrc" / "ws_common.cuh"]
+FLAGS = ["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "--shared", "-Xcompiler", "-fPIC",
+         "-Xptxas", "-v"]
+MODES = ("sequential", "pipelined", "ping-pong")  # ws_fwd.cu's Mode, in order
+ROWS = 128  # query rows a CTA's item: segments must be whole items
+
+
+def nvcc() -> str | None:
+    """The CUDA toolkit's compiler: on PATH, under CUDA_HOME, or in /usr/local/cuda."""
+    for path in (shutil.which("nvcc"), Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc"):
+        if path and Path(path).is_file():
+            return str(path)
+    return None
+
+
+def build() -> tuple[Path, str]:
+    """(the shared library, ptxas' report if this call compiled it): compiled once per source
+    text and flags into LONGCTX_BUILD (default ~/.cache/longctx). Several processes may build at
+    once (DDP ranks): each compiles to its own temporary file and renames it into place."""
+    compiler = nvcc()
+    if compiler is None:
+        raise RuntimeError("no nvcc (the CUDA toolkit's compiler) on PATH, under CUDA_HOME or in /usr/local/cuda")
+    text = b"".join(path.read_bytes() for path in [*SOURCES, *HEADERS])
+    digest = hashlib.sha256(text + " ".join(FLAGS).encode()).hexdigest()[:12]
+    folder = Path(os.environ.get("LONGCTX_BUILD", Path.home() / ".cache" / "longctx"))
+    lib = folder / f"ws-{digest}.so"
+    if lib.exists():
+        return lib, ""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        part = Path(tmp) / lib.name
+        done = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(part)], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"nvcc failed on {', '.join(p.name for p in SOURCES)}:\n{done.stderr}")
+        os.replace(part, lib)
+    return lib, done.stderr
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> ctypes.CDLL:
+    """The kernels' library with its two entry points' argument types."""
+    lib = ctypes.CDLL(str(build()[0]))
+    ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
+    lib.ws_fwd.restype = lib.ws_bwd.restype = i32
+    # q, k, v, their row strides, out, its row stride, lse, B, T, H, L, causal, scale, branches, mode, ctas, stream
+    lib.ws_fwd.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, i32, i32, i32, i32, i32, f32, i32, i32, i32, ptr]
+    # q, k, v, their row strides, dO, its row stride, STATS, two gradients, their row stride, B, T, H, L,
+    # causal, scale, branches, dq, ctas, stream
+    lib.ws_bwd.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i32, i32, i32, f32,
+                           i32, i32, i32, ptr]
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """Whether the library builds and loads here; warns once, with the reason, where it does not."""
+    try:
+        library()
+    except (RuntimeError, OSError) as e:
+        warnings.warn(f"LONGCTX_HOPPER_CUDA=1 but the CUDA kernels are unavailable, so the Triton local pass runs: {e}")
+        return False
+    return True
+
+
+def readable(*xs: torch.Tensor) -> bool:
+    """Whether these (B, T, H, 64) bf16 tensors are rows the kernels' TMA maps read in place."""
+    return all(x.dtype == torch.bfloat16 and x.shape[-1] == 64 and _flat(x) for x in xs)
+
+
+def use_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay) -> bool:
+    """Whether the union forward's local pass on layout `lay` runs here: switched on, an sm_90 GPU,
+    bf16 heads of 64 read in place, every head running every branch (at most five), segments of
+    whole 128-row items, and the library built."""
+    if not (ENABLED and q.is_cuda and _hopper(q.device.index or 0)):
+        return False
+    if lay.split or lay.n > 5 or lay.L % ROWS or not readable(q, k, v):
+        return False
+    return available()
+
+
+def _call(fn, *args) -> None:
+    err = fn(*args, torch.cuda.current_stream().cuda_stream)
+    if err:
+        raise RuntimeError(f"{fn.__name__} returned {err} (a CUDA error, or -1: no cuTensorMapEncodeTiled, "
+                           "-2: a tensor map refused, -3: shapes)")
+
+
+def attend(q, k, v, out, lse, W: int, scale: float, causal: bool, branches: int, mode: str = "ping-pong",
+           ctas: int | None = None) -> None:
+    """out (B, T, H, 64) bf16 and lse (B, T, H) float32 (natural log), both contiguous, of
+    attention inside segments of W rows of q/k/v (`readable`), each pair weighted by the union
+    local pass's m = min(λ(x), λ(s)) + 1 for `branches` branches (1: no weights). ctas: the
+    persistent grid's size (None: one CTA an SM; 0: one CTA an item); mode: one of MODES."""
+    B, T, H, _ = q.shape
+    assert out.is_contiguous() and lse.is_contiguous() and readable(q, k, v), "rows the kernel reads and writes"
+    ctas = sm_count(q.device.index or 0) if ctas is None else ctas
+    _call(library().ws_fwd, q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(1), k.stride(1), v.stride(1),
+          out.data_ptr(), out.stride(1), lse.data_ptr(), B, T, H, W, int(causal), scale, branches, MODES.index(mode),
+          ctas)
+
+
+def gradients(q, k, v, dout, stats, grads, W: int, scale: float, causal: bool, branches: int, dq: bool,
+              ctas: int | None = None) -> None:
+    """attend's dK and dV into grads (two (B, T, H, 64) bf16 with one set of strides), or with dq
+    its dQ into grads[0], given STATS (2, B·H, T) float32 (log2 LSE and Δ = rowsum(dO∘O) by
+    position) and dO (`readable`); ctas as in attend."""
+    B, T, H, _ = q.shape
+    assert stats.shape == (2, B * H, T) and stats.is_contiguous() and readable(q, k, v, dout)
+    assert all(g.stride() == grads[0].stride() and g.stride(-1) == 1 for g in grads), "one set of gradient strides"
+    ctas = sm_count(q.device.index or 0) if ctas is None else ctas
+    _call(library().ws_bwd, q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(1), k.stride(1), v.stride(1),
+          dout.data_ptr(), dout.stride(1), stats.data_ptr(), grads[0].data_ptr(), grads[-1].data_ptr(),
+          grads[0].stride(1), B, T, H, W, int(causal), scale, branches, int(dq), ctas)
+
+
+def local_forward(q, k, v, out, lse, lay, is_causal: bool, scale: float) -> None:
+    """The union forward's local pass (level 1, with the weight terms of lay.n branches) into its
+    out (B, T, H, D) and lse (B, T, H), which the upper pass then reads."""
+    attend(q, k, v, out, lse, lay.L, scale, is_causal, lay.n)
