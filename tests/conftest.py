@@ -59,6 +59,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def reload_with_env(monkeypatch):
+    """reload(module, name, value): the module imported again with environment variable `name`
+    set to value (None: unset), for switches read at import; afterwards the environment is
+    restored and each module reloaded as it was."""
+    import importlib
+    reloaded = []
+
+    def reload(module, name: str, value: str | None):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        reloaded.append(module)
+        return importlib.reload(module)
+
+    yield reload
+    monkeypatch.undo()
+    for module in reloaded:
+        importlib.reload(module)
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """A built default corpus (cache folder), shared by the session's train.py runs."""

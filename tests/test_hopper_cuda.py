@@ -1,6 +1,5 @@
 """The CUDA forward's switch and gates (longctx/kernels/hopper_cuda.py) on the CPU; its parity with
 the reference is tests/test_gpu.py's test_gpu_hopper_cuda_forward_parity."""
-import importlib
 import warnings
 
 import pytest
@@ -10,17 +9,9 @@ from longctx.kernels import hopper_cuda, union
 
 
 @pytest.mark.parametrize("setting,enabled", [(None, False), ("0", False), ("1", True), ("yes", False)])
-def test_cuda_forward_is_off_unless_the_environment_says_1(setting, enabled, monkeypatch):
+def test_cuda_forward_is_off_unless_the_environment_says_1(setting, enabled, reload_with_env):
     """Not yet measured faster than the Triton local pass, so only LONGCTX_HOPPER_CUDA=1 turns it on."""
-    if setting is None:
-        monkeypatch.delenv("LONGCTX_HOPPER_CUDA", raising=False)
-    else:
-        monkeypatch.setenv("LONGCTX_HOPPER_CUDA", setting)
-    try:
-        assert importlib.reload(hopper_cuda).ENABLED is enabled
-    finally:
-        monkeypatch.undo()
-        importlib.reload(hopper_cuda)
+    assert reload_with_env(hopper_cuda, "LONGCTX_HOPPER_CUDA", setting).ENABLED is enabled
 
 
 def test_without_nvcc_the_triton_pass_runs_after_one_warning(monkeypatch):

@@ -243,18 +243,8 @@ def test_hopper_pass_reads_only_rows_one_tma_view_holds():
 
 
 @pytest.mark.parametrize("setting,enabled", [(None, True), ("0", False), ("1", True)])
-def test_hopper_path_is_on_unless_the_environment_says_0(setting, enabled, monkeypatch):
+def test_hopper_path_is_on_unless_the_environment_says_0(setting, enabled, reload_with_env):
     """hopper.py's Gluon passes are the default on sm_90 GPUs; LONGCTX_HOPPER=0 (only that)
     keeps the Triton local passes there, as docs/performance.md compares them."""
-    import importlib
-
     from longctx.kernels import hopper
-    if setting is None:
-        monkeypatch.delenv("LONGCTX_HOPPER", raising=False)
-    else:
-        monkeypatch.setenv("LONGCTX_HOPPER", setting)
-    try:
-        assert importlib.reload(hopper).ENABLED is enabled
-    finally:
-        monkeypatch.undo()
-        importlib.reload(hopper)
+    assert reload_with_env(hopper, "LONGCTX_HOPPER", setting).ENABLED is enabled
