@@ -280,7 +280,7 @@ def hopper_on(monkeypatch) -> list:
     return calls
 
 
-CUDA_CASES = [  # bf16 heads of 64, segments of whole 128-row items: hopper_cuda.py's forward
+CUDA_CASES = [  # bf16 heads of 64, segments of whole 128-row items: hopper_cuda.py's local passes
     (2, 4096, 12, 64, [256, 512, 1024, 2048], [1, 2, 4, 8]),
     (1, 3072, 6, 64, [256, 512, 1024], [1, 2, 4]),  # three top-level segments, fewer heads than offsets
     (1, 4096, 4, 64, [128, 256, 512, 1024, 2048], [1, 2, 4, 8, 16]),  # five branches (the most); one item a segment
@@ -289,13 +289,13 @@ CUDA_CASES = [  # bf16 heads of 64, segments of whole 128-row items: hopper_cuda
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("case", CUDA_CASES, ids=[f"B{c[0]}-T{c[1]}-n{len(c[4])}" for c in CUDA_CASES])
-def test_gpu_hopper_cuda_forward_parity(case, causal, monkeypatch):
-    """With LONGCTX_HOPPER_CUDA on, on an sm_90 GPU, the union forward's local pass is the CUDA
-    kernel (hopper_cuda.py, counted) on q/k/v views of one fused projection; the output and all
-    three gradients (the backward reads its out and LSE) keep the parity rule."""
+def test_gpu_hopper_cuda_parity(case, causal, monkeypatch):
+    """With LONGCTX_HOPPER_CUDA on, on an sm_90 GPU, the union op's local passes are the CUDA
+    kernels (hopper_cuda.py, counted: the forward, then dQ making STATS and dK/dV) on q/k/v views
+    of one fused projection; the output and all three gradients keep the parity rule."""
     calls = hopper_cuda_on(monkeypatch)
     check_union_parity(case, False, causal, ImprovedDilatedAttention, torch.bfloat16)
-    assert calls == [len(case[4])]
+    assert calls == [("local_forward", len(case[4])), ("local_backward", len(case[4]))]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -314,15 +314,15 @@ def test_gpu_hopper_cuda_forward_under_rotary(causal, monkeypatch):
     triton_out, triton_lse, _ = rotary.attend(qkv, cos, sin, ws, rs, False, causal, D ** -0.5)
     calls = hopper_cuda_on(monkeypatch)
     out, lse, _ = rotary.attend(qkv, cos, sin, ws, rs, False, causal, D ** -0.5)
-    assert calls == [len(ws)]
+    assert calls == [("local_forward", len(ws))]
     # two roundings to bf16 of float32 results that differ in their last bits: 2^-6 relative
     assert torch.allclose(out.float(), triton_out.float(), rtol=1.6e-2, atol=2e-3)
     assert err(lse, triton_lse.double()) <= 1e-3
 
 
 def hopper_cuda_on(monkeypatch) -> list:
-    """hopper_cuda.py's forward switched on (skipping off sm_90 or without nvcc), the branch count
-    of each call of it recorded in the list returned."""
+    """hopper_cuda.py's local passes switched on (skipping off sm_90 or without nvcc), each call of
+    them recorded in the list returned as (name, the layout's branch count)."""
     from longctx.kernels import hopper_cuda
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("hopper_cuda.py's kernels are for sm_90 GPUs; other GPUs run the Triton pass (the union tests)")
@@ -330,8 +330,10 @@ def hopper_cuda_on(monkeypatch) -> list:
         pytest.skip("no nvcc to build hopper_cuda.py's kernels")
     monkeypatch.setattr(hopper_cuda, "ENABLED", True)
     calls = []
-    real = hopper_cuda.local_forward
-    monkeypatch.setattr(hopper_cuda, "local_forward", lambda *a, **kw: calls.append(a[5].n) or real(*a, **kw))
+    for name, at in (("local_forward", 5), ("local_backward", 8)):  # where each takes the layout
+        real = getattr(hopper_cuda, name)
+        monkeypatch.setattr(hopper_cuda, name, lambda *a, name=name, at=at, real=real, **kw:
+                            calls.append((name, a[at].n)) or real(*a, **kw))
     return calls
 
 

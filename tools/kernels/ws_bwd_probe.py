@@ -39,7 +39,9 @@ def check(H: int, scale: float, causal: bool) -> bool:
     """dQ, dK and dV against the float32 reference, B = 2, T = 1,024, W = 512 and 1,024, without
     weights and with five branches', one CTA an item and a persistent grid of 7 (a CTA's items
     wrap every buffer at both parities); the bound on max |g − ref| / max |ref| is twice cuDNN's
-    (its unweighted backward against the same reference) plus 1e-3."""
+    (its unweighted backward against the same reference) plus 1e-3. Also the dQ pass that makes
+    STATS itself from O and the LSE (hopper_cuda.local_backward's): its STATS against
+    stats_of's within 1e-4 (relative to the largest), its dQ as the other's."""
     ok = True
     qkv = torch.randn(2, 1024, 3, H, 64, device="cuda", dtype=torch.bfloat16)
     q, k, v = qkv.unbind(2)
@@ -62,6 +64,18 @@ def check(H: int, scale: float, causal: bool) -> bool:
                   "max |g - ref| / max |ref| "
                   + ", ".join(f"{name} {e:.1e}" for name, e in zip(("dq", "dk", "dv"), gaps))
                   + f" (bound {bound:.1e}): {'ok' if good else 'WRONG'}", flush=True)
+            if ctas:
+                o = out.to(torch.bfloat16)  # the op's own output, which Δ is taken from
+                made = torch.full_like(stats, float("nan"))
+                dq = torch.empty_like(q)
+                gradients(q, k, v, dout, made, (dq,), W, scale, causal, branches, True, ctas, out=o,
+                          lse=lse.contiguous())
+                want = stats_of(o.float(), lse, dout)
+                e_stats = ((made - want).abs().amax(dim=(1, 2)) / want.abs().amax(dim=(1, 2))).max().item()
+                good = e_stats <= 1e-4 and gap(dq, ref[0]) <= bound
+                ok &= good
+                print(f"check W={W} branches={branches} ctas={ctas} STATS made by dQ: max error {e_stats:.1e}, "
+                      f"dq {gap(dq, ref[0]):.1e}: {'ok' if good else 'WRONG'}", flush=True)
     return ok
 
 

@@ -65,6 +65,24 @@ __device__ __forceinline__ void probabilities(Rows& r, int s0, float scale_log2,
   }
 }
 
+// The dot product of 16 bf16 of o and of g (32-byte aligned), in float32: a quarter of a row's
+// Δ = rowsum(dO∘O), the row's four threads each reading 16 columns.
+__device__ __forceinline__ float row_dot(const __nv_bfloat16* o, const __nv_bfloat16* g) {
+  float sum = 0.f;
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    const uint4 a = reinterpret_cast<const uint4*>(o)[u], b = reinterpret_cast<const uint4*>(g)[u];
+    const uint32_t av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&av[i]));
+      const float2 y = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bv[i]));
+      sum = fmaf(x.x, y.x, fmaf(x.y, y.y, sum));
+    }
+  }
+  return sum;
+}
+
 // A CTA's work items: 128 fixed rows, ordered by how many streamed tiles meet them under the
 // causal mask, most first (dK/dV: a segment's first key tile; dQ: its last query tile), then by
 // segment, head and batch element; `first` and `n_tiles` are the streamed tiles that meet them
@@ -89,9 +107,10 @@ template <bool DQ>
 __global__ void __launch_bounds__(384, 1)
     ws_bwd_kernel(const __grid_constant__ CUtensorMap fixed0_map, const __grid_constant__ CUtensorMap fixed1_map,
                   const __grid_constant__ CUtensorMap stream0_map, const __grid_constant__ CUtensorMap stream1_map,
-                  const float* __restrict__ stats, __nv_bfloat16* __restrict__ grad0,
-                  __nv_bfloat16* __restrict__ grad1, long long grad_row, int B, int T, int H, int L, float scale,
-                  int causal, int branches) {
+                  float* __restrict__ stats, const __nv_bfloat16* __restrict__ out, long long out_row,
+                  const __nv_bfloat16* __restrict__ dout, long long do_row, const float* __restrict__ lse,
+                  __nv_bfloat16* __restrict__ grad0, __nv_bfloat16* __restrict__ grad1, long long grad_row, int B,
+                  int T, int H, int L, float scale, int causal, int branches) {
   extern __shared__ uint8_t raw[];
   Shared& sh = *reinterpret_cast<Shared*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
   const int n_items = (T / BF) * H * B;
@@ -148,13 +167,31 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
     for (int i = 0; i < 32; ++i) r.g0[i] = r.g1[i] = 0.f;
     weight_terms(r.bias, r.row, r.tq, x.h, branches);
-    const float* lse2 = stats + (long long)(x.b * H + x.h) * T;
-    const float* delta = lse2 + (long long)B * H * T;
+    float* lse2 = stats + (long long)(x.b * H + x.h) * T;
+    float* delta = lse2 + (long long)B * H * T;
     if (DQ) {  // a query's LSE₂ folds into its weight terms: one FFMA an exponent
 #pragma unroll
-      for (int half = 0; half < 2; ++half) r.delta[half] = delta[r.row + 8 * half];
+      for (int half = 0; half < 2; ++half) {
+        const int row = r.row + 8 * half;
+        float l2, dl;
+        if (out != nullptr) {  // STATS made here, for this pass, dK/dV's and the upper passes'
+          const long long at = row0 + row;
+          l2 = lse[at * H + x.h] * 1.4426950408889634f;
+          dl = row_dot(out + at * out_row + x.h * D + 16 * r.tq, dout + at * do_row + x.h * D + 16 * r.tq);
+          dl += __shfl_xor_sync(0xffffffff, dl, 1);
+          dl += __shfl_xor_sync(0xffffffff, dl, 2);
+          if (r.tq == 0) {
+            lse2[row] = l2;
+            delta[row] = dl;
+          }
+        } else {
+          l2 = lse2[row];
+          dl = delta[row];
+        }
+        r.delta[half] = dl;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) r.bias[i] -= lse2[r.row + 8 * (i / 4)];
+        for (int i = 4 * half; i < 4 * half + 4; ++i) r.bias[i] -= l2;
+      }
     }
     const uint64_t f0_desc = descriptor(sh.fixed[fb][0] + 64 * c * D, 16, 1024);
     const uint64_t f1_desc = descriptor(sh.fixed[fb][1] + 64 * c * D, 16, 1024);
@@ -227,15 +264,17 @@ __global__ void __launch_bounds__(384, 1)
 }  // namespace
 
 // The gradients of ws_fwd's attention for q/k/v and dO (q_row, k_row, v_row, do_row elements
-// between positions), given STATS (2, B·H, T) float32 (log2 LSE and Δ): dK and dV into grad0 and grad1, or
-// (dq) dQ into grad0, (B, T, H, 64) bf16, grad_row apart. ctas > 0: a persistent grid of that
+// between positions), given STATS (2, B·H, T) float32 (log2 LSE and Δ = rowsum(dO∘O) by
+// position): dK and dV into grad0 and grad1, or (dq) dQ into grad0, (B, T, H, 64) bf16, grad_row
+// apart. With out (the forward's O, out_row apart) and lse ((B, T, H) float32, natural log), the
+// dQ pass writes STATS itself before using them, for the dK/dV pass that follows. ctas > 0: a persistent grid of that
 // many CTAs (at most one an item); 0: one CTA an item.
 // Returns 0, a CUDA error, or -1 (no cuTensorMapEncodeTiled), -2 (a map refused), -3 (shapes).
 extern "C" int ws_bwd(const void* q, const void* k, const void* v, long long q_row, long long k_row,
-                      long long v_row, const void* dout, long long do_row, const float* stats, void* grad0,
-                      void* grad1, long long grad_row, int B, int T, int H, int L, int causal, float scale,
-                      int branches, int dq, int ctas, void* stream) {
-  if (L % BF != 0 || T % L != 0 || branches < 1 || branches > 5) return -3;
+                      long long v_row, const void* dout, long long do_row, float* stats, const void* out,
+                      long long out_row, const float* lse, void* grad0, void* grad1, long long grad_row, int B,
+                      int T, int H, int L, int causal, float scale, int branches, int dq, int ctas, void* stream) {
+  if (L % BF != 0 || T % L != 0 || branches < 1 || branches > 5 || (out != nullptr && !dq)) return -3;
   CUtensorMap maps[4];  // fixed₀, fixed₁, streamed₀, streamed₁
   const long long rows = (long long)B * T;
   const void* fixed[2] = {dq ? q : k, dq ? dout : v};
@@ -251,7 +290,8 @@ extern "C" int ws_bwd(const void* q, const void* k, const void* v, long long q_r
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   const int items = T / BF * H * B;
   kernel<<<ctas > 0 && ctas < items ? ctas : items, 384, bytes, static_cast<cudaStream_t>(stream)>>>(
-      maps[0], maps[1], maps[2], maps[3], stats, static_cast<__nv_bfloat16*>(grad0),
+      maps[0], maps[1], maps[2], maps[3], stats, static_cast<const __nv_bfloat16*>(out), out_row,
+      static_cast<const __nv_bfloat16*>(dout), do_row, lse, static_cast<__nv_bfloat16*>(grad0),
       static_cast<__nv_bfloat16*>(grad1), grad_row, B, T, H, L, scale, causal, branches);
   return static_cast<int>(cudaGetLastError());
 }
