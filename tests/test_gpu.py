@@ -299,25 +299,35 @@ def test_gpu_hopper_cuda_parity(case, causal, monkeypatch):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_gpu_hopper_cuda_forward_under_rotary(causal, monkeypatch):
-    """The LM block's path (attention/rotary.attend): rotated q and k in their own buffer, v a view
-    of the fused projection, so the three have different row strides. The same output and LSE as
-    the Triton local pass within bf16 rounding."""
+def test_gpu_hopper_cuda_under_rotary(causal, monkeypatch):
+    """The LM block's path (attention/rotary.attend and attend_backward): rotated q and k in their
+    own buffer, v a view of the fused projection (three row strides), the gradients views of one
+    packed (B, T, 3, H, D) buffer, dQ and dK rotated back in the CUDA epilogue. Against the path
+    off (the Triton forward and the Gluon backward, each checked against the reference above):
+    the output, the LSE and the packed gradient within bf16 rounding."""
     from longctx.attention import rotary
     from longctx.model import Rotary
 
     B, T, H, D = 2, 2048, 6, 64
-    ws, rs = [256, 512, 1024], [1, 2, 4]
+    config = ([256, 512, 1024], [1, 2, 4], False, causal, D ** -0.5)
     g = torch.Generator(device="cuda").manual_seed(7)
-    qkv = torch.randn(B, T, 3, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    qkv, dout = (torch.randn(B, T, *s, D, device="cuda", dtype=torch.bfloat16, generator=g) for s in ((3, H), (H,)))
     cos, sin = (x.reshape(T, D // 2).contiguous() for x in Rotary(D).angles(T, 0, "cuda"))
-    triton_out, triton_lse, _ = rotary.attend(qkv, cos, sin, ws, rs, False, causal, D ** -0.5)
+
+    def run():
+        out, lse, rotated = rotary.attend(qkv, cos, sin, *config)
+        return out, lse, rotary.attend_backward(dout, qkv, rotated, cos, sin, out, lse, *config)
+
+    want = run()
     calls = hopper_cuda_on(monkeypatch)
-    out, lse, _ = rotary.attend(qkv, cos, sin, ws, rs, False, causal, D ** -0.5)
-    assert calls == [("local_forward", len(ws))]
+    out, lse, dqkv = run()
+    assert calls == [("local_forward", 3), ("local_backward", 3)]
     # two roundings to bf16 of float32 results that differ in their last bits: 2^-6 relative
-    assert torch.allclose(out.float(), triton_out.float(), rtol=1.6e-2, atol=2e-3)
-    assert err(lse, triton_lse.double()) <= 1e-3
+    assert torch.allclose(out.float(), want[0].float(), rtol=1.6e-2, atol=2e-3)
+    assert err(lse, want[1].double()) <= 1e-3
+    for i, name in enumerate("qkv"):
+        got, ref = dqkv[:, :, i].float(), want[2][:, :, i].float()
+        assert (got - ref).norm() <= 1e-2 * ref.norm(), name
 
 
 def hopper_cuda_on(monkeypatch) -> list:

@@ -2,8 +2,8 @@
 with FlashAttention-3's structure: a TMA producer warp giving its registers to two wgmma consumer
 warpgroups, over a persistent grid. union.forward and union.backward run them in place of the
 Triton (forward) and Gluon (hopper.py, backward) local passes where `use_forward` and
-`use_backward` hold; those stay the path everywhere else, the backward's with RoPE included, and
-the upper passes run on their results in every case.
+`use_backward` hold, RoPE's rotation of dQ and dK included; those stay the path everywhere else,
+and the upper passes run on their results in every case.
 
 Why CUDA: Triton 3.6 cannot give a producer warp's registers to the consumers (ptxas C7512), and
 the structure needs 240 registers a consumer thread. The kernels are compiled with the CUDA
@@ -80,10 +80,10 @@ def library() -> ctypes.CDLL:
     lib.ws_fwd.restype = lib.ws_bwd.restype = i32
     # q, k, v, their row strides, out, its row stride, lse, B, T, H, L, causal, scale, branches, mode, ctas, stream
     lib.ws_fwd.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, i32, i32, i32, i32, i32, f32, i32, i32, i32, ptr]
-    # q, k, v, their row strides, dO, its row stride, STATS, out, its row stride, lse, two gradients, their
-    # row stride, B, T, H, L, causal, scale, branches, dq, ctas, stream
-    lib.ws_bwd.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i32, i32, i32,
-                           i32, i32, f32, i32, i32, i32, ptr]
+    # q, k, v, their row strides, dO, its row stride, STATS, out, its row stride, lse, RoPE's cos and sin,
+    # two gradients, their row stride, B, T, H, L, causal, scale, branches, dq, ctas, stream
+    lib.ws_bwd.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i32,
+                           i32, i32, i32, i32, f32, i32, i32, i32, ptr]
     return lib
 
 
@@ -114,11 +114,10 @@ def use_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay) -> bool:
     return available()
 
 
-def use_backward(q, k, v, dout, grads, lay, rope) -> bool:
+def use_backward(q, k, v, dout, grads, lay) -> bool:
     """Whether the union backward's local passes run here: as use_forward, with dO and the
-    gradients `readable` too, and no RoPE to undo in the epilogues (which these kernels lack; the
-    LM's rotary path keeps the Gluon passes)."""
-    return rope is None and readable(dout, *grads) and use_forward(q, k, v, lay)
+    gradients `readable` too."""
+    return readable(dout, *grads) and use_forward(q, k, v, lay)
 
 
 def _call(fn, *args) -> None:
@@ -143,19 +142,23 @@ def attend(q, k, v, out, lse, W: int, scale: float, causal: bool, branches: int,
 
 
 def gradients(q, k, v, dout, stats, grads, W: int, scale: float, causal: bool, branches: int, dq: bool,
-              ctas: int | None = None, out=None, lse=None) -> None:
+              ctas: int | None = None, out=None, lse=None, rope=None) -> None:
     """attend's dK and dV into grads (two (B, T, H, 64) bf16 with one set of strides, `readable`
     rows), or with dq its dQ into grads[0], given STATS (2, B·H, T) float32 (log2 LSE and
     Δ = rowsum(dO∘O) by position) and dO (`readable`); with dq, out and lse (the forward's, both
-    contiguous), the dQ pass writes STATS first. ctas as in attend."""
+    contiguous), the dQ pass writes STATS first. rope: (cos, sin) (T, 32) float32 contiguous, by
+    which q and k were rotated (half-split): dQ and dK come out rotated back. ctas as in attend."""
     B, T, H, _ = q.shape
     assert stats.shape == (2, B * H, T) and stats.is_contiguous() and readable(q, k, v, dout, *grads)
     assert all(g.stride() == grads[0].stride() for g in grads), "one set of gradient strides"
     assert out is None or (dq and out.is_contiguous() and lse.is_contiguous()), "the forward's out and lse, for dQ"
+    cos, sin = rope if rope is not None else (None, None)
+    assert rope is None or all(x.shape == (T, 32) and x.dtype == torch.float32 and x.is_contiguous() for x in rope)
     ctas = sm_count(q.device.index or 0) if ctas is None else ctas
     _call(library().ws_bwd, q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(1), k.stride(1), v.stride(1),
           dout.data_ptr(), dout.stride(1), stats.data_ptr(), None if out is None else out.data_ptr(),
-          0 if out is None else out.stride(1), None if lse is None else lse.data_ptr(), grads[0].data_ptr(),
+          0 if out is None else out.stride(1), None if lse is None else lse.data_ptr(),
+          None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(), grads[0].data_ptr(),
           grads[-1].data_ptr(), grads[0].stride(1), B, T, H, W, int(causal), scale, branches, int(dq), ctas)
 
 
@@ -165,9 +168,10 @@ def local_forward(q, k, v, out, lse, lay, is_causal: bool, scale: float) -> None
     attend(q, k, v, out, lse, lay.L, scale, is_causal, lay.n)
 
 
-def local_backward(q, k, v, dout, out, lse, stats, grads, lay, is_causal: bool, scale: float) -> None:
+def local_backward(q, k, v, dout, out, lse, stats, grads, lay, is_causal: bool, scale: float, rope=None) -> None:
     """The union backward's local passes: dQ (writing STATS (2, B·H, T) from the forward's out
-    and lse, which the upper passes read too), then dK/dV, into grads (dq, dk, dv)."""
+    and lse, which the upper passes read too), then dK/dV, into grads (dq, dk, dv); rope as in
+    union.backward (dQ and dK rotated back)."""
     dq, dk, dv = grads
-    gradients(q, k, v, dout, stats, (dq,), lay.L, scale, is_causal, lay.n, True, out=out, lse=lse)
-    gradients(q, k, v, dout, stats, (dk, dv), lay.L, scale, is_causal, lay.n, False)
+    gradients(q, k, v, dout, stats, (dq,), lay.L, scale, is_causal, lay.n, True, out=out, lse=lse, rope=rope)
+    gradients(q, k, v, dout, stats, (dk, dv), lay.L, scale, is_causal, lay.n, False, rope=rope)

@@ -31,8 +31,7 @@ strided head group and branch (four at the seed's 8 heads); this is one launch p
 
 The kernels are in union_kernels.py, their tiles' geometry in union_tiles.py; on Hopper GPUs
 the backward's local passes run hopper.py's Gluon kernels instead (unless LONGCTX_HOPPER=0), and with
-LONGCTX_HOPPER_CUDA=1 the local passes of both directions run hopper_cuda.py's CUDA kernels (the
-backward's without RoPE). They run on
+LONGCTX_HOPPER_CUDA=1 the local passes of both directions run hopper_cuda.py's CUDA kernels. They run on
 CUDA in fp16/bf16, and on CPU tensors through Triton's interpreter (tests only).
 attention/rotary.py runs them on the LM block's fused projection with RoPE inside (backward's
 `rope`).
@@ -202,11 +201,11 @@ def backward(dout, q, k, v, out, lse, lay: Layout, is_causal: bool, scale: float
     cos, sin = rope if rope is not None else (stats, stats)  # read only when ROPE
     strides = [*_strides(q, k, v, dout), *_strides(dq)]
     consts = dict(ROPE=rope is not None)
-    cuda = hopper_cuda.use_backward(q, k, v, dout, grads, lay, rope)  # LONGCTX_HOPPER_CUDA=1
+    cuda = hopper_cuda.use_backward(q, k, v, dout, grads, lay)  # LONGCTX_HOPPER_CUDA=1
     gluon = not cuda and hopper.use(q, k, v, dout, lay)  # the local passes on Hopper, the upper ones here
     passes = ("upper",) if cuda or gluon else ("local", "upper")
     if cuda:
-        hopper_cuda.local_backward(q, k, v, dout, out, lse, stats, grads, lay, is_causal, scale)
+        hopper_cuda.local_backward(q, k, v, dout, out, lse, stats, grads, lay, is_causal, scale, rope)
     if gluon:
         hopper.local_dq(q, k, v, dout, out, lse, stats, dq, lay, is_causal, scale, rope)
     _launch("dq", q, lay, (q, k, v, dout, out, lse, stats, dq, cos, sin, *strides, T, H, scale * LOG2E, scale),

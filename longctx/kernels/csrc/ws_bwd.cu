@@ -109,6 +109,7 @@ __global__ void __launch_bounds__(384, 1)
                   const __grid_constant__ CUtensorMap stream0_map, const __grid_constant__ CUtensorMap stream1_map,
                   float* __restrict__ stats, const __nv_bfloat16* __restrict__ out, long long out_row,
                   const __nv_bfloat16* __restrict__ dout, long long do_row, const float* __restrict__ lse,
+                  const float* __restrict__ rope_cos, const float* __restrict__ rope_sin,
                   __nv_bfloat16* __restrict__ grad0, __nv_bfloat16* __restrict__ grad1, long long grad_row, int B,
                   int T, int H, int L, float scale, int causal, int branches) {
   extern __shared__ uint8_t raw[];
@@ -248,11 +249,28 @@ __global__ void __launch_bounds__(384, 1)
 
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const long long at = (long long)(row0 + r.row + 8 * half) * grad_row + x.h * D + 2 * r.tq;
+      const int pos = r.row + 8 * half;
+      const long long at = (long long)(row0 + pos) * grad_row + x.h * D + 2 * r.tq;
+      float g[16];  // dQ or dK of the row, scaled: columns 8j + 2·tq + e at [2j + e]
+#pragma unroll
+      for (int i = 0; i < 16; ++i) g[i] = r.g0[4 * (i / 2) + 2 * half + i % 2] * scale;
+      if (rope_cos != nullptr) {  // rotated back by RoPE's angles at pos: column c pairs with c + 32
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const long long angle = (long long)pos * (D / 2) + 8 * j + 2 * r.tq;
+          const float2 c = *reinterpret_cast<const float2*>(rope_cos + angle);
+          const float2 sn = *reinterpret_cast<const float2*>(rope_sin + angle);
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float a = g[2 * j + e], b = g[2 * j + 8 + e], ce = e ? c.y : c.x, se = e ? sn.y : sn.x;
+            g[2 * j + e] = a * ce + b * se;
+            g[2 * j + 8 + e] = b * ce - a * se;
+          }
+        }
+      }
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        *reinterpret_cast<__nv_bfloat162*>(grad0 + at + 8 * j) =
-            __floats2bfloat162_rn(r.g0[4 * j + 2 * half] * scale, r.g0[4 * j + 2 * half + 1] * scale);
+        *reinterpret_cast<__nv_bfloat162*>(grad0 + at + 8 * j) = __floats2bfloat162_rn(g[2 * j], g[2 * j + 1]);
         if (!DQ)
           *reinterpret_cast<__nv_bfloat162*>(grad1 + at + 8 * j) =
               __floats2bfloat162_rn(r.g1[4 * j + 2 * half], r.g1[4 * j + 2 * half + 1]);
@@ -267,13 +285,16 @@ __global__ void __launch_bounds__(384, 1)
 // between positions), given STATS (2, B·H, T) float32 (log2 LSE and Δ = rowsum(dO∘O) by
 // position): dK and dV into grad0 and grad1, or (dq) dQ into grad0, (B, T, H, 64) bf16, grad_row
 // apart. With out (the forward's O, out_row apart) and lse ((B, T, H) float32, natural log), the
-// dQ pass writes STATS itself before using them, for the dK/dV pass that follows. ctas > 0: a persistent grid of that
+// dQ pass writes STATS itself before using them, for the dK/dV pass that follows. With rope_cos
+// and rope_sin ((T, 32) float32), dQ and dK come out rotated back by RoPE's angles (half-split),
+// the gradients of the unrotated q and k. ctas > 0: a persistent grid of that
 // many CTAs (at most one an item); 0: one CTA an item.
 // Returns 0, a CUDA error, or -1 (no cuTensorMapEncodeTiled), -2 (a map refused), -3 (shapes).
 extern "C" int ws_bwd(const void* q, const void* k, const void* v, long long q_row, long long k_row,
                       long long v_row, const void* dout, long long do_row, float* stats, const void* out,
-                      long long out_row, const float* lse, void* grad0, void* grad1, long long grad_row, int B,
-                      int T, int H, int L, int causal, float scale, int branches, int dq, int ctas, void* stream) {
+                      long long out_row, const float* lse, const float* rope_cos, const float* rope_sin,
+                      void* grad0, void* grad1, long long grad_row, int B, int T, int H, int L, int causal,
+                      float scale, int branches, int dq, int ctas, void* stream) {
   if (L % BF != 0 || T % L != 0 || branches < 1 || branches > 5 || (out != nullptr && !dq)) return -3;
   CUtensorMap maps[4];  // fixed₀, fixed₁, streamed₀, streamed₁
   const long long rows = (long long)B * T;
@@ -291,7 +312,8 @@ extern "C" int ws_bwd(const void* q, const void* k, const void* v, long long q_r
   const int items = T / BF * H * B;
   kernel<<<ctas > 0 && ctas < items ? ctas : items, 384, bytes, static_cast<cudaStream_t>(stream)>>>(
       maps[0], maps[1], maps[2], maps[3], stats, static_cast<const __nv_bfloat16*>(out), out_row,
-      static_cast<const __nv_bfloat16*>(dout), do_row, lse, static_cast<__nv_bfloat16*>(grad0),
+      static_cast<const __nv_bfloat16*>(dout), do_row, lse, rope_cos, rope_sin,
+      static_cast<__nv_bfloat16*>(grad0),
       static_cast<__nv_bfloat16*>(grad1), grad_row, B, T, H, L, scale, causal, branches);
   return static_cast<int>(cudaGetLastError());
 }
