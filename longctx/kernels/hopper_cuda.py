@@ -79,11 +79,12 @@ def library() -> ctypes.CDLL:
     ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
     lib.ws_fwd.restype = lib.ws_bwd.restype = i32
     # q, k, v, their row strides, out, its row stride, lse, B, T, H, L, causal, scale, branches, mode, ctas, stream
-    lib.ws_fwd.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, i32, i32, i32, i32, i32, f32, i32, i32, i32, ptr]
+    lib.ws_fwd.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, i32, i32, i32, i32, i32, f32, i32, i32, i32,
+                           ptr]
     # q, k, v, their row strides, dO, its row stride, STATS, out, its row stride, lse, RoPE's cos and sin,
-    # two gradients, their row stride, B, T, H, L, causal, scale, branches, dq, ctas, stream
+    # two gradients, their row stride, B, T, H, L, causal, scale, branches, dq, overlap, ctas, stream
     lib.ws_bwd.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i32,
-                           i32, i32, i32, i32, f32, i32, i32, i32, ptr]
+                           i32, i32, i32, i32, f32, i32, i32, i32, i32, ptr]
     return lib
 
 
@@ -142,12 +143,13 @@ def attend(q, k, v, out, lse, W: int, scale: float, causal: bool, branches: int,
 
 
 def gradients(q, k, v, dout, stats, grads, W: int, scale: float, causal: bool, branches: int, dq: bool,
-              ctas: int | None = None, out=None, lse=None, rope=None) -> None:
+              ctas: int | None = None, out=None, lse=None, rope=None, overlap: bool = False) -> None:
     """attend's dK and dV into grads (two (B, T, H, 64) bf16 with one set of strides, `readable`
     rows), or with dq its dQ into grads[0], given STATS (2, B·H, T) float32 (log2 LSE and
     Δ = rowsum(dO∘O) by position) and dO (`readable`); with dq, out and lse (the forward's, both
     contiguous), the dQ pass writes STATS first. rope: (cos, sin) (T, 32) float32 contiguous, by
-    which q and k were rotated (half-split): dQ and dK come out rotated back. ctas as in attend."""
+    which q and k were rotated (half-split): dQ and dK come out rotated back. overlap: the next
+    tile's scores and probabilities under this tile's gradient matmuls. ctas as in attend."""
     B, T, H, _ = q.shape
     assert stats.shape == (2, B * H, T) and stats.is_contiguous() and readable(q, k, v, dout, *grads)
     assert all(g.stride() == grads[0].stride() for g in grads), "one set of gradient strides"
@@ -159,7 +161,8 @@ def gradients(q, k, v, dout, stats, grads, W: int, scale: float, causal: bool, b
           dout.data_ptr(), dout.stride(1), stats.data_ptr(), None if out is None else out.data_ptr(),
           0 if out is None else out.stride(1), None if lse is None else lse.data_ptr(),
           None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(), grads[0].data_ptr(),
-          grads[-1].data_ptr(), grads[0].stride(1), B, T, H, W, int(causal), scale, branches, int(dq), ctas)
+          grads[-1].data_ptr(), grads[0].stride(1), B, T, H, W, int(causal), scale, branches, int(dq), int(overlap),
+          ctas)
 
 
 def local_forward(q, k, v, out, lse, lay, is_causal: bool, scale: float) -> None:

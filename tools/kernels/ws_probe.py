@@ -36,8 +36,11 @@ def sass_counts(lib: Path) -> dict:
     for part in sass.split("Function : ")[1:]:
         header = part.split("\n", 1)[0]
         # by the mangled template argument
-        name = (("dkdv", "dq")[int(header.split("ILb", 1)[1][0])] if "ws_bwd" in header
-                else MODES[int(header.split("ILi", 1)[1][0])])
+        if "ws_bwd" in header:  # by the template arguments <DQ, OVERLAP>
+            flags = header.split("ILb", 1)[1]
+            name = ("dkdv", "dq")[int(flags[0])] + (" overlap" if flags.split("Lb", 1)[1][0] == "1" else "")
+        else:
+            name = MODES[int(header.split("ILi", 1)[1][0])]
         lines = [line for line in part.splitlines()
                  if line.strip().startswith("/*") and "*/" in line[:16] and " NOP" not in line]
         count = lambda word: sum(word in line for line in lines)

@@ -32,55 +32,108 @@ struct Shared {
 // register 4j + 2·half + e holds fixed row 16w + lane/4 + 8·half, streamed row 8j + 2·(lane % 4) + e.
 struct Rows {
   float x[32], dx[32], g0[32], g1[32];  // X, dX; the gradients: dK and dV, or dQ (g0)
-  uint32_t p[16], ds[16];  // P and dS in bf16 pairs: [4kk .. 4kk + 3] is streamed step kk's A operand
+  uint32_t p[2][16], ds[2][16];  // P and dS in bf16 pairs, two tiles' (OVERLAP): [4kk .. 4kk + 3] is
+                                 // streamed step kk's A operand
   float bias[8];           // log2 m by [half][j mod 2][e] (a streamed row's λ is fixed by its place in the
                            // tile); for dQ, log2 m − LSE₂ of the row
   float delta[2];          // dQ: the fixed rows' (queries') Δ
   int row, tq;             // the thread's first fixed row (absolute), lane % 4
 };
 
-// P and dS of one streamed tile from X and dX, packed to bf16 as the next matmuls' A operands.
-// MASK: a tile across the causal diagonal, the only kind that needs the compare and select an
-// element (dK/dV: query ≥ key with queries streamed; dQ: key ≤ query with keys streamed).
-template <bool DQ, bool MASK>
-__device__ __forceinline__ void probabilities(Rows& r, int s0, float scale_log2, const float2 (&col_lse)[8],
-                                              const float2 (&col_delta)[8]) {
+// P and dS of one streamed tile from X and dX into buffer BUF, packed to bf16 as the next matmuls'
+// A operands. MASK: a tile across the causal diagonal, the only kind that needs the compare and
+// select an element (dK/dV: query ≥ key with queries streamed; dQ: key ≤ query with keys
+// streamed). dK/dV reads its streamed queries' LSE₂ and Δ (8j + 2·tq + e) from STATS here.
+template <bool DQ, bool MASK, int BUF>
+__device__ __forceinline__ void probabilities(Rows& r, int s0, float scale_log2, const float* lse2,
+                                              const float* delta) {
 #pragma unroll
-  for (int i = 0; i < 32; i += 2) {
-    const int j = i / 4, half = (i / 2) % 2;
-    float pv[2], dsv[2];
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const float dl = DQ ? r.delta[half] : (e ? col_delta[j].y : col_delta[j].x);
-      const int fixed = r.row + 8 * half, streamed = s0 + 8 * j + 2 * r.tq + e;
-      const float z = fmaf(r.x[i + e], scale_log2, r.bias[4 * half + 2 * (j % 2) + e]);
-      float pe = ex2(DQ ? z : z - (e ? col_lse[j].y : col_lse[j].x));  // dQ's bias holds log2 m − LSE₂
-      if (MASK && (DQ ? streamed > fixed : streamed < fixed)) pe = 0.f;
-      pv[e] = pe;
-      dsv[e] = pe * (r.dx[i + e] - dl);
+  for (int j = 0; j < 8; ++j) {
+    float2 col_lse = {0.f, 0.f}, col_delta = {0.f, 0.f};
+    if (!DQ) {
+      col_lse = *reinterpret_cast<const float2*>(lse2 + s0 + 8 * j + 2 * r.tq);
+      col_delta = *reinterpret_cast<const float2*>(delta + s0 + 8 * j + 2 * r.tq);
     }
-    __nv_bfloat162 pp = __floats2bfloat162_rn(pv[0], pv[1]), dd = __floats2bfloat162_rn(dsv[0], dsv[1]);
-    r.p[i / 2] = *reinterpret_cast<uint32_t*>(&pp);
-    r.ds[i / 2] = *reinterpret_cast<uint32_t*>(&dd);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int i = 4 * j + 2 * half;
+      float pv[2], dsv[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float dl = DQ ? r.delta[half] : (e ? col_delta.y : col_delta.x);
+        const int fixed = r.row + 8 * half, streamed = s0 + 8 * j + 2 * r.tq + e;
+        const float z = fmaf(r.x[i + e], scale_log2, r.bias[4 * half + 2 * (j % 2) + e]);
+        float pe = ex2(DQ ? z : z - (e ? col_lse.y : col_lse.x));  // dQ's bias holds log2 m − LSE₂
+        if (MASK && (DQ ? streamed > fixed : streamed < fixed)) pe = 0.f;
+        pv[e] = pe;
+        dsv[e] = pe * (r.dx[i + e] - dl);
+      }
+      __nv_bfloat162 pp = __floats2bfloat162_rn(pv[0], pv[1]), dd = __floats2bfloat162_rn(dsv[0], dsv[1]);
+      r.p[BUF][i / 2] = *reinterpret_cast<uint32_t*>(&pp);
+      r.ds[BUF][i / 2] = *reinterpret_cast<uint32_t*>(&dd);
+    }
   }
 }
 
-// The dot product of 16 bf16 of o and of g (32-byte aligned), in float32: a quarter of a row's
-// Δ = rowsum(dO∘O), the row's four threads each reading 16 columns.
-__device__ __forceinline__ float row_dot(const __nv_bfloat16* o, const __nv_bfloat16* g) {
-  float sum = 0.f;
+// One streamed tile's place: its stage's two descriptors, the stage and its first row.
+struct Tile {
+  uint64_t s0_desc, s1_desc;
+  int st, s0;
+};
+
+// The streamed tile that the ring's count `ring` holds, waited for: the n-th of the item's.
+__device__ __forceinline__ Tile take(Shared& sh, int ring, int seg0, int first, int n) {
+  const int st = ring % STAGES;
+  bar_wait(&sh.full[st], (ring / STAGES) & 1);
+  return {descriptor(sh.streamed[st][0], 16, 1024), descriptor(sh.streamed[st][1], 16, 1024), st,
+          seg0 + (first + n) * BS};
+}
+
+// X = fixed₀·streamed₀ᵀ and dX = fixed₁·streamed₁ᵀ issued as one group.
+__device__ __forceinline__ void issue_scores(Rows& r, uint64_t f0_desc, uint64_t f1_desc, const Tile& t) {
+  wgmma_fence();
 #pragma unroll
-  for (int u = 0; u < 2; ++u) {
-    const uint4 a = reinterpret_cast<const uint4*>(o)[u], b = reinterpret_cast<const uint4*>(g)[u];
-    const uint32_t av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+  for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64k16_ss(r.x, f0_desc + 2 * kk, t.s0_desc + 2 * kk, kk);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&av[i]));
-      const float2 y = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bv[i]));
-      sum = fmaf(x.x, y.x, fmaf(x.y, y.y, sum));
-    }
+  for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64k16_ss(r.dx, f1_desc + 2 * kk, t.s1_desc + 2 * kk, kk);
+  wgmma_commit();
+}
+
+// dK += dSᵀQ and dV += PᵀdO, or dQ += dS K, from buffer BUF, issued as one group (the streamed
+// tiles read N-major, 16 rows of 128 bytes a step).
+template <bool DQ, int BUF>
+__device__ __forceinline__ void issue_gradients(Rows& r, const Tile& t) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < BS / 16; ++kk) wgmma_m64n64k16_rs(r.g0, &r.ds[BUF][4 * kk], t.s0_desc + (16 * 128 >> 4) * kk);
+  if (!DQ) {
+#pragma unroll
+    for (int kk = 0; kk < BS / 16; ++kk) wgmma_m64n64k16_rs(r.g1, &r.p[BUF][4 * kk], t.s1_desc + (16 * 128 >> 4) * kk);
   }
-  return sum;
+  wgmma_commit();
+}
+
+// After X and dX of tile t have retired: P and dS into buffer BUF, masked where t crosses the
+// CTA's diagonal (some of its pairs have the query before the key).
+template <bool DQ, int BUF>
+__device__ __forceinline__ void scores_done(Rows& r, const Tile& t, bool causal, int f0, float scale_log2,
+                                            const float* lse2, const float* delta) {
+  pin(r.x);
+  pin(r.dx);
+  if (causal && (DQ ? t.s0 + BS > f0 : t.s0 < f0 + BF))
+    probabilities<DQ, true, BUF>(r, t.s0, scale_log2, lse2, delta);
+  else
+    probabilities<DQ, false, BUF>(r, t.s0, scale_log2, lse2, delta);
+}
+
+// After tile t's gradient matmuls from buffer BUF have retired: its stage released.
+template <int BUF>
+__device__ __forceinline__ void gradients_done(Rows& r, Shared& sh, const Tile& t, bool leader) {
+  pin(r.g0);
+  pin(r.g1);
+  pin(r.p[BUF]);
+  pin(r.ds[BUF]);
+  if (leader) bar_arrive(&sh.empty[t.st]);
 }
 
 // A CTA's work items: 128 fixed rows, ordered by how many streamed tiles meet them under the
@@ -101,9 +154,38 @@ __device__ __forceinline__ Item item(int w, int B, int T, int H, int L, int caus
   return {bh % H, bh / H, seg0, f0, first, n_tiles};
 }
 
+// OVERLAP's step for tile t (P and dS in buffer BUF), which has a next one, the n-th: the next
+// tile's X and dX issued, then t's gradient matmuls; once the first group retires, the next
+// tile's P and dS are made into the other buffer while the gradients are still in flight (groups
+// retire in order); then t's stage is released, and t and ring move on. No branch inside: ptxas
+// serializes every wgmma (C7514) when a branch separates one from its wait.
+template <bool DQ, int BUF>
+__device__ __forceinline__ void overlapped(Rows& r, Shared& sh, Tile& t, int& ring, int n, int seg0, int first,
+                                           int f0, uint64_t f0_desc, uint64_t f1_desc, bool causal,
+                                           float scale_log2, const float* lse2, const float* delta, bool leader) {
+  const Tile u = take(sh, ring + 1, seg0, first, n + 1);
+  issue_scores(r, f0_desc, f1_desc, u);
+  issue_gradients<DQ, BUF>(r, t);
+  wgmma_wait<1>();
+  scores_done<DQ, 1 - BUF>(r, u, causal, f0, scale_log2, lse2, delta);
+  wgmma_wait<0>();
+  gradients_done<BUF>(r, sh, t, leader);
+  t = u;
+  ++ring;
+}
+
+// The item's last tile t (P and dS in buffer BUF): its gradient matmuls, then its stage released.
+template <bool DQ, int BUF>
+__device__ __forceinline__ void last_tile(Rows& r, Shared& sh, const Tile& t, int& ring, bool leader) {
+  issue_gradients<DQ, BUF>(r, t);
+  wgmma_wait<0>();
+  gradients_done<BUF>(r, sh, t, leader);
+  ++ring;
+}
+
 // A CTA takes the items blockIdx.x, + gridDim.x, ...: one each, or persistent, the fixed tiles
 // double-buffered and the streamed ring running on across items.
-template <bool DQ>
+template <bool DQ, bool OVERLAP>
 __global__ void __launch_bounds__(384, 1)
     ws_bwd_kernel(const __grid_constant__ CUtensorMap fixed0_map, const __grid_constant__ CUtensorMap fixed1_map,
                   const __grid_constant__ CUtensorMap stream0_map, const __grid_constant__ CUtensorMap stream1_map,
@@ -198,52 +280,36 @@ __global__ void __launch_bounds__(384, 1)
     const uint64_t f1_desc = descriptor(sh.fixed[fb][1] + 64 * c * D, 16, 1024);
     bar_wait(&sh.fixed_full[fb], (it / 2) & 1);
 
-    for (int n = 0; n < n_tiles; ++n, ++ring) {
-      const int st = ring % STAGES, s0 = seg0 + (first + n) * BS;
-      float2 col_lse[8], col_delta[8];  // dK/dV: the thread's 16 queries' STATS, 8j + 2·tq + (0, 1)
-      if (!DQ) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          col_lse[j] = *reinterpret_cast<const float2*>(lse2 + s0 + 8 * j + 2 * r.tq);
-          col_delta[j] = *reinterpret_cast<const float2*>(delta + s0 + 8 * j + 2 * r.tq);
-        }
+    const bool leader = tid == 0;
+    if (!OVERLAP) {  // each group waited for at once; the two consumers overlap each other
+      for (int n = 0; n < n_tiles; ++n, ++ring) {
+        const Tile t = take(sh, ring, seg0, first, n);
+        issue_scores(r, f0_desc, f1_desc, t);
+        wgmma_wait<0>();
+        scores_done<DQ, 0>(r, t, causal, f0, scale_log2, lse2, delta);
+        issue_gradients<DQ, 0>(r, t);
+        wgmma_wait<0>();
+        gradients_done<0>(r, sh, t, leader);
       }
-      bar_wait(&sh.full[st], (ring / STAGES) & 1);
-      const uint64_t s0_desc = descriptor(sh.streamed[st][0], 16, 1024);
-      const uint64_t s1_desc = descriptor(sh.streamed[st][1], 16, 1024);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64k16_ss(r.x, f0_desc + 2 * kk, s0_desc + 2 * kk, kk);
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) wgmma_m64n64k16_ss(r.dx, f1_desc + 2 * kk, s1_desc + 2 * kk, kk);
-      wgmma_commit();
+    } else {  // tile n + 1's X and dX issued before tile n's gradients, its P and dS made under them
+      Tile t = take(sh, ring, seg0, first, 0);
+      issue_scores(r, f0_desc, f1_desc, t);
       wgmma_wait<0>();
-      pin(r.x);
-      pin(r.dx);
-
-      // some of these pairs have the query before the key: the tiles across the CTA's diagonal
-      if (causal && (DQ ? s0 + BS > f0 : s0 < f0 + BF))
-        probabilities<DQ, true>(r, s0, scale_log2, col_lse, col_delta);
-      else
-        probabilities<DQ, false>(r, s0, scale_log2, col_lse, col_delta);
-
-      pin(r.g0);
-      pin(r.g1);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < BS / 16; ++kk)  // 16 streamed rows = 16 rows of 128 bytes further
-        wgmma_m64n64k16_rs(r.g0, &r.ds[4 * kk], s0_desc + (16 * 128 >> 4) * kk);  // dK += dSᵀQ, dQ += dS K
-      if (!DQ) {
-#pragma unroll
-        for (int kk = 0; kk < BS / 16; ++kk) wgmma_m64n64k16_rs(r.g1, &r.p[4 * kk], s1_desc + (16 * 128 >> 4) * kk);
+      scores_done<DQ, 0>(r, t, causal, f0, scale_log2, lse2, delta);
+      int n = 0;
+      for (; n + 2 < n_tiles; n += 2) {  // two tiles, each with a next one, through both buffers
+        overlapped<DQ, 0>(r, sh, t, ring, n, seg0, first, f0, f0_desc, f1_desc, causal, scale_log2, lse2, delta,
+                          leader);
+        overlapped<DQ, 1>(r, sh, t, ring, n + 1, seg0, first, f0, f0_desc, f1_desc, causal, scale_log2, lse2, delta,
+                          leader);
       }
-      wgmma_commit();
-      wgmma_wait<0>();
-      pin(r.g0);
-      pin(r.g1);
-      pin(r.p);
-      pin(r.ds);
-      if (tid == 0) bar_arrive(&sh.empty[st]);
+      if (n + 1 < n_tiles) {  // two left, or one
+        overlapped<DQ, 0>(r, sh, t, ring, n, seg0, first, f0, f0_desc, f1_desc, causal, scale_log2, lse2, delta,
+                          leader);
+        last_tile<DQ, 1>(r, sh, t, ring, leader);
+      } else {
+        last_tile<DQ, 0>(r, sh, t, ring, leader);
+      }
     }
     if (tid == 0) bar_arrive(&sh.fixed_empty[fb]);  // every matmul of this item has retired
 
@@ -287,14 +353,16 @@ __global__ void __launch_bounds__(384, 1)
 // apart. With out (the forward's O, out_row apart) and lse ((B, T, H) float32, natural log), the
 // dQ pass writes STATS itself before using them, for the dK/dV pass that follows. With rope_cos
 // and rope_sin ((T, 32) float32), dQ and dK come out rotated back by RoPE's angles (half-split),
-// the gradients of the unrotated q and k. ctas > 0: a persistent grid of that
+// the gradients of the unrotated q and k. overlap: the next tile's X and dX and its P and dS
+// under this tile's gradient matmuls (FlashAttention-3's overlap inside a warpgroup), else each
+// group waited for at once. ctas > 0: a persistent grid of that
 // many CTAs (at most one an item); 0: one CTA an item.
 // Returns 0, a CUDA error, or -1 (no cuTensorMapEncodeTiled), -2 (a map refused), -3 (shapes).
 extern "C" int ws_bwd(const void* q, const void* k, const void* v, long long q_row, long long k_row,
                       long long v_row, const void* dout, long long do_row, float* stats, const void* out,
                       long long out_row, const float* lse, const float* rope_cos, const float* rope_sin,
                       void* grad0, void* grad1, long long grad_row, int B, int T, int H, int L, int causal,
-                      float scale, int branches, int dq, int ctas, void* stream) {
+                      float scale, int branches, int dq, int overlap, int ctas, void* stream) {
   if (L % BF != 0 || T % L != 0 || branches < 1 || branches > 5 || (out != nullptr && !dq)) return -3;
   CUtensorMap maps[4];  // fixed₀, fixed₁, streamed₀, streamed₁
   const long long rows = (long long)B * T;
@@ -307,7 +375,8 @@ extern "C" int ws_bwd(const void* q, const void* k, const void* v, long long q_r
     if (int e = tensor_map(&maps[2 + i], streamed[i], rows, H * D, streamed_row[i], BS)) return e;
   }
   const int bytes = sizeof(Shared) + 1024;
-  auto kernel = dq ? ws_bwd_kernel<true> : ws_bwd_kernel<false>;
+  auto kernel = dq ? (overlap ? ws_bwd_kernel<true, true> : ws_bwd_kernel<true, false>)
+                  : (overlap ? ws_bwd_kernel<false, true> : ws_bwd_kernel<false, false>);
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   const int items = T / BF * H * B;
   kernel<<<ctas > 0 && ctas < items ? ctas : items, 384, bytes, static_cast<cudaStream_t>(stream)>>>(

@@ -1,6 +1,6 @@
 // Shared pieces of the CUDA Hopper kernels (ws_fwd.cu, ws_bwd.cu): mbarriers, TMA loads, wgmma
 // descriptors and calls for heads of 64 in bf16 under the 128-byte swizzle, the union kernels'
-// weight terms, and the host's tensor maps. PTX ISA 8 (sm_90a): wgmma, cp.async.bulk.tensor,
+// weight terms, a row's Δ in pieces, and the host's tensor maps. PTX ISA 8 (sm_90a): wgmma, cp.async.bulk.tensor,
 // mbarrier, setmaxnreg.
 #pragma once
 #include <cuda.h>
@@ -139,6 +139,24 @@ __device__ __forceinline__ void weight_terms(float (&bias)[8], int row, int tq, 
   for (int i = 0; i < 8; ++i)
     bias[i] = log2_weight(
         min(lam(row + 8 * (i / 4), h, branches), lam(8 * ((i / 2) % 2) + 2 * tq + i % 2, h, branches)) + 1);
+}
+
+// The dot product of 16 bf16 of o and of g (32-byte aligned), in float32: a quarter of a row's
+// Δ = rowsum(dO∘O), the row's four threads each reading 16 columns.
+__device__ __forceinline__ float row_dot(const __nv_bfloat16* o, const __nv_bfloat16* g) {
+  float sum = 0.f;
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    const uint4 a = reinterpret_cast<const uint4*>(o)[u], b = reinterpret_cast<const uint4*>(g)[u];
+    const uint32_t av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&av[i]));
+      const float2 y = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bv[i]));
+      sum = fmaf(x.x, y.x, fmaf(x.y, y.y, sum));
+    }
+  }
+  return sum;
 }
 
 using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
