@@ -200,15 +200,9 @@ __global__ void __launch_bounds__(384, 1)
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
-    for (int s = 0; s < 2; ++s) {
-      bar_init(&sh.fixed_full[s], 1);
-      bar_init(&sh.fixed_empty[s], 2);  // one arrival from each consumer warpgroup
-    }
-    for (int s = 0; s < STAGES; ++s) {
-      bar_init(&sh.full[s], 1);
-      bar_init(&sh.empty[s], 2);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    bar_init_buffers(sh.fixed_full, sh.fixed_empty, 2);
+    bar_init_buffers(sh.full, sh.empty, STAGES);
+    bar_init_fence();
   }
   __syncthreads();
 

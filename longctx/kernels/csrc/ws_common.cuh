@@ -21,6 +21,20 @@ __device__ __forceinline__ void bar_init(uint64_t* bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem(bar)), "r"(count));
 }
 
+// n buffers' barrier pairs: full[i] completed by the producer's one arrival (with the bytes its
+// TMA loads bring), empty[i] by one arrival from each of the two consumer warpgroups.
+__device__ __forceinline__ void bar_init_buffers(uint64_t* full, uint64_t* empty, int n) {
+  for (int i = 0; i < n; ++i) {
+    bar_init(&full[i], 1);
+    bar_init(&empty[i], 2);
+  }
+}
+
+// After the barriers' initialisation, before any thread or the TMA unit uses them.
+__device__ __forceinline__ void bar_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
 __device__ __forceinline__ void bar_expect(uint64_t* bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem(bar)), "r"(bytes) : "memory");
 }

@@ -170,17 +170,10 @@ __global__ void __launch_bounds__(384, 1)
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
-    for (int s = 0; s < 2; ++s) {
-      bar_init(&sh.q_full[s], 1);
-      bar_init(&sh.q_empty[s], 2);  // one arrival from each consumer warpgroup
-    }
-    for (int s = 0; s < STAGES; ++s) {
-      bar_init(&sh.k_full[s], 1);
-      bar_init(&sh.v_full[s], 1);
-      bar_init(&sh.k_empty[s], 2);
-      bar_init(&sh.v_empty[s], 2);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    bar_init_buffers(sh.q_full, sh.q_empty, 2);
+    bar_init_buffers(sh.k_full, sh.k_empty, STAGES);
+    bar_init_buffers(sh.v_full, sh.v_empty, STAGES);
+    bar_init_fence();
   }
   __syncthreads();
 
