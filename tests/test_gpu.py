@@ -269,14 +269,22 @@ def hopper_on(monkeypatch) -> list:
     """hopper.py's Gluon backward passes switched on (skipping off sm_90), each call of them
     recorded as (name, whether it got RoPE's tables) in the list returned."""
     from longctx.kernels import hopper
+    rope = lambda args: args[-1] is not None
+    return sm90_kernels_on(monkeypatch, hopper, {"local_dq": rope, "local_dkdv": rope})
+
+
+def sm90_kernels_on(monkeypatch, module, record: dict) -> list:
+    """module's sm_90 kernels switched on (ENABLED; skipping off sm_90, where the Triton passes
+    run and the union tests check them), each call of the functions named in `record` kept in
+    the list returned as (name, record[name](its positional arguments))."""
     if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("hopper.py's kernels are for sm_90 GPUs; other GPUs run the Triton passes (the union tests)")
-    monkeypatch.setattr(hopper, "ENABLED", True)
+        pytest.skip(f"{module.__name__}'s kernels are for sm_90 GPUs; other GPUs run the Triton passes")
+    monkeypatch.setattr(module, "ENABLED", True)
     calls = []
-    for name in ("local_dq", "local_dkdv"):
-        real = getattr(hopper, name)
-        monkeypatch.setattr(hopper, name, lambda *a, name=name, real=real, **kw:
-                            calls.append((name, a[-1] is not None)) or real(*a, **kw))
+    for name, what in record.items():
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, name=name, what=what, real=real, **kw:
+                            calls.append((name, what(a))) or real(*a, **kw))
     return calls
 
 
@@ -334,17 +342,11 @@ def hopper_cuda_on(monkeypatch) -> list:
     """hopper_cuda.py's local passes switched on (skipping off sm_90 or without nvcc), each call of
     them recorded in the list returned as (name, the layout's branch count)."""
     from longctx.kernels import hopper_cuda
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("hopper_cuda.py's kernels are for sm_90 GPUs; other GPUs run the Triton pass (the union tests)")
     if hopper_cuda.nvcc() is None:
         pytest.skip("no nvcc to build hopper_cuda.py's kernels")
-    monkeypatch.setattr(hopper_cuda, "ENABLED", True)
-    calls = []
-    for name, at in (("local_forward", 5), ("local_backward", 8)):  # where each takes the layout
-        real = getattr(hopper_cuda, name)
-        monkeypatch.setattr(hopper_cuda, name, lambda *a, name=name, at=at, real=real, **kw:
-                            calls.append((name, a[at].n)) or real(*a, **kw))
-    return calls
+    # where each takes the layout
+    return sm90_kernels_on(monkeypatch, hopper_cuda, {"local_forward": lambda a: a[5].n,
+                                                      "local_backward": lambda a: a[8].n})
 
 
 def check_union_parity(case, head_split, causal, op_cls, dtype):

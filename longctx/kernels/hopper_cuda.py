@@ -94,7 +94,7 @@ def available() -> bool:
     try:
         library()
     except (RuntimeError, OSError) as e:
-        warnings.warn(f"LONGCTX_HOPPER_CUDA=1 but the CUDA kernels are unavailable, so the Triton local pass runs: {e}")
+        warnings.warn(f"LONGCTX_HOPPER_CUDA=1 but the CUDA kernels are unavailable, so the other local passes run: {e}")
         return False
     return True
 
@@ -118,7 +118,7 @@ def use_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay) -> bool:
 def use_backward(q, k, v, dout, grads, lay) -> bool:
     """Whether the union backward's local passes run here: as use_forward, with dO and the
     gradients `readable` too."""
-    return readable(dout, *grads) and use_forward(q, k, v, lay)
+    return use_forward(q, k, v, lay) and readable(dout, *grads)
 
 
 def _call(fn, *args) -> None:
