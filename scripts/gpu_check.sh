@@ -9,8 +9,9 @@
 # Gluon backward passes, sm_90's default, against the Triton ones, LONGCTX_HOPPER=0: the op to 1M
 # and the LM at 32K; the tests stage runs the GPU suite with them on, ~10 minutes on an H100), ws
 # (tools/kernels/ws_probe.py, ws_bwd_probe.py: the CUDA producer/consumer forward and backward
-# passes against cuDNN and Gluon), cuda (the CUDA forward in the op, LONGCTX_HOPPER_CUDA=1: its GPU
-# tests, then the op and the LM at 32K with it off and on).
+# passes against cuDNN and Gluon), cuda (the CUDA local passes in the op, LONGCTX_HOPPER_CUDA=1: their
+# GPU tests, then the long preset's op, the seed preset's with head_split, and the LM at 32K, each
+# with them off and on).
 # Results go to $OUT (the device tool's folder) or ./gpu_out. Wheels in .whl/ (jsonargparse and
 # what it needs, for train.py) are installed first where the image lacks them.
 set -uo pipefail
@@ -89,7 +90,7 @@ for s in ${*:-tests bench train}; do
       done
       timeout ${WS_TIMEOUT:-240} python3 tools/kernels/ws_bwd_probe.py --branches 5 2>&1 | grep -v -i warn \
         | tee -a "$OUT/ws_probe.txt" ;;
-    cuda)  # the union forward's local pass in CUDA (longctx/kernels/hopper_cuda.py) against the Triton one
+    cuda)  # the union op's local passes in CUDA (longctx/kernels/hopper_cuda.py) against the Triton and Gluon ones
       python3 -m pytest -q -rf tests/test_gpu.py -k hopper_cuda > "$OUT/cuda-tests.txt" 2>&1
       grep -E "^FAILED|^E  |passed|failed" "$OUT/cuda-tests.txt" | tail -8
       for c in 0 1; do
@@ -97,6 +98,10 @@ for s in ${*:-tests bench train}; do
           --modes fwd fwd+bwd --lengths ${LONG_LENGTHS:-65536 131072 262144} --warmup 1 --repeats 7 --cuda-graph \
           --out "$OUT/cuda$c" > "$OUT/cuda$c.log" 2>&1
         echo "LONGCTX_HOPPER_CUDA=$c:"; grep -E "^\|" "$OUT/cuda$c.log" | grep -E "sdpa|improved"
+        LONGCTX_HOPPER_CUDA=$c python3 -m longctx.benchmark --preset seed --variants sdpa improved_dilated \
+          --batch 1 2 --lengths 8192 32768 --head-split on --modes fwd+bwd --cuda-graph --out "$OUT/seed-cuda$c" \
+          > "$OUT/seed-cuda$c.log" 2>&1
+        grep -E "^\|" "$OUT/seed-cuda$c.log" | grep -E "sdpa|improved"
       done
       for c in 0 1; do
         LONGCTX_HOPPER_CUDA=$c fit "32k-cuda$c" ${STEPS_32K:-300} --config configs/seq/32k.yaml --config configs/graphs.yaml \

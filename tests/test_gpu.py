@@ -293,16 +293,24 @@ CUDA_CASES = [  # bf16 heads of 64, segments of whole 128-row items: hopper_cuda
     (1, 3072, 6, 64, [256, 512, 1024], [1, 2, 4]),  # three top-level segments, fewer heads than offsets
     (1, 4096, 4, 64, [128, 256, 512, 1024, 2048], [1, 2, 4, 8, 16]),  # five branches (the most); one item a segment
 ]
+CUDA_SPLIT_CASES = [  # head_split: each head group's rows 2^i apart, read in place through its own maps
+    (2, 8192, 8, 64, [1024, 2048, 4096], [1, 2, 4]),  # the seed preset's layout, groups of 3, 3, 2 heads
+    (1, 3072, 5, 64, [128, 256, 512], [1, 2, 4]),  # groups of 2, 2, 1; six top-level segments
+    (1, 2048, 4, 64, [128, 256, 512, 1024], [1, 2, 4, 8]),  # four branches (the most), one head each
+]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("case", CUDA_CASES, ids=[f"B{c[0]}-T{c[1]}-n{len(c[4])}" for c in CUDA_CASES])
-def test_gpu_hopper_cuda_parity(case, causal, monkeypatch):
+@pytest.mark.parametrize("case,head_split", [(c, False) for c in CUDA_CASES] + [(c, True) for c in CUDA_SPLIT_CASES],
+                         ids=[f"B{c[0]}-T{c[1]}-n{len(c[4])}" for c in CUDA_CASES]
+                         + [f"split-B{c[0]}-T{c[1]}-n{len(c[4])}" for c in CUDA_SPLIT_CASES])
+def test_gpu_hopper_cuda_parity(case, head_split, causal, monkeypatch):
     """With LONGCTX_HOPPER_CUDA on, on an sm_90 GPU, the union op's local passes are the CUDA
     kernels (hopper_cuda.py, counted: the forward, then dQ making STATS and dK/dV) on q/k/v views
-    of one fused projection; the output and all three gradients keep the parity rule."""
+    of one fused projection; the output and all three gradients keep the parity rule, with
+    head_split too (where the kernels also zero what each head's branch skips)."""
     calls = hopper_cuda_on(monkeypatch)
-    check_union_parity(case, False, causal, ImprovedDilatedAttention, torch.bfloat16)
+    check_union_parity(case, head_split, causal, ImprovedDilatedAttention, torch.bfloat16)
     assert calls == [("local_forward", len(case[4])), ("local_backward", len(case[4]))]
 
 

@@ -2,8 +2,8 @@
 with FlashAttention-3's structure: a TMA producer warp giving its registers to two wgmma consumer
 warpgroups, over a persistent grid. union.forward and union.backward run them in place of the
 Triton (forward) and Gluon (hopper.py, backward) local passes where `use_forward` and
-`use_backward` hold, RoPE's rotation of dQ and dK included; those stay the path everywhere else,
-and the upper passes run on their results in every case.
+`use_backward` hold, RoPE's rotation of dQ and dK and head_split included; those stay the path
+everywhere else, and the upper passes run on their results in every case.
 
 Why CUDA: Triton 3.6 cannot give a producer warp's registers to the consumers (ptxas C7512), and
 the structure needs 240 registers a consumer thread. The kernels are compiled with the CUDA
@@ -13,7 +13,7 @@ text, and called through ctypes; without nvcc the Triton pass runs, with one war
 Off unless LONGCTX_HOPPER_CUDA=1: the kernels are exact on an H100, but the version measured there
 ran below cuDNN's rate on the long preset's segments (259–267 against 364–415 TF/s) and was not
 timed against the Triton local pass; this one (half the instructions a key tile, a persistent
-grid) is not yet measured (docs/performance.md).
+grid, head_split) is not yet measured (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ FLAGS = ["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "--shared
          "-Xptxas", "-v"]
 MODES = ("sequential", "pipelined", "ping-pong")  # ws_fwd.cu's Mode, in order
 ROWS = 128  # query rows a CTA's item: segments must be whole items
+MAX_SPLIT = 4  # head_split's branches: a tensor map each for dilations 1, 2, 4, 8 (ws_common.cuh)
 
 
 def nvcc() -> str | None:
@@ -78,13 +79,14 @@ def library() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(build()[0]))
     ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
     lib.ws_fwd.restype = lib.ws_bwd.restype = i32
-    # q, k, v, their row strides, out, its row stride, lse, B, T, H, L, causal, scale, branches, mode, ctas, stream
+    # q, k, v, their row strides, out, its row stride, lse, B, T, H, L, causal, scale, branches, split, mode,
+    # ctas, stream
     lib.ws_fwd.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, i32, i32, i32, i32, i32, f32, i32, i32, i32,
-                           ptr]
+                           i32, ptr]
     # q, k, v, their row strides, dO, its row stride, STATS, out, its row stride, lse, RoPE's cos and sin,
-    # two gradients, their row stride, B, T, H, L, causal, scale, branches, dq, overlap, ctas, stream
+    # two gradients, their row stride, B, T, H, L, causal, scale, branches, split, dq, overlap, ctas, stream
     lib.ws_bwd.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i32,
-                           i32, i32, i32, i32, f32, i32, i32, i32, i32, ptr]
+                           i32, i32, i32, i32, f32, i32, i32, i32, i32, i32, ptr]
     return lib
 
 
@@ -106,11 +108,11 @@ def readable(*xs: torch.Tensor) -> bool:
 
 def use_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay) -> bool:
     """Whether the union forward's local pass on layout `lay` runs here: switched on, an sm_90 GPU,
-    bf16 heads of 64 read in place, every head running every branch (at most five), segments of
+    bf16 heads of 64 read in place, at most five branches (MAX_SPLIT under head_split), segments of
     whole 128-row items, and the library built."""
     if not (ENABLED and q.is_cuda and _hopper(q.device.index or 0)):
         return False
-    if lay.split or lay.n > 5 or lay.L % ROWS or not readable(q, k, v):
+    if lay.n > (MAX_SPLIT if lay.split else 5) or lay.L % ROWS or not readable(q, k, v):
         return False
     return available()
 
@@ -129,27 +131,30 @@ def _call(fn, *args) -> None:
 
 
 def attend(q, k, v, out, lse, W: int, scale: float, causal: bool, branches: int, mode: str = "ping-pong",
-           ctas: int | None = None) -> None:
+           ctas: int | None = None, split: int = 0) -> None:
     """out (B, T, H, 64) bf16 and lse (B, T, H) float32 (natural log), both contiguous, of
     attention inside segments of W rows of q/k/v (`readable`), each pair weighted by the union
-    local pass's m = min(λ(x), λ(s)) + 1 for `branches` branches (1: no weights). ctas: the
+    local pass's m = min(λ(x), λ(s)) + 1 for `branches` branches (1: no weights). split > 0:
+    head_split over that many branches (branches 1): each head attends inside segments of W rows
+    2^i apart (its branch i's), and the positions it skips get output 0 and LSE −∞. ctas: the
     persistent grid's size (None: one CTA an SM; 0: one CTA an item); mode: one of MODES."""
     B, T, H, _ = q.shape
     assert out.is_contiguous() and lse.is_contiguous() and readable(q, k, v), "rows the kernel reads and writes"
     ctas = sm_count(q.device.index or 0) if ctas is None else ctas
     _call(library().ws_fwd, q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(1), k.stride(1), v.stride(1),
-          out.data_ptr(), out.stride(1), lse.data_ptr(), B, T, H, W, int(causal), scale, branches, MODES.index(mode),
-          ctas)
+          out.data_ptr(), out.stride(1), lse.data_ptr(), B, T, H, W, int(causal), scale, branches, split,
+          MODES.index(mode), ctas)
 
 
 def gradients(q, k, v, dout, stats, grads, W: int, scale: float, causal: bool, branches: int, dq: bool,
-              ctas: int | None = None, out=None, lse=None, rope=None, overlap: bool = False) -> None:
+              ctas: int | None = None, out=None, lse=None, rope=None, overlap: bool = False, split: int = 0) -> None:
     """attend's dK and dV into grads (two (B, T, H, 64) bf16 with one set of strides, `readable`
     rows), or with dq its dQ into grads[0], given STATS (2, B·H, T) float32 (log2 LSE and
-    Δ = rowsum(dO∘O) by position) and dO (`readable`); with dq, out and lse (the forward's, both
-    contiguous), the dQ pass writes STATS first. rope: (cos, sin) (T, 32) float32 contiguous, by
-    which q and k were rotated (half-split): dQ and dK come out rotated back. overlap: the next
-    tile's scores and probabilities under this tile's gradient matmuls. ctas as in attend."""
+    Δ = rowsum(dO∘O) by position; under head_split by the branch's row, 2^i positions apart) and dO
+    (`readable`); with dq, out and lse (the forward's, both contiguous), the dQ pass writes STATS
+    first. rope: (cos, sin) (T, 32) float32 contiguous, by which q and k were rotated (half-split):
+    dQ and dK come out rotated back. overlap: the next tile's scores and probabilities under this
+    tile's gradient matmuls. ctas and split as in attend (the skipped positions' gradients 0)."""
     B, T, H, _ = q.shape
     assert stats.shape == (2, B * H, T) and stats.is_contiguous() and readable(q, k, v, dout, *grads)
     assert all(g.stride() == grads[0].stride() for g in grads), "one set of gradient strides"
@@ -161,14 +166,21 @@ def gradients(q, k, v, dout, stats, grads, W: int, scale: float, causal: bool, b
           dout.data_ptr(), dout.stride(1), stats.data_ptr(), None if out is None else out.data_ptr(),
           0 if out is None else out.stride(1), None if lse is None else lse.data_ptr(),
           None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(), grads[0].data_ptr(),
-          grads[-1].data_ptr(), grads[0].stride(1), B, T, H, W, int(causal), scale, branches, int(dq), int(overlap),
-          ctas)
+          grads[-1].data_ptr(), grads[0].stride(1), B, T, H, W, int(causal), scale, branches, split, int(dq),
+          int(overlap), ctas)
+
+
+def _weights(lay) -> tuple[int, int]:
+    """(branches, split) for the kernels: lay.n branches' weight terms, or head_split's lay.n branches."""
+    return (1, lay.n) if lay.split else (lay.n, 0)
 
 
 def local_forward(q, k, v, out, lse, lay, is_causal: bool, scale: float) -> None:
-    """The union forward's local pass (level 1, with the weight terms of lay.n branches) into its
-    out (B, T, H, D) and lse (B, T, H), which the upper pass then reads."""
-    attend(q, k, v, out, lse, lay.L, scale, is_causal, lay.n)
+    """The union forward's local pass (level 1, with the weight terms of lay.n branches; under
+    head_split each head's branch, and nothing after it) into its out (B, T, H, D) and lse
+    (B, T, H), which the upper pass then reads."""
+    branches, split = _weights(lay)
+    attend(q, k, v, out, lse, lay.L, scale, is_causal, branches, split=split)
 
 
 def local_backward(q, k, v, dout, out, lse, stats, grads, lay, is_causal: bool, scale: float, rope=None) -> None:
@@ -176,5 +188,7 @@ def local_backward(q, k, v, dout, out, lse, stats, grads, lay, is_causal: bool, 
     and lse, which the upper passes read too), then dK/dV, into grads (dq, dk, dv); rope as in
     union.backward (dQ and dK rotated back)."""
     dq, dk, dv = grads
-    gradients(q, k, v, dout, stats, (dq,), lay.L, scale, is_causal, lay.n, True, out=out, lse=lse, rope=rope)
-    gradients(q, k, v, dout, stats, (dk, dv), lay.L, scale, is_causal, lay.n, False, rope=rope)
+    branches, split = _weights(lay)
+    gradients(q, k, v, dout, stats, (dq,), lay.L, scale, is_causal, branches, True, out=out, lse=lse, rope=rope,
+              split=split)
+    gradients(q, k, v, dout, stats, (dk, dv), lay.L, scale, is_causal, branches, False, rope=rope, split=split)

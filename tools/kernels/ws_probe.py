@@ -18,6 +18,7 @@ wgmma and TMA counts, which needs no GPU.
 import argparse
 import itertools
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -41,8 +42,7 @@ def sass_counts(lib: Path) -> dict:
             name = ("dkdv", "dq")[int(flags[0])] + (" overlap" if flags.split("Lb", 1)[1][0] == "1" else "")
         else:
             name = MODES[int(header.split("ILi", 1)[1][0])]
-        lines = [line for line in part.splitlines()
-                 if line.strip().startswith("/*") and "*/" in line[:16] and " NOP" not in line]
+        lines = [line for line in part.splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line) and " NOP" not in line]
         count = lambda word: sum(word in line for line in lines)
         counts[name] = {"instructions": len(lines), "HGMMA": count("HGMMA"), "waits on wgmma": count("WARPGROUP.DEPBAR"),
                         "TMA loads": count("UTMALDG"), "exp2": count("MUFU.EX2"), "register moves": count("USETMAXREG")}

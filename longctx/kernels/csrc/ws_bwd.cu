@@ -8,7 +8,7 @@
 // from shared memory), P = exp2(X·scale·log2e + log2 m − LSE₂) and dS = P∘(dX − Δ) in registers,
 // then dV += Pᵀ dO and dK += dSᵀ Q, or dQ += dS K (P and dS as register operands, the streamed
 // tiles read N-major). LSE₂ (log2 units) and Δ = rowsum(dO∘O) come as the union kernels' STATS,
-// (2, B·H, T) float32 by position. Every wgmma group is waited for at once; the two consumers
+// (2, B·H, T) float32 by row (the position, or under head_split the branch's row). Every wgmma group is waited for at once; the two consumers
 // overlap each other. Built by longctx/kernels/hopper_cuda.py (nvcc, sm_90a); probed by
 // tools/kernels/ws_bwd_probe.py.
 #include "ws_common.cuh"
@@ -136,22 +136,25 @@ __device__ __forceinline__ void gradients_done(Rows& r, Shared& sh, const Tile& 
   if (leader) bar_arrive(&sh.empty[t.st]);
 }
 
-// A CTA's work items: 128 fixed rows, ordered by how many streamed tiles meet them under the
-// causal mask, most first (dK/dV: a segment's first key tile; dQ: its last query tile), then by
-// segment, head and batch element; `first` and `n_tiles` are the streamed tiles that meet them
-// (query ≥ key): for dK/dV the query tiles from f0 on, for dQ the key tiles up to f0 + BF.
+// A CTA's work items: 128 fixed rows of one head's segment, ordered by how many streamed tiles
+// meet them under the causal mask, most first (dK/dV: a segment's first key tile; dQ: its last
+// query tile), then by head, batch element and segment (ws_common.cuh's work); `first` and
+// `n_tiles` are the streamed tiles that meet them (query ≥ key): for dK/dV the query tiles from f0
+// on, for dQ the key tiles up to f0 + BF. Rows are y (view rows from vrow0, the batch element's
+// first).
 struct Item {
-  int h, b, seg0, f0, first, n_tiles;
+  Head hd;
+  int vrow0, seg0, f0, first, n_tiles;
 };
 
 template <bool DQ>
-__device__ __forceinline__ Item item(int w, int B, int T, int H, int L, int causal) {
-  const int per_seg = L / BF, nseg = T / L, rest = nseg * H * B;
-  const int rank = w / rest, seg = w % rest % nseg, bh = w % rest / nseg;
-  const int seg0 = seg * L, f0 = seg0 + (causal && DQ ? per_seg - 1 - rank : rank) * BF;
+__device__ __forceinline__ Item item(int w, int B, int T, int H, int L, int causal, int split, int per_rank) {
+  int seg, rank;
+  const Head hd = work(w, B, T, H, L, split, per_rank, seg, rank);
+  const int per_seg = L / BF, seg0 = seg * L, f0 = seg0 + (causal && DQ ? per_seg - 1 - rank : rank) * BF;
   const int first = causal && !DQ ? (f0 - seg0) / BS : 0;
   const int n_tiles = !causal ? L / BS : DQ ? (f0 - seg0) / BS + BF / BS : (seg0 + L - f0) / BS;
-  return {bh % H, bh / H, seg0, f0, first, n_tiles};
+  return {hd, hd.b * (T >> hd.shift), seg0, f0, first, n_tiles};
 }
 
 // OVERLAP's step for tile t (P and dS in buffer BUF), which has a next one, the n-th: the next
@@ -187,16 +190,16 @@ __device__ __forceinline__ void last_tile(Rows& r, Shared& sh, const Tile& t, in
 // double-buffered and the streamed ring running on across items.
 template <bool DQ, bool OVERLAP>
 __global__ void __launch_bounds__(384, 1)
-    ws_bwd_kernel(const __grid_constant__ CUtensorMap fixed0_map, const __grid_constant__ CUtensorMap fixed1_map,
-                  const __grid_constant__ CUtensorMap stream0_map, const __grid_constant__ CUtensorMap stream1_map,
-                  float* __restrict__ stats, const __nv_bfloat16* __restrict__ out, long long out_row,
+    ws_bwd_kernel(const __grid_constant__ Maps fixed0_maps, const __grid_constant__ Maps fixed1_maps,
+                  const __grid_constant__ Maps stream0_maps, const __grid_constant__ Maps stream1_maps,
+                  int4 map_rows, float* __restrict__ stats, const __nv_bfloat16* __restrict__ out, long long out_row,
                   const __nv_bfloat16* __restrict__ dout, long long do_row, const float* __restrict__ lse,
                   const float* __restrict__ rope_cos, const float* __restrict__ rope_sin,
                   __nv_bfloat16* __restrict__ grad0, __nv_bfloat16* __restrict__ grad1, long long grad_row, int B,
-                  int T, int H, int L, float scale, int causal, int branches) {
+                  int T, int H, int L, float scale, int causal, int branches, int split, int per_rank) {
   extern __shared__ uint8_t raw[];
   Shared& sh = *reinterpret_cast<Shared*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
-  const int n_items = (T / BF) * H * B;
+  const int n_items = per_rank * (L / BF);
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
@@ -211,18 +214,18 @@ __global__ void __launch_bounds__(384, 1)
     if (threadIdx.x == 0) {
       int ring = 0;  // streamed tiles loaded so far
       for (int w = blockIdx.x, it = 0; w < n_items; w += gridDim.x, ++it) {
-        const Item x = item<DQ>(w, B, T, H, L, causal);
-        const int fb = it % 2, row0 = x.b * T;
+        const Item x = item<DQ>(w, B, T, H, L, causal, split, per_rank);
+        const int fb = it % 2, sh_i = x.hd.shift, o = x.hd.o, col = x.hd.h * D;
         if (it >= 2) bar_wait(&sh.fixed_empty[fb], (it / 2 - 1) & 1);
         bar_expect(&sh.fixed_full[fb], 2 * FIXED_BYTES);
-        tma_load(sh.fixed[fb][0], &fixed0_map, &sh.fixed_full[fb], x.h * D, row0 + x.f0);
-        tma_load(sh.fixed[fb][1], &fixed1_map, &sh.fixed_full[fb], x.h * D, row0 + x.f0);
+        tma_load(sh.fixed[fb][0], &fixed0_maps.m[sh_i], &sh.fixed_full[fb], o * map_rows.x + col, x.vrow0 + x.f0);
+        tma_load(sh.fixed[fb][1], &fixed1_maps.m[sh_i], &sh.fixed_full[fb], o * map_rows.y + col, x.vrow0 + x.f0);
         for (int n = 0; n < x.n_tiles; ++n, ++ring) {
-          const int s = ring % STAGES, at = row0 + x.seg0 + (x.first + n) * BS;
+          const int s = ring % STAGES, at = x.vrow0 + x.seg0 + (x.first + n) * BS;
           if (ring >= STAGES) bar_wait(&sh.empty[s], (ring / STAGES - 1) & 1);
           bar_expect(&sh.full[s], 2 * STREAM_BYTES);
-          tma_load(sh.streamed[s][0], &stream0_map, &sh.full[s], x.h * D, at);
-          tma_load(sh.streamed[s][1], &stream1_map, &sh.full[s], x.h * D, at);
+          tma_load(sh.streamed[s][0], &stream0_maps.m[sh_i], &sh.full[s], o * map_rows.z + col, at);
+          tma_load(sh.streamed[s][1], &stream1_maps.m[sh_i], &sh.full[s], o * map_rows.w + col, at);
         }
       }
     }
@@ -238,13 +241,14 @@ __global__ void __launch_bounds__(384, 1)
   for (int i = 0; i < 32; ++i) r.x[i] = r.dx[i] = 0.f;  // the first wgmma of each tile overwrites them
   int ring = 0;  // streamed tiles consumed so far, as the producer counts them
   for (int w = blockIdx.x, it = 0; w < n_items; w += gridDim.x, ++it) {
-    const Item x = item<DQ>(w, B, T, H, L, causal);
-    const int fb = it % 2, row0 = x.b * T, seg0 = x.seg0, f0 = x.f0, first = x.first, n_tiles = x.n_tiles;
+    const Item x = item<DQ>(w, B, T, H, L, causal, split, per_rank);
+    const int fb = it % 2, h = x.hd.h, seg0 = x.seg0, f0 = x.f0, first = x.first, n_tiles = x.n_tiles;
+    const long long row0 = (long long)x.hd.b * T;  // the batch element's first position's row
     r.row = f0 + 64 * c + 16 * (tid / 32) + lane / 4;
 #pragma unroll
     for (int i = 0; i < 32; ++i) r.g0[i] = r.g1[i] = 0.f;
-    weight_terms(r.bias, r.row, r.tq, x.h, branches);
-    float* lse2 = stats + (long long)(x.b * H + x.h) * T;
+    weight_terms(r.bias, r.row, r.tq, h, branches);  // (head_split: one branch, no weights)
+    float* lse2 = stats + (long long)(x.hd.b * H + h) * T;  // by y: under head_split, the branch's rows
     float* delta = lse2 + (long long)B * H * T;
     if (DQ) {  // a query's LSE₂ folds into its weight terms: one FFMA an exponent
 #pragma unroll
@@ -252,9 +256,9 @@ __global__ void __launch_bounds__(384, 1)
         const int row = r.row + 8 * half;
         float l2, dl;
         if (out != nullptr) {  // STATS made here, for this pass, dK/dV's and the upper passes'
-          const long long at = row0 + row;
-          l2 = lse[at * H + x.h] * 1.4426950408889634f;
-          dl = row_dot(out + at * out_row + x.h * D + 16 * r.tq, dout + at * do_row + x.h * D + 16 * r.tq);
+          const long long at = row0 + ((long long)row << x.hd.shift) + x.hd.o;
+          l2 = lse[at * H + h] * 1.4426950408889634f;
+          dl = row_dot(out + at * out_row + h * D + 16 * r.tq, dout + at * do_row + h * D + 16 * r.tq);
           dl += __shfl_xor_sync(0xffffffff, dl, 1);
           dl += __shfl_xor_sync(0xffffffff, dl, 2);
           if (r.tq == 0) {
@@ -309,15 +313,15 @@ __global__ void __launch_bounds__(384, 1)
 
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int pos = r.row + 8 * half;
-      const long long at = (long long)(row0 + pos) * grad_row + x.h * D + 2 * r.tq;
+      const long long pos = ((long long)(r.row + 8 * half) << x.hd.shift) + x.hd.o;
+      const long long at = (row0 + pos) * grad_row + h * D + 2 * r.tq;
       float g[16];  // dQ or dK of the row, scaled: columns 8j + 2·tq + e at [2j + e]
 #pragma unroll
       for (int i = 0; i < 16; ++i) g[i] = r.g0[4 * (i / 2) + 2 * half + i % 2] * scale;
       if (rope_cos != nullptr) {  // rotated back by RoPE's angles at pos: column c pairs with c + 32
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const long long angle = (long long)pos * (D / 2) + 8 * j + 2 * r.tq;
+          const long long angle = pos * (D / 2) + 8 * j + 2 * r.tq;
           const float2 c = *reinterpret_cast<const float2*>(rope_cos + angle);
           const float2 sn = *reinterpret_cast<const float2*>(rope_sin + angle);
 #pragma unroll
@@ -335,6 +339,10 @@ __global__ void __launch_bounds__(384, 1)
           *reinterpret_cast<__nv_bfloat162*>(grad1 + at + 8 * j) =
               __floats2bfloat162_rn(r.g1[4 * j + 2 * half], r.g1[4 * j + 2 * half + 1]);
       }
+      if (x.hd.shift) {  // head_split: zero gradients at the positions between this branch's
+        zero_unkept(grad0 + at - x.hd.o * grad_row, grad_row, x.hd, 8);
+        if (!DQ) zero_unkept(grad1 + at - x.hd.o * grad_row, grad_row, x.hd, 8);
+      }
     }
   }
 }
@@ -342,41 +350,41 @@ __global__ void __launch_bounds__(384, 1)
 }  // namespace
 
 // The gradients of ws_fwd's attention for q/k/v and dO (q_row, k_row, v_row, do_row elements
-// between positions), given STATS (2, B·H, T) float32 (log2 LSE and Δ = rowsum(dO∘O) by
-// position): dK and dV into grad0 and grad1, or (dq) dQ into grad0, (B, T, H, 64) bf16, grad_row
-// apart. With out (the forward's O, out_row apart) and lse ((B, T, H) float32, natural log), the
-// dQ pass writes STATS itself before using them, for the dK/dV pass that follows. With rope_cos
-// and rope_sin ((T, 32) float32), dQ and dK come out rotated back by RoPE's angles (half-split),
-// the gradients of the unrotated q and k. overlap: the next tile's X and dX and its P and dS
-// under this tile's gradient matmuls (FlashAttention-3's overlap inside a warpgroup), else each
-// group waited for at once. ctas > 0: a persistent grid of that
-// many CTAs (at most one an item); 0: one CTA an item.
+// between positions), given STATS (2, B·H, T) float32 (log2 LSE and Δ = rowsum(dO∘O) by row y,
+// the position without head_split): dK and dV into grad0 and grad1, or (dq) dQ into grad0,
+// (B, T, H, 64) bf16, grad_row apart. With out (the forward's O, out_row apart) and lse ((B, T, H)
+// float32, natural log), the dQ pass writes STATS itself before using them, for the dK/dV pass
+// that follows. With rope_cos and rope_sin ((T, 32) float32), dQ and dK come out rotated back by
+// RoPE's angles (half-split), the gradients of the unrotated q and k. split: head_split as in
+// ws_fwd (the positions a head does not keep get zero gradients). overlap: the next tile's X and
+// dX and its P and dS under this tile's gradient matmuls (FlashAttention-3's overlap inside a
+// warpgroup), else each group waited for at once. ctas > 0: a persistent grid of that many CTAs
+// (at most one an item); 0: one CTA an item.
 // Returns 0, a CUDA error, or -1 (no cuTensorMapEncodeTiled), -2 (a map refused), -3 (shapes).
 extern "C" int ws_bwd(const void* q, const void* k, const void* v, long long q_row, long long k_row,
                       long long v_row, const void* dout, long long do_row, float* stats, const void* out,
                       long long out_row, const float* lse, const float* rope_cos, const float* rope_sin,
                       void* grad0, void* grad1, long long grad_row, int B, int T, int H, int L, int causal,
-                      float scale, int branches, int dq, int overlap, int ctas, void* stream) {
-  if (L % BF != 0 || T % L != 0 || branches < 1 || branches > 5 || (out != nullptr && !dq)) return -3;
-  CUtensorMap maps[4];  // fixed₀, fixed₁, streamed₀, streamed₁
-  const long long rows = (long long)B * T;
-  const void* fixed[2] = {dq ? q : k, dq ? dout : v};
-  const void* streamed[2] = {dq ? k : q, dq ? v : dout};
-  const long long fixed_row[2] = {dq ? q_row : k_row, dq ? do_row : v_row};
-  const long long streamed_row[2] = {dq ? k_row : q_row, dq ? v_row : do_row};
-  for (int i = 0; i < 2; ++i) {
-    if (int e = tensor_map(&maps[i], fixed[i], rows, H * D, fixed_row[i], BF)) return e;
-    if (int e = tensor_map(&maps[2 + i], streamed[i], rows, H * D, streamed_row[i], BS)) return e;
-  }
+                      float scale, int branches, int split, int dq, int overlap, int ctas, void* stream) {
+  const int dilations = split > 0 ? split : 1;
+  if (L % BF != 0 || T % (L << (dilations - 1)) != 0 || branches < 1 || branches > 5 ||
+      (split > 0 && branches != 1) || split < 0 || split > MAX_SPLIT || split > H || (out != nullptr && !dq))
+    return -3;
+  Maps maps[4];  // fixed₀, fixed₁, streamed₀, streamed₁
+  const long long positions = (long long)B * T;
+  const void* bases[4] = {dq ? q : k, dq ? dout : v, dq ? k : q, dq ? v : dout};
+  const long long rows[4] = {dq ? q_row : k_row, dq ? do_row : v_row, dq ? k_row : q_row, dq ? v_row : do_row};
+  for (int i = 0; i < 4; ++i)
+    if (const int e = tensor_maps(&maps[i], bases[i], positions, H, rows[i], i < 2 ? BF : BS, dilations)) return e;
   const int bytes = sizeof(Shared) + 1024;
   auto kernel = dq ? (overlap ? ws_bwd_kernel<true, true> : ws_bwd_kernel<true, false>)
                   : (overlap ? ws_bwd_kernel<false, true> : ws_bwd_kernel<false, false>);
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  const int items = T / BF * H * B;
+  const int per_rank = items_per_rank(B, T, H, L, split), items = per_rank * (L / BF);
   kernel<<<ctas > 0 && ctas < items ? ctas : items, 384, bytes, static_cast<cudaStream_t>(stream)>>>(
-      maps[0], maps[1], maps[2], maps[3], stats, static_cast<const __nv_bfloat16*>(out), out_row,
-      static_cast<const __nv_bfloat16*>(dout), do_row, lse, rope_cos, rope_sin,
-      static_cast<__nv_bfloat16*>(grad0),
-      static_cast<__nv_bfloat16*>(grad1), grad_row, B, T, H, L, scale, causal, branches);
+      maps[0], maps[1], maps[2], maps[3], make_int4(int(rows[0]), int(rows[1]), int(rows[2]), int(rows[3])), stats,
+      static_cast<const __nv_bfloat16*>(out), out_row, static_cast<const __nv_bfloat16*>(dout), do_row, lse,
+      rope_cos, rope_sin, static_cast<__nv_bfloat16*>(grad0), static_cast<__nv_bfloat16*>(grad1), grad_row, B, T, H,
+      L, scale, causal, branches, split, per_rank);
   return static_cast<int>(cudaGetLastError());
 }

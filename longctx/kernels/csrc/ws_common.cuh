@@ -191,7 +191,7 @@ inline Encode encoder() {  // the driver's function through the runtime: no link
 }
 
 // A map of (rows, cols) bf16 rows row_stride elements apart, read in [box_rows, 64] swizzled boxes.
-inline int tensor_map(CUtensorMap* map, const void* base, long long rows, int cols, long long row_stride,
+inline int tensor_map(CUtensorMap* map, const void* base, long long rows, long long cols, long long row_stride,
                       int box_rows) {
   const cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
   const cuuint64_t strides[1] = {(cuuint64_t)row_stride * 2};
@@ -203,6 +203,85 @@ inline int tensor_map(CUtensorMap* map, const void* base, long long rows, int co
             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS
              ? 0
              : -2;
+}
+
+// One (B, T, H, 64) tensor's maps, one a dilation r = 1, 2, 4, 8 (head_split's branches; 1 alone
+// without): map i reads the rows of dilation 2^i in place as a (B·T/r, (r − 1)·stride + H·64) view
+// whose rows are r positions apart, so that position r·y + o of head h is row y at column
+// o·stride + 64h (the branch's rows of one offset o, consecutive).
+constexpr int MAX_SPLIT = 4;
+struct Maps {
+  CUtensorMap m[MAX_SPLIT];
+};
+
+inline int tensor_maps(Maps* maps, const void* base, long long positions, int H, long long row_stride, int box_rows,
+                       int dilations) {
+  for (int i = 0; i < dilations; ++i) {
+    const long long r = 1ll << i;
+    if (const int e = tensor_map(&maps->m[i], base, positions / r, (r - 1) * row_stride + H * D, r * row_stride,
+                                 box_rows))
+      return e;
+  }
+  return 0;
+}
+
+// Where a work item's rows are. Positions of head h under head_split are r·y + o (r = 2^shift its
+// branch's dilation, o = h mod r); a segment is L consecutive y, a batch element T/r of them
+// (without head_split shift = o = 0 and y is the position).
+struct Head {
+  int h, b, shift, o;
+};
+
+// Head h's branch under head_split over `split` branches (0: none): the groups layout.head_groups
+// makes, contiguous and as even as possible, the earlier ones one larger.
+__host__ __device__ __forceinline__ int branch_of(int h, int H, int split) {
+  if (split == 0) return 0;
+  const int base = H / split, big = H % split * (base + 1);
+  return h < big ? h / (base + 1) : H % split + (h - big) / base;
+}
+
+// Items a rank (see work): Σ over heads of B·T / (L·r).
+inline int items_per_rank(int B, int T, int H, int L, int split) {
+  int n = 0;
+  for (int h = 0; h < H; ++h) n += B * ((T >> branch_of(h, H, split)) / L);
+  return n;
+}
+
+// Work item w's head, batch element, segment and rank (its tile's index counted from the item a
+// causal pass runs first), ordered rank first, then head and batch element, then segment; under
+// head_split a head has T / (L·r) segments, so `per_rank` (host-counted: Σ over heads of
+// B·T / (L·r), items_per_rank) items share a rank.
+__device__ __forceinline__ Head work(int w, int B, int T, int H, int L, int split, int per_rank, int& seg,
+                                     int& rank) {
+  rank = w / per_rank;
+  int rest = w % per_rank;
+  if (split == 0) {
+    const int nseg = T / L;
+    seg = rest % nseg;
+    return {rest / nseg % H, rest / nseg / H, 0, 0};
+  }
+  int h = 0, nseg = T / L;
+  for (;; ++h) {
+    nseg = (T >> branch_of(h, H, split)) / L;
+    if (rest < B * nseg) break;
+    rest -= B * nseg;
+  }
+  const int shift = branch_of(h, H, split);
+  seg = rest % nseg;
+  return {h, rest / nseg, shift, h & ((1 << shift) - 1)};
+}
+
+// Zeros at the positions of head h's rows it does not keep around kept row y (r·y + o' for every
+// o' ≠ o): their output, gradient and LSE under head_split, which every position of the head gets
+// either from its branch or here. `at` points to the head's first column at position r·y of a
+// (…, row elements apart) tensor; cols: the 2·cols elements this thread writes, 8 apart.
+__device__ __forceinline__ void zero_unkept(__nv_bfloat16* at, long long row, const Head& x, int cols) {
+  for (int o = 0; o < (1 << x.shift); ++o) {
+    if (o == x.o) continue;
+#pragma unroll 1
+    for (int j = 0; j < cols; ++j)
+      *reinterpret_cast<__nv_bfloat162*>(at + o * row + 8 * j) = __floats2bfloat162_rn(0.f, 0.f);
+  }
 }
 
 }  // namespace ws

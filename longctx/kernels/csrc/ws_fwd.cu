@@ -10,7 +10,8 @@
 // tensor cores. The last is the fastest on an H100, though still below cuDNN per FLOP
 // (docs/lab/runs.md).
 // Heads of 64, bf16, q/k/v rows read in place from (B·T, row stride) views (the LM's fused
-// projection), segments of L rows (a multiple of 128), causal or not.
+// projection), segments of L rows (a multiple of 128), causal or not; under head_split each head
+// in its branch, its rows 2^i positions apart read through that dilation's tensor map.
 // Built by longctx/kernels/hopper_cuda.py (nvcc, sm_90a); probed by tools/kernels/ws_probe.py.
 #include "ws_common.cuh"
 
@@ -139,17 +140,20 @@ __device__ __forceinline__ void pv_now(Rows& r, Shared& sh, int st, uint32_t par
 
 enum Mode { SEQUENTIAL = 0, PIPELINED = 1, PING_PONG = 2 };
 
-// A CTA's work items: 128-row query tiles, ordered longest first across the whole problem (under
-// the causal mask a tile's key count is its rank + 1), then by segment, head and batch element.
+// A CTA's work items: 128-row query tiles of one head's segment, ordered longest first across the
+// whole problem (under the causal mask a tile's key count is its rank + 1), then by head, batch
+// element and segment (ws_common.cuh's work). Rows are y (view rows from vrow0, the batch
+// element's first): seg0 and q0 the segment's and the tile's first.
 struct Item {
-  int h, row0, seg0, q0, n_tiles;
+  Head hd;
+  int vrow0, seg0, q0, n_tiles;
 };
 
-__device__ __forceinline__ Item item(int w, int B, int T, int H, int L, int causal) {
-  const int per_seg = L / BM, nseg = T / L, rest = nseg * H * B;
-  const int rank = w / rest, seg = w % rest % nseg, bh = w % rest / nseg;
-  const int t = causal ? per_seg - 1 - rank : rank;
-  return {bh % H, (bh / H) * T, seg * L, seg * L + t * BM, causal ? t + 1 : per_seg};
+__device__ __forceinline__ Item item(int w, int B, int T, int H, int L, int causal, int split, int per_rank) {
+  int seg, rank;
+  const Head hd = work(w, B, T, H, L, split, per_rank, seg, rank);
+  const int per_seg = L / BM, t = causal ? per_seg - 1 - rank : rank;
+  return {hd, hd.b * (T >> hd.shift), seg * L, seg * L + t * BM, causal ? t + 1 : per_seg};
 }
 
 // SEQUENTIAL: each wgmma group is waited for at once. PIPELINED: the next tile's QKᵀ is issued
@@ -161,12 +165,13 @@ __device__ __forceinline__ Item item(int w, int B, int T, int H, int L, int caus
 // on across items so that the producer loads the next item's tiles under this one's last.
 template <int MODE>
 __global__ void __launch_bounds__(384, 1)
-    ws_fwd_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap k_map,
-                  const __grid_constant__ CUtensorMap v_map, __nv_bfloat16* __restrict__ out, long long out_row,
-                  float* __restrict__ lse, int B, int T, int H, int L, float scale_log2, int causal, int branches) {
+    ws_fwd_kernel(const __grid_constant__ Maps q_maps, const __grid_constant__ Maps k_maps,
+                  const __grid_constant__ Maps v_maps, int q_row, int k_row, int v_row,
+                  __nv_bfloat16* __restrict__ out, long long out_row, float* __restrict__ lse, int B, int T, int H,
+                  int L, float scale_log2, int causal, int branches, int split, int per_rank) {
   extern __shared__ uint8_t raw[];
   Shared& sh = *reinterpret_cast<Shared*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
-  const int n_items = (T / BM) * H * B;
+  const int n_items = per_rank * (L / BM);
   const int wg = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
@@ -182,21 +187,23 @@ __global__ void __launch_bounds__(384, 1)
     if (threadIdx.x == 0) {
       int kv = 0;  // K/V tiles loaded so far: the ring's position and fill
       for (int w = blockIdx.x, it = 0; w < n_items; w += gridDim.x, ++it) {
-        const Item x = item(w, B, T, H, L, causal);
-        const int qb = it % 2;
+        const Item x = item(w, B, T, H, L, causal, split, per_rank);
+        const CUtensorMap *q_map = &q_maps.m[x.hd.shift], *k_map = &k_maps.m[x.hd.shift],
+                          *v_map = &v_maps.m[x.hd.shift];
+        const int qb = it % 2, col = x.hd.h * D;
         if (it >= 2) bar_wait(&sh.q_empty[qb], (it / 2 - 1) & 1);
         bar_expect(&sh.q_full[qb], TILE_BYTES);
-        tma_load(sh.q[qb], &q_map, &sh.q_full[qb], x.h * D, x.row0 + x.q0);
+        tma_load(sh.q[qb], q_map, &sh.q_full[qb], x.hd.o * q_row + col, x.vrow0 + x.q0);
         for (int n = 0; n < x.n_tiles; ++n, ++kv) {
           const int s = kv % STAGES;
           const uint32_t again = (kv / STAGES - 1) & 1;  // parity of the stage's previous release
-          const int key = x.row0 + x.seg0 + n * BN;
+          const int key = x.vrow0 + x.seg0 + n * BN;
           if (kv >= STAGES) bar_wait(&sh.k_empty[s], again);
           bar_expect(&sh.k_full[s], TILE_BYTES);
-          tma_load(sh.k[s], &k_map, &sh.k_full[s], x.h * D, key);
+          tma_load(sh.k[s], k_map, &sh.k_full[s], x.hd.o * k_row + col, key);
           if (kv >= STAGES) bar_wait(&sh.v_empty[s], again);
           bar_expect(&sh.v_full[s], TILE_BYTES);
-          tma_load(sh.v[s], &v_map, &sh.v_full[s], x.h * D, key);
+          tma_load(sh.v[s], v_map, &sh.v_full[s], x.hd.o * v_row + col, key);
         }
       }
     }
@@ -215,15 +222,15 @@ __global__ void __launch_bounds__(384, 1)
   if (MODE == PING_PONG && c == 1) named_arrive(1);
   int kv = 0;  // K/V tiles consumed so far, as the producer counts them
   for (int w = blockIdx.x, it = 0; w < n_items; w += gridDim.x, ++it) {
-    const Item x = item(w, B, T, H, L, causal);
-    const int qb = it % 2, n_tiles = x.n_tiles;
+    const Item x = item(w, B, T, H, L, causal, split, per_rank);
+    const int qb = it % 2, n_tiles = x.n_tiles, h = x.hd.h;
     r.qrow = x.q0 + 64 * c + 16 * (tid / 32) + lane / 4;
 #pragma unroll
     for (int i = 0; i < 32; ++i) r.o[i] = 0.f;
     r.m[0] = r.m[1] = -INFINITY;
     r.l[0] = r.l[1] = 0.f;
-    weight_terms(r.bias, r.qrow, r.tq, x.h, branches);
-    for (int half = 0; half < 2; ++half) r.row_bias[half] = log2_weight(lam(r.qrow + 8 * half, x.h, branches) + 1);
+    weight_terms(r.bias, r.qrow, r.tq, h, branches);  // (head_split: one branch, no weights)
+    for (int half = 0; half < 2; ++half) r.row_bias[half] = log2_weight(lam(r.qrow + 8 * half, h, branches) + 1);
     const uint64_t q_desc = descriptor(sh.q[qb] + 64 * c * D, 16, 1024);
     bar_wait(&sh.q_full[qb], (it / 2) & 1);
 
@@ -273,14 +280,20 @@ __global__ void __launch_bounds__(384, 1)
       float l = r.l[half];
       l += __shfl_xor_sync(0xffffffff, l, 1);
       l += __shfl_xor_sync(0xffffffff, l, 2);
-      const int row = x.row0 + r.qrow + 8 * half;
+      const long long pos = ((long long)(r.qrow + 8 * half) << x.hd.shift) + x.hd.o;
+      const long long row = (long long)x.hd.b * T + pos;
       const float inv = 1.f / l;
-      __nv_bfloat16* dst = out + row * out_row + x.h * D + 2 * r.tq;
+      __nv_bfloat16* dst = out + row * out_row + h * D + 2 * r.tq;
 #pragma unroll
       for (int j = 0; j < 8; ++j)
         *reinterpret_cast<__nv_bfloat162*>(dst + 8 * j) =
             __floats2bfloat162_rn(r.o[4 * j + 2 * half] * inv, r.o[4 * j + 2 * half + 1] * inv);
-      if (r.tq == 0) lse[(long long)row * H + x.h] = (r.m[half] + log2f(l)) * 0.6931471805599453f;
+      if (r.tq == 0) lse[row * H + h] = (r.m[half] + log2f(l)) * 0.6931471805599453f;
+      if (x.hd.shift) {  // head_split: the positions between this branch's, output 0 and LSE −∞
+        zero_unkept(dst - x.hd.o * out_row, out_row, x.hd, 8);
+        for (int o = 0; r.tq == 0 && o < (1 << x.hd.shift); ++o)
+          if (o != x.hd.o) lse[(row - x.hd.o + o) * H + h] = -INFINITY;
+      }
     }
   }
 }
@@ -289,27 +302,33 @@ __global__ void __launch_bounds__(384, 1)
 
 // out and lse of attention inside segments of L rows for q/k/v (B, T, H, 64) bf16 with heads
 // contiguous and positions q_row, k_row, v_row elements apart (batches T positions apart), out's
-// out_row apart; lse (B, T, H) float32. With
-// branches > 1 the scores get the union local pass's weight terms for that many branches.
+// out_row apart; lse (B, T, H) float32. With branches > 1 the scores get the union local pass's
+// weight terms for that many branches. split > 0: head_split over that many branches (at most
+// MAX_SPLIT; branches must be 1): head h runs its branch's segments of L rows r = 2^i apart (its
+// group's i), and the positions it does not keep get output 0 and LSE −∞.
 // ctas > 0: a persistent grid of that many CTAs (at most one an item); 0: one CTA an item.
 // Returns 0, a CUDA error, or -1 (no cuTensorMapEncodeTiled), -2 (a map refused), -3 (shapes).
 extern "C" int ws_fwd(const void* q, const void* k, const void* v, long long q_row, long long k_row, long long v_row,
                       void* out, long long out_row, float* lse, int B, int T, int H, int L, int causal, float scale,
-                      int branches, int mode, int ctas, void* stream) {
-  if (L % BM != 0 || T % L != 0 || branches < 1 || branches > 5 || mode < SEQUENTIAL || mode > PING_PONG) return -3;
-  CUtensorMap maps[3];
+                      int branches, int split, int mode, int ctas, void* stream) {
+  const int dilations = split > 0 ? split : 1;
+  if (L % BM != 0 || T % (L << (dilations - 1)) != 0 || branches < 1 || branches > 5 ||
+      (split > 0 && branches != 1) || split < 0 || split > MAX_SPLIT || split > H || mode < SEQUENTIAL ||
+      mode > PING_PONG)
+    return -3;
+  Maps maps[3];
   const void* bases[3] = {q, k, v};
   const long long rows[3] = {q_row, k_row, v_row};
   for (int i = 0; i < 3; ++i)
-    if (const int e = tensor_map(&maps[i], bases[i], (long long)B * T, H * D, rows[i], BM)) return e;
+    if (const int e = tensor_maps(&maps[i], bases[i], (long long)B * T, H, rows[i], BM, dilations)) return e;
   const int bytes = sizeof(Shared) + 1024;
   auto kernel = mode == SEQUENTIAL ? ws_fwd_kernel<SEQUENTIAL>
                 : mode == PIPELINED  ? ws_fwd_kernel<PIPELINED>
                                      : ws_fwd_kernel<PING_PONG>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  const int items = T / BM * H * B;
+  const int per_rank = items_per_rank(B, T, H, L, split), items = per_rank * (L / BM);
   kernel<<<ctas > 0 && ctas < items ? ctas : items, 384, bytes, static_cast<cudaStream_t>(stream)>>>(
-      maps[0], maps[1], maps[2], static_cast<__nv_bfloat16*>(out), out_row, lse, B, T, H, L,
-      scale * 1.4426950408889634f, causal, branches);
+      maps[0], maps[1], maps[2], int(q_row), int(k_row), int(v_row), static_cast<__nv_bfloat16*>(out), out_row,
+      lse, B, T, H, L, scale * 1.4426950408889634f, causal, branches, split, per_rank);
   return static_cast<int>(cudaGetLastError());
 }
