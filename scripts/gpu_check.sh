@@ -84,7 +84,16 @@ for s in ${*:-tests bench train}; do
           --trainer.limit_val_batches=0
       done ;;
     ws)  # causal 2,048-row segments and whole sequences, with the long preset's weight terms, the seed's segments;
-      # each run time-limited: a wrong barrier parity hangs a kernel rather than failing it
+      # each run time-limited: a wrong barrier parity hangs a kernel rather than failing it. First the checks
+      # alone in the watchdog build (LONGCTX_CUDA_WATCHDOG=1: a wait that never completes names its barrier
+      # and fails the launch); the timings only if they pass.
+      fail=0
+      for probe in ws_probe ws_bwd_probe; do
+        LONGCTX_CUDA_WATCHDOG=1 timeout ${WS_CHECK_TIMEOUT:-120} python3 tools/kernels/$probe.py --check-only \
+          > "$OUT/$probe-check.txt" 2>&1 || fail=1
+        grep -v -i warn "$OUT/$probe-check.txt"
+      done
+      if [ $fail = 1 ]; then echo "the checks failed or hung: not timed"; continue; fi
       for args in "" "--branches 5 --segments 2048" "--full --heads 8 --segments 1024 2048 --lengths 8192 32768"; do
         timeout ${WS_TIMEOUT:-240} python3 tools/kernels/ws_probe.py $args 2>&1 | grep -v -i warn | tee -a "$OUT/ws_probe.txt"
       done

@@ -14,6 +14,17 @@ def test_cuda_forward_is_off_unless_the_environment_says_1(setting, enabled, rel
     assert reload_with_env(hopper_cuda, "LONGCTX_HOPPER_CUDA", setting).ENABLED is enabled
 
 
+def test_watchdog_build_is_its_own_library(reload_with_env):
+    """LONGCTX_CUDA_WATCHDOG=1 compiles the waits that trap instead of hanging (a debugging aid for
+    the probes): another define, so another library beside the plain one, never mistaken for it."""
+    plain = reload_with_env(hopper_cuda, "LONGCTX_CUDA_WATCHDOG", None)
+    assert not plain.WATCHDOG and not any("WS_WATCHDOG" in flag for flag in plain.FLAGS)
+    plain_lib = plain.target()
+    watched = reload_with_env(hopper_cuda, "LONGCTX_CUDA_WATCHDOG", "1")
+    assert watched.WATCHDOG and sum(flag.startswith("-DWS_WATCHDOG=") for flag in watched.FLAGS) == 1
+    assert watched.target() != plain_lib and watched.target().parent == plain_lib.parent
+
+
 def test_without_nvcc_the_other_passes_run_after_one_warning(monkeypatch):
     """No CUDA compiler: build says so, and available() warns once and answers False (cached),
     so the union op keeps its Triton and Gluon local passes instead of failing."""

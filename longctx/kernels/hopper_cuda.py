@@ -9,6 +9,8 @@ Why CUDA: Triton 3.6 cannot give a producer warp's registers to the consumers (p
 the structure needs 240 registers a consumer thread. The kernels are compiled with the CUDA
 toolkit's nvcc on first use into LONGCTX_BUILD (default ~/.cache/longctx), one library per source
 text, and called through ctypes; without nvcc the Triton pass runs, with one warning.
+LONGCTX_CUDA_WATCHDOG=1 builds a debugging version whose mbarrier waits trap, naming the barrier,
+instead of hanging (scripts/gpu_check.sh's `ws` stage checks the kernels with it first).
 
 Off unless LONGCTX_HOPPER_CUDA=1: the kernels are exact on an H100, but the version measured there
 ran below cuDNN's rate on the long preset's segments (259–267 against 364–415 TF/s) and was not
@@ -37,6 +39,11 @@ SOURCES = [Path(__file__).parent / "csrc" / name for name in ("ws_fwd.cu", "ws_b
 HEADERS = [Path(__file__).parent / "csrc" / "ws_common.cuh"]
 FLAGS = ["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "--shared", "-Xcompiler", "-fPIC",
          "-Xptxas", "-v"]
+# A debugging build: a wait on an mbarrier that has not completed after ~2^24 tries prints the
+# barrier and traps (the launch fails) instead of hanging (ws_common.cuh's bar_wait).
+WATCHDOG = os.environ.get("LONGCTX_CUDA_WATCHDOG", "0") == "1"
+if WATCHDOG:
+    FLAGS.append(f"-DWS_WATCHDOG={1 << 24}")
 MODES = ("sequential", "pipelined", "ping-pong")  # ws_fwd.cu's Mode, in order
 ROWS = 128  # query rows a CTA's item: segments must be whole items
 MAX_SPLIT = 4  # head_split's branches: a tensor map each for dilations 1, 2, 4, 8 (ws_common.cuh)
@@ -50,6 +57,14 @@ def nvcc() -> str | None:
     return None
 
 
+def target() -> Path:
+    """Where build puts the library: named by the digest of the sources and FLAGS, so that an
+    edited source or the watchdog build is another file."""
+    text = b"".join(path.read_bytes() for path in [*SOURCES, *HEADERS])
+    digest = hashlib.sha256(text + " ".join(FLAGS).encode()).hexdigest()[:12]
+    return Path(os.environ.get("LONGCTX_BUILD", Path.home() / ".cache" / "longctx")) / f"ws-{digest}.so"
+
+
 def build() -> tuple[Path, str]:
     """(the shared library, ptxas' report if this call compiled it): compiled once per source
     text and flags into LONGCTX_BUILD (default ~/.cache/longctx). Several processes may build at
@@ -57,12 +72,10 @@ def build() -> tuple[Path, str]:
     compiler = nvcc()
     if compiler is None:
         raise RuntimeError("no nvcc (the CUDA toolkit's compiler) on PATH, under CUDA_HOME or in /usr/local/cuda")
-    text = b"".join(path.read_bytes() for path in [*SOURCES, *HEADERS])
-    digest = hashlib.sha256(text + " ".join(FLAGS).encode()).hexdigest()[:12]
-    folder = Path(os.environ.get("LONGCTX_BUILD", Path.home() / ".cache" / "longctx"))
-    lib = folder / f"ws-{digest}.so"
+    lib = target()
     if lib.exists():
         return lib, ""
+    folder = lib.parent
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         part = Path(tmp) / lib.name

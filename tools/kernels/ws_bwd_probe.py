@@ -88,12 +88,15 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--full", action="store_true", help="non-causal (the seed preset's), not causal")
     p.add_argument("--branches", type=int, default=1, help="the union local pass's weight terms (5: the long preset's)")
+    p.add_argument("--check-only", action="store_true", help="the checks, not the timings")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     H, causal, n = args.heads, not args.full, args.branches
     scale = 1 / math.sqrt(64)
     if not check(H, scale, causal):
         sys.exit("ws_bwd is wrong: not timed")
+    if args.check_only:
+        return
     for T in args.lengths:
         q, k, v, dout = (torch.randn(1, T, H, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
         for W in args.segments:

@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
 
 namespace ws {
 
@@ -43,6 +44,7 @@ __device__ __forceinline__ void bar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem(bar)) : "memory");
 }
 
+#ifndef WS_WATCHDOG
 __device__ __forceinline__ void bar_wait(uint64_t* bar, uint32_t parity) {
   asm volatile(
       "{\n.reg .pred done;\n"
@@ -52,6 +54,29 @@ __device__ __forceinline__ void bar_wait(uint64_t* bar, uint32_t parity) {
       "r"(parity)
       : "memory");
 }
+#else
+// A debugging build's wait (hopper_cuda.py, LONGCTX_CUDA_WATCHDOG=1): after WS_WATCHDOG tries it
+// names the barrier (its shared-memory address) and the parity, then traps, so that a wrong
+// parity or byte count fails the launch in seconds instead of hanging it.
+__device__ __forceinline__ void bar_wait(uint64_t* bar, uint32_t parity) {
+  for (uint32_t tries = 0;; ++tries) {
+    uint32_t done;
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem(bar)), "r"(parity)
+        : "memory");
+    if (done) return;
+    if (tries == WS_WATCHDOG) {
+      printf("ws watchdog: block %d thread %d still waits on the barrier at shared 0x%x for parity %u\n", blockIdx.x,
+             threadIdx.x, smem(bar), parity);
+      __trap();
+    }
+  }
+}
+#endif
 
 // A [rows, 64 columns] box (the map's) of a (rows, H·64) tensor map at (column c0, row c1) into
 // dst, completing on bar.
