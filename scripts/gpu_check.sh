@@ -11,7 +11,7 @@
 # (tools/kernels/ws_probe.py, ws_bwd_probe.py: the CUDA producer/consumer forward and backward
 # passes against cuDNN and Gluon), cuda (the CUDA local passes in the op, LONGCTX_HOPPER_CUDA=1: their
 # GPU tests, then the long preset's op, the seed preset's with head_split, and the LM at 32K, each
-# with them off and on).
+# with them off and on), ncu (those passes and cuDNN's under Nsight Compute: tools/kernels/ws_ncu.py).
 # Results go to $OUT (the device tool's folder) or ./gpu_out. Wheels in .whl/ (jsonargparse and
 # what it needs, for train.py) are installed first where the image lacks them.
 set -uo pipefail
@@ -116,6 +116,13 @@ for s in ${*:-tests bench train}; do
         LONGCTX_HOPPER_CUDA=$c fit "32k-cuda$c" ${STEPS_32K:-300} --config configs/seq/32k.yaml --config configs/graphs.yaml \
           --trainer.limit_val_batches=0
       done ;;
-    *) echo "unknown stage $s (tests bench train variants union hopper ws cuda)" ;;
+    ncu)  # the CUDA local passes and cuDNN's under Nsight Compute (tools/kernels/ws_ncu.py): time, instructions, stalls
+      NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+      timeout ${NCU_TIMEOUT:-300} "$NCU" --kernel-name regex:'ws_|cudnn|flash' --section SpeedOfLight \
+        --section WarpStateStats --section InstructionStats --section Occupancy \
+        python3 tools/kernels/ws_ncu.py ${NCU_ARGS:-} > "$OUT/ncu.txt" 2>&1
+      grep -E "^== |\([0-9]+, 1, 1\)x|ws_|cudnn|flash|Duration|Executed Instructions  |Warp Cycles Per Issued|Compute \(SM\) Throughput|Issue Slots Busy" \
+        "$OUT/ncu.txt" | head -200 ;;
+    *) echo "unknown stage $s (tests bench train variants union hopper ws cuda ncu)" ;;
   esac
 done
