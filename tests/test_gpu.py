@@ -291,7 +291,8 @@ def sm90_kernels_on(monkeypatch, module, record: dict) -> list:
 CUDA_CASES = [  # bf16 heads of 64, segments of whole 128-row items: hopper_cuda.py's local passes
     (2, 4096, 12, 64, [256, 512, 1024, 2048], [1, 2, 4, 8]),
     (1, 3072, 6, 64, [256, 512, 1024], [1, 2, 4]),  # three top-level segments, fewer heads than offsets
-    (1, 4096, 4, 64, [128, 256, 512, 1024, 2048], [1, 2, 4, 8, 16]),  # five branches (the most); one item a segment
+    (1, 4096, 4, 64, [256, 512, 1024, 2048, 4096], [1, 2, 4, 8, 16]),  # five branches' weights (the most)
+    (1, 2048, 4, 64, [128, 256, 512, 1024], [1, 2, 4, 8]),  # one item a segment: the diagonal only
 ]
 CUDA_SPLIT_CASES = [  # head_split: each head group's rows 2^i apart, read in place through its own maps
     (2, 8192, 8, 64, [1024, 2048, 4096], [1, 2, 4]),  # the seed preset's layout, groups of 3, 3, 2 heads
@@ -312,6 +313,16 @@ def test_gpu_hopper_cuda_parity(case, head_split, causal, monkeypatch):
     calls = hopper_cuda_on(monkeypatch)
     check_union_parity(case, head_split, causal, ImprovedDilatedAttention, torch.bfloat16)
     assert calls == [("local_forward", len(case[4])), ("local_backward", len(case[4]))]
+
+
+@pytest.mark.parametrize("case,dtype", [(HOPPER_CASES[2], torch.bfloat16), (CUDA_CASES[1], torch.float16)],
+                         ids=["L64-bf16", "L256-fp16"])
+def test_gpu_hopper_cuda_leaves_what_it_cannot_take(case, dtype, monkeypatch):
+    """Switched on, the CUDA passes leave 64-row segments (half an item) and fp16 to the other
+    passes: no call, and the same parity."""
+    calls = hopper_cuda_on(monkeypatch)
+    check_union_parity(case, False, True, ImprovedDilatedAttention, dtype)
+    assert calls == []
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

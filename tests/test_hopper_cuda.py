@@ -56,3 +56,22 @@ def test_cuda_forward_takes_only_bf16_heads_of_64_read_in_place(monkeypatch):
     monkeypatch.setattr(hopper_cuda, "ENABLED", True)
     lay = union.layout(256, 4, 64, [128, 256], [1, 2], False)
     assert not hopper_cuda.use_forward(*qkv.unbind(2), lay)
+
+
+@pytest.mark.parametrize("T,H,ws,rs,head_split,taken", [
+    (4096, 12, [256, 512, 1024, 2048], [1, 2, 4, 8], False, True),
+    (8192, 8, [1024, 2048, 4096], [1, 2, 4], True, True),  # the seed preset's layout
+    (4096, 4, [256, 512, 1024, 2048, 4096], [1, 2, 4, 8, 16], False, True),  # five branches' weights, the most
+    (32768, 6, [1024 << i for i in range(6)], [1 << i for i in range(6)], False, False),  # six: too many
+    (2048, 4, [128, 256, 512, 1024], [1, 2, 4, 8], True, True),  # head_split over four, one map a dilation
+    (4096, 5, [128, 256, 512, 1024, 2048], [1, 2, 4, 8, 16], True, False),  # over five: no fifth map
+    (1024, 4, [64, 128, 256], [1, 2, 4], False, False),  # 64-row segments: not whole 128-row items
+    (3072, 6, [192, 384, 768], [1, 2, 4], True, False),  # 192 rows: one and a half items
+])
+def test_cuda_kernels_take_whole_items_and_their_branch_limits(T, H, ws, rs, head_split, taken):
+    """takes(): which union layouts the CUDA kernels compute (the rest keep the Triton and Gluon
+    passes): segments of whole 128-row items; weight terms of at most five branches; head_split
+    over at most four (a tensor map for each dilation 1, 2, 4, 8)."""
+    lay = union.layout(T, H, 64, ws, rs, head_split)
+    assert lay is not None, "a layout the union kernels take"
+    assert hopper_cuda.takes(lay) is taken

@@ -119,13 +119,18 @@ def readable(*xs: torch.Tensor) -> bool:
     return all(x.dtype == torch.bfloat16 and x.shape[-1] == 64 and _flat(x) for x in xs)
 
 
+def takes(lay) -> bool:
+    """Whether the kernels compute the union layout `lay`: segments of whole 128-row items, and at
+    most five branches' weight terms, or head_split over at most MAX_SPLIT branches."""
+    return lay.L % ROWS == 0 and lay.n <= (MAX_SPLIT if lay.split else 5)
+
+
 def use_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay) -> bool:
     """Whether the union forward's local pass on layout `lay` runs here: switched on, an sm_90 GPU,
-    bf16 heads of 64 read in place, at most five branches (MAX_SPLIT under head_split), segments of
-    whole 128-row items, and the library built."""
+    a layout the kernels `take`, bf16 heads of 64 read in place, and the library built."""
     if not (ENABLED and q.is_cuda and _hopper(q.device.index or 0)):
         return False
-    if lay.n > (MAX_SPLIT if lay.split else 5) or lay.L % ROWS or not readable(q, k, v):
+    if not (takes(lay) and readable(q, k, v)):
         return False
     return available()
 
