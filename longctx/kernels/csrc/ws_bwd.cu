@@ -83,7 +83,7 @@ struct Tile {
 
 // The streamed tile that the ring's count `ring` holds, waited for: the n-th of the item's.
 __device__ __forceinline__ Tile take(Shared& sh, int ring, int seg0, int first, int n) {
-  const int st = ring % STAGES;
+  const int st = __shfl_sync(0xffffffff, ring % STAGES, 0);  // warp-uniform to the compiler: descriptors in uniform registers
   bar_wait(&sh.full[st], (ring / STAGES) & 1);
   return {descriptor(sh.streamed[st][0], 16, 1024), descriptor(sh.streamed[st][1], 16, 1024), st,
           seg0 + (first + n) * BS};
@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(384, 1)
   extern __shared__ uint8_t raw[];
   Shared& sh = *reinterpret_cast<Shared*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
   const int n_items = per_rank * (L / BF);
-  const int wg = threadIdx.x / 128;
+  const int wg = __shfl_sync(0xffffffff, threadIdx.x / 128, 0);  // warp-uniform to the compiler (CUTLASS does the same)
 
   if (threadIdx.x == 0) {
     bar_init_buffers(sh.fixed_full, sh.fixed_empty, 2);
