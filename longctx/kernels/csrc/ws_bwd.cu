@@ -8,9 +8,10 @@
 // from shared memory), P = exp2(X·scale·log2e + log2 m − LSE₂) and dS = P∘(dX − Δ) in registers,
 // then dV += Pᵀ dO and dK += dSᵀ Q, or dQ += dS K (P and dS as register operands, the streamed
 // tiles read N-major). LSE₂ (log2 units) and Δ = rowsum(dO∘O) come as the union kernels' STATS,
-// (2, B·H, T) float32 by row (the position, or under head_split the branch's row). Every wgmma group is waited for at once; the two consumers
-// overlap each other. Built by longctx/kernels/hopper_cuda.py (nvcc, sm_90a); probed by
-// tools/kernels/ws_bwd_probe.py.
+// (2, B·H, T) float32 by row (the position, or under head_split the branch's row). Every wgmma
+// group is waited for at once (or, with OVERLAP, the next tile's scores run under this tile's
+// gradients); the two consumers overlap each other. Built by longctx/kernels/hopper_cuda.py (nvcc,
+// sm_90a); probed by tools/kernels/ws_bwd_probe.py.
 #include "ws_common.cuh"
 
 namespace {
@@ -83,7 +84,7 @@ struct Tile {
 
 // The streamed tile that the ring's count `ring` holds, waited for: the n-th of the item's.
 __device__ __forceinline__ Tile take(Shared& sh, int ring, int seg0, int first, int n) {
-  const int st = __shfl_sync(0xffffffff, ring % STAGES, 0);  // warp-uniform to the compiler: descriptors in uniform registers
+  const int st = __shfl_sync(0xffffffff, ring % STAGES, 0);  // uniform registers for the descriptors (as wg)
   bar_wait(&sh.full[st], (ring / STAGES) & 1);
   return {descriptor(sh.streamed[st][0], 16, 1024), descriptor(sh.streamed[st][1], 16, 1024), st,
           seg0 + (first + n) * BS};
@@ -200,7 +201,9 @@ __global__ void __launch_bounds__(384, 1)
   extern __shared__ uint8_t raw[];
   Shared& sh = *reinterpret_cast<Shared*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
   const int n_items = per_rank * (L / BF);
-  const int wg = __shfl_sync(0xffffffff, threadIdx.x / 128, 0);  // warp-uniform to the compiler (CUTLASS does the same)
+  // Through a shuffle, as CUTLASS takes its warpgroup index, so that the compiler knows it is the same
+  // across a warp and keeps what derives from it (the wgmma descriptors) in uniform registers.
+  const int wg = __shfl_sync(0xffffffff, threadIdx.x / 128, 0);
 
   if (threadIdx.x == 0) {
     bar_init_buffers(sh.fixed_full, sh.fixed_empty, 2);

@@ -1,7 +1,7 @@
 // Shared pieces of the CUDA Hopper kernels (ws_fwd.cu, ws_bwd.cu): mbarriers, TMA loads, wgmma
 // descriptors and calls for heads of 64 in bf16 under the 128-byte swizzle, the union kernels'
-// weight terms, a row's Δ in pieces, and the host's tensor maps. PTX ISA 8 (sm_90a): wgmma, cp.async.bulk.tensor,
-// mbarrier, setmaxnreg.
+// weight terms, a row's Δ in pieces, the host's tensor maps, and the work items' places (head_split
+// included). PTX ISA 8 (sm_90a): wgmma, cp.async.bulk.tensor, mbarrier, setmaxnreg.
 #pragma once
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -296,10 +296,11 @@ __device__ __forceinline__ Head work(int w, int B, int T, int H, int L, int spli
   return {h, rest / nseg, shift, h & ((1 << shift) - 1)};
 }
 
-// Zeros at the positions of head h's rows it does not keep around kept row y (r·y + o' for every
-// o' ≠ o): their output, gradient and LSE under head_split, which every position of the head gets
-// either from its branch or here. `at` points to the head's first column at position r·y of a
-// (…, row elements apart) tensor; cols: the 2·cols elements this thread writes, 8 apart.
+// Zeros at the positions that head h skips next to its kept row y (r·y + o' for every o' ≠ o),
+// in its output or a gradient under head_split (the LSE's −∞ is the caller's): every position of
+// the head is written once, from its branch or here. `at` points to the head's first column at
+// position r·y of a tensor whose positions are `row` elements apart; the thread writes `cols`
+// bf16 pairs, 8 columns apart.
 __device__ __forceinline__ void zero_unkept(__nv_bfloat16* at, long long row, const Head& x, int cols) {
   for (int o = 0; o < (1 << x.shift); ++o) {
     if (o == x.o) continue;

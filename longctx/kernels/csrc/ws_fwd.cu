@@ -172,7 +172,9 @@ __global__ void __launch_bounds__(384, 1)
   extern __shared__ uint8_t raw[];
   Shared& sh = *reinterpret_cast<Shared*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
   const int n_items = per_rank * (L / BM);
-  const int wg = __shfl_sync(0xffffffff, threadIdx.x / 128, 0);  // warp-uniform to the compiler (CUTLASS does the same)
+  // Through a shuffle, as CUTLASS takes its warpgroup index, so that the compiler knows it is the same
+  // across a warp and keeps what derives from it (the wgmma descriptors) in uniform registers.
+  const int wg = __shfl_sync(0xffffffff, threadIdx.x / 128, 0);
 
   if (threadIdx.x == 0) {
     bar_init_buffers(sh.q_full, sh.q_empty, 2);
