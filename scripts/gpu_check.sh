@@ -10,8 +10,9 @@
 # and the LM at 32K; the tests stage runs the GPU suite with them on, ~10 minutes on an H100), ws
 # (tools/kernels/ws_probe.py, ws_bwd_probe.py: the CUDA producer/consumer forward and backward
 # passes against cuDNN and Gluon), cuda (the CUDA local passes in the op, LONGCTX_HOPPER_CUDA=1: their
-# GPU tests, then the long preset's op, the seed preset's with head_split, and the LM at 32K, each
-# with them off and on), ncu (those passes and cuDNN's under Nsight Compute: tools/kernels/ws_ncu.py).
+# GPU tests, then the long preset's op and the seed preset's with head_split, each with them off and
+# on), cudalm (the LM at 32K with them off and on), ncu (those passes and cuDNN's under Nsight
+# Compute: tools/kernels/ws_ncu.py).
 # Results go to $OUT (the device tool's folder) or ./gpu_out. Wheels in .whl/ (jsonargparse and
 # what it needs, for train.py) are installed first where the image lacks them.
 set -uo pipefail
@@ -111,7 +112,8 @@ for s in ${*:-tests bench train}; do
           --batch 1 2 --lengths 8192 32768 --head-split on --modes fwd+bwd --cuda-graph --out "$OUT/seed-cuda$c" \
           > "$OUT/seed-cuda$c.log" 2>&1
         grep -E "^\|" "$OUT/seed-cuda$c.log" | grep -E "sdpa|improved"
-      done
+      done ;;
+    cudalm)  # the LM at 32K with the CUDA local passes off and on (a call of its own: ~4 minutes)
       for c in 0 1; do
         LONGCTX_HOPPER_CUDA=$c fit "32k-cuda$c" ${STEPS_32K:-300} --config configs/seq/32k.yaml --config configs/graphs.yaml \
           --trainer.limit_val_batches=0
@@ -123,6 +125,6 @@ for s in ${*:-tests bench train}; do
         python3 tools/kernels/ws_ncu.py ${NCU_ARGS:-} > "$OUT/ncu.txt" 2>&1
       grep -E "^== |\([0-9]+, 1, 1\)x|ws_|cudnn|flash|Duration|Executed Instructions  |Warp Cycles Per Issued|Compute \(SM\) Throughput|Issue Slots Busy" \
         "$OUT/ncu.txt" | head -200 ;;
-    *) echo "unknown stage $s (tests bench train variants union hopper ws cuda ncu)" ;;
+    *) echo "unknown stage $s (tests bench train variants union hopper ws cuda cudalm ncu)" ;;
   esac
 done
