@@ -199,11 +199,9 @@ __global__ void __launch_bounds__(384, 1)
                   __nv_bfloat16* __restrict__ grad0, __nv_bfloat16* __restrict__ grad1, long long grad_row, int B,
                   int T, int H, int L, float scale, int causal, int branches, int split, int per_rank) {
   extern __shared__ uint8_t raw[];
-  Shared& sh = *reinterpret_cast<Shared*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
+  Shared& sh = aligned_shared<Shared>(raw);
   const int n_items = per_rank * (L / BF);
-  // Through a shuffle, as CUTLASS takes its warpgroup index, so that the compiler knows it is the same
-  // across a warp and keeps what derives from it (the wgmma descriptors) in uniform registers.
-  const int wg = __shfl_sync(0xffffffff, threadIdx.x / 128, 0);
+  const int wg = warpgroup();
 
   if (threadIdx.x == 0) {
     bar_init_buffers(sh.fixed_full, sh.fixed_empty, 2);
@@ -369,17 +367,15 @@ extern "C" int ws_bwd(const void* q, const void* k, const void* v, long long q_r
                       long long out_row, const float* lse, const float* rope_cos, const float* rope_sin,
                       void* grad0, void* grad1, long long grad_row, int B, int T, int H, int L, int causal,
                       float scale, int branches, int split, int dq, int overlap, int ctas, void* stream) {
-  const int dilations = split > 0 ? split : 1;
-  if (L % BF != 0 || T % (L << (dilations - 1)) != 0 || branches < 1 || branches > 5 ||
-      (split > 0 && branches != 1) || split < 0 || split > MAX_SPLIT || split > H || (out != nullptr && !dq))
-    return -3;
+  if (!problem_ok(T, H, L, BF, branches, split) || (out != nullptr && !dq)) return -3;
   Maps maps[4];  // fixed₀, fixed₁, streamed₀, streamed₁
   const long long positions = (long long)B * T;
   const void* bases[4] = {dq ? q : k, dq ? dout : v, dq ? k : q, dq ? v : dout};
   const long long rows[4] = {dq ? q_row : k_row, dq ? do_row : v_row, dq ? k_row : q_row, dq ? v_row : do_row};
   for (int i = 0; i < 4; ++i)
-    if (const int e = tensor_maps(&maps[i], bases[i], positions, H, rows[i], i < 2 ? BF : BS, dilations)) return e;
-  const int bytes = sizeof(Shared) + 1024;
+    if (const int e = tensor_maps(&maps[i], bases[i], positions, H, rows[i], i < 2 ? BF : BS, dilations(split)))
+      return e;
+  const int bytes = shared_bytes<Shared>();
   auto kernel = dq ? (overlap ? ws_bwd_kernel<true, true> : ws_bwd_kernel<true, false>)
                   : (overlap ? ws_bwd_kernel<false, true> : ws_bwd_kernel<false, false>);
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);

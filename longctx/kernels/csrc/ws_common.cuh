@@ -230,6 +230,23 @@ inline int tensor_map(CUtensorMap* map, const void* base, long long rows, long l
              : -2;
 }
 
+// A kernel's Shared struct at the first 1,024-byte boundary of dynamic shared memory (the 128-byte
+// swizzle's period); the launch asks shared_bytes<S>() for it.
+template <class S>
+__device__ __forceinline__ S& aligned_shared(uint8_t* raw) {
+  return *reinterpret_cast<S*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
+}
+
+template <class S>
+constexpr int shared_bytes() {
+  return sizeof(S) + 1024;
+}
+
+// This thread's warpgroup (0: the producer's). Through a shuffle, as CUTLASS takes its warpgroup
+// index, so that the compiler knows it is the same across a warp and keeps what derives from it
+// (the wgmma descriptors) in uniform registers.
+__device__ __forceinline__ int warpgroup() { return __shfl_sync(0xffffffff, threadIdx.x / 128, 0); }
+
 // One (B, T, H, 64) tensor's maps, one a dilation r = 1, 2, 4, 8 (head_split's branches; 1 alone
 // without): map i reads the rows of dilation 2^i in place as a (B·T/r, (r − 1)·stride + H·64) view
 // whose rows are r positions apart, so that position r·y + o of head h is row y at column
@@ -248,6 +265,17 @@ inline int tensor_maps(Maps* maps, const void* base, long long positions, int H,
       return e;
   }
   return 0;
+}
+
+// The tensor maps' dilations for head_split over `split` branches (0: none, dilation 1 alone).
+inline int dilations(int split) { return split > 0 ? split : 1; }
+
+// Whether the entry points take this problem: segments of whole `rows`-row items, T of whole top
+// segments, weight terms of 1 … 5 branches, or head_split (without weights) over at most
+// MAX_SPLIT branches and no more than H.
+inline bool problem_ok(int T, int H, int L, int rows, int branches, int split) {
+  return split >= 0 && split <= MAX_SPLIT && split <= H && (split == 0 || branches == 1) && branches >= 1 &&
+         branches <= 5 && L % rows == 0 && T % (L << (dilations(split) - 1)) == 0;  // split bounded before the shift
 }
 
 // Where a work item's rows are. Positions of head h under head_split are r·y + o (r = 2^shift its

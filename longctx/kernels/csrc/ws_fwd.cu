@@ -170,11 +170,9 @@ __global__ void __launch_bounds__(384, 1)
                   __nv_bfloat16* __restrict__ out, long long out_row, float* __restrict__ lse, int B, int T, int H,
                   int L, float scale_log2, int causal, int branches, int split, int per_rank) {
   extern __shared__ uint8_t raw[];
-  Shared& sh = *reinterpret_cast<Shared*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
+  Shared& sh = aligned_shared<Shared>(raw);
   const int n_items = per_rank * (L / BM);
-  // Through a shuffle, as CUTLASS takes its warpgroup index, so that the compiler knows it is the same
-  // across a warp and keeps what derives from it (the wgmma descriptors) in uniform registers.
-  const int wg = __shfl_sync(0xffffffff, threadIdx.x / 128, 0);
+  const int wg = warpgroup();
 
   if (threadIdx.x == 0) {
     bar_init_buffers(sh.q_full, sh.q_empty, 2);
@@ -313,17 +311,13 @@ __global__ void __launch_bounds__(384, 1)
 extern "C" int ws_fwd(const void* q, const void* k, const void* v, long long q_row, long long k_row, long long v_row,
                       void* out, long long out_row, float* lse, int B, int T, int H, int L, int causal, float scale,
                       int branches, int split, int mode, int ctas, void* stream) {
-  const int dilations = split > 0 ? split : 1;
-  if (L % BM != 0 || T % (L << (dilations - 1)) != 0 || branches < 1 || branches > 5 ||
-      (split > 0 && branches != 1) || split < 0 || split > MAX_SPLIT || split > H || mode < SEQUENTIAL ||
-      mode > PING_PONG)
-    return -3;
+  if (!problem_ok(T, H, L, BM, branches, split) || mode < SEQUENTIAL || mode > PING_PONG) return -3;
   Maps maps[3];
   const void* bases[3] = {q, k, v};
   const long long rows[3] = {q_row, k_row, v_row};
   for (int i = 0; i < 3; ++i)
-    if (const int e = tensor_maps(&maps[i], bases[i], (long long)B * T, H, rows[i], BM, dilations)) return e;
-  const int bytes = sizeof(Shared) + 1024;
+    if (const int e = tensor_maps(&maps[i], bases[i], (long long)B * T, H, rows[i], BM, dilations(split))) return e;
+  const int bytes = shared_bytes<Shared>();
   auto kernel = mode == SEQUENTIAL ? ws_fwd_kernel<SEQUENTIAL>
                 : mode == PIPELINED  ? ws_fwd_kernel<PIPELINED>
                                      : ws_fwd_kernel<PING_PONG>;
