@@ -9,10 +9,11 @@
 # Gluon backward passes, sm_90's default, against the Triton ones, LONGCTX_HOPPER=0: the op to 1M
 # and the LM at 32K; the tests stage runs the GPU suite with them on, ~10 minutes on an H100), ws
 # (tools/kernels/ws_probe.py, ws_bwd_probe.py: the CUDA producer/consumer forward and backward
-# passes against cuDNN and Gluon), cuda (the CUDA local passes in the op, LONGCTX_HOPPER_CUDA=1: their
-# GPU tests, then the long preset's op and the seed preset's with head_split, each with them off and
-# on), cudalm (the LM at 32K with them off and on), ncu (those passes and cuDNN's under Nsight
-# Compute: tools/kernels/ws_ncu.py).
+# passes against cuDNN and Gluon), cuda (the CUDA passes in the op, LONGCTX_HOPPER_CUDA=1, local and,
+# where the segments allow, upper: their GPU tests, then the long preset's op and the seed preset's
+# with head_split, each with them off and on), cudaops (the long preset's op at 64K kernel by kernel,
+# torch.profiler, off and on), cudalm (the LM at 32K with them off and on), ncu (those passes,
+# cuDNN's and the Triton upper passes under Nsight Compute: tools/kernels/ws_ncu.py).
 # Results go to $OUT (the device tool's folder) or ./gpu_out. Wheels in .whl/ (jsonargparse and
 # what it needs, for train.py) are installed first where the image lacks them.
 set -uo pipefail
@@ -100,9 +101,12 @@ for s in ${*:-tests bench train}; do
       done
       timeout ${WS_TIMEOUT:-240} python3 tools/kernels/ws_bwd_probe.py --branches 5 2>&1 | grep -v -i warn \
         | tee -a "$OUT/ws_probe.txt" ;;
-    cuda)  # the union op's local passes in CUDA (longctx/kernels/hopper_cuda.py) against the Triton and Gluon ones
-      python3 -m pytest -q -rf tests/test_gpu.py -k hopper_cuda > "$OUT/cuda-tests.txt" 2>&1
-      grep -E "^FAILED|^E  |passed|failed" "$OUT/cuda-tests.txt" | tail -8
+    cuda)  # the union op's passes in CUDA (longctx/kernels/hopper_cuda.py) against the Triton and Gluon ones; the
+      # tests in the watchdog build (a barrier that never completes fails its test instead of hanging the call)
+      LONGCTX_CUDA_WATCHDOG=1 timeout ${CUDA_TEST_TIMEOUT:-300} python3 -m pytest -q -x -rf tests/test_gpu.py -k hopper_cuda \
+        > "$OUT/cuda-tests.txt" 2>&1; rc=$?
+      grep -E "^FAILED|^E  |passed|failed|watchdog" "$OUT/cuda-tests.txt" | tail -8
+      if [ $rc != 0 ]; then echo "the tests failed or hung (rc $rc): not timed"; continue; fi
       for c in 0 1; do
         LONGCTX_HOPPER_CUDA=$c python3 -m longctx.benchmark --preset long --variants sdpa improved_dilated \
           --modes fwd fwd+bwd --lengths ${LONG_LENGTHS:-65536 131072 262144} --warmup 1 --repeats 7 --cuda-graph \
@@ -113,6 +117,12 @@ for s in ${*:-tests bench train}; do
           > "$OUT/seed-cuda$c.log" 2>&1
         grep -E "^\|" "$OUT/seed-cuda$c.log" | grep -E "sdpa|improved"
       done ;;
+    cudaops)  # where the op's time goes, kernel by kernel, with the CUDA passes off and on
+      for c in 0 1; do
+        echo "LONGCTX_HOPPER_CUDA=$c:"
+        LONGCTX_HOPPER_CUDA=$c timeout ${WS_TIMEOUT:-240} python3 tools/kernels/profile_op.py ${OPS_LENGTH:-65536} 0 long \
+          2>&1 | grep -v -i warn | tee "$OUT/cudaops$c.txt" | tail -25
+      done ;;
     cudalm)  # the LM at 32K with the CUDA local passes off and on (a call of its own: ~4 minutes)
       for c in 0 1; do
         LONGCTX_HOPPER_CUDA=$c fit "32k-cuda$c" ${STEPS_32K:-300} --config configs/seq/32k.yaml --config configs/graphs.yaml \
@@ -120,11 +130,11 @@ for s in ${*:-tests bench train}; do
       done ;;
     ncu)  # the CUDA local passes and cuDNN's under Nsight Compute (tools/kernels/ws_ncu.py): time, instructions, stalls
       NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
-      timeout ${NCU_TIMEOUT:-300} "$NCU" --kernel-name regex:'ws_|cudnn|flash' --section SpeedOfLight \
+      timeout ${NCU_TIMEOUT:-300} "$NCU" --kernel-name regex:'ws_|cudnn|flash|_upper' --section SpeedOfLight \
         --section WarpStateStats --section InstructionStats --section Occupancy \
         python3 tools/kernels/ws_ncu.py ${NCU_ARGS:-} > "$OUT/ncu.txt" 2>&1
-      grep -E "^== |\([0-9]+, 1, 1\)x|ws_|cudnn|flash|Duration|Executed Instructions  |Warp Cycles Per Issued|Compute \(SM\) Throughput|Issue Slots Busy" \
+      grep -E "^== |\([0-9]+, 1, 1\)x|ws_|cudnn|flash|_upper|Duration|Executed Instructions  |Warp Cycles Per Issued|Compute \(SM\) Throughput|Issue Slots Busy" \
         "$OUT/ncu.txt" | head -200 ;;
-    *) echo "unknown stage $s (tests bench train variants union hopper ws cuda cudalm ncu)" ;;
+    *) echo "unknown stage $s (tests bench train variants union hopper ws cuda cudaops cudalm ncu)" ;;
   esac
 done

@@ -294,6 +294,11 @@ CUDA_CASES = [  # bf16 heads of 64, segments of whole 128-row items: hopper_cuda
     (1, 4096, 4, 64, [256, 512, 1024, 2048, 4096], [1, 2, 4, 8, 16]),  # five branches' weights (the most)
     (1, 2048, 4, 64, [128, 256, 512, 1024], [1, 2, 4, 8]),  # one item a segment: the diagonal only
 ]
+CUDA_UPPER_CASES = [  # segments of at least 128·2^(n−1) rows: the upper passes in CUDA too (hopper_cuda.takes_upper)
+    (1, 4096, 3, 64, [512, 1024, 2048], [1, 2, 4]),  # three classes' tiles, two top-level segments
+    (2, 2048, 6, 64, [256, 512], [1, 2]),  # two branches: one class, one level
+    (1, 8192, 2, 64, [1024, 2048, 4096, 8192], [1, 2, 4, 8]),  # four branches: levels 2-4
+]
 CUDA_SPLIT_CASES = [  # head_split: each head group's rows 2^i apart, read in place through its own maps
     (2, 8192, 8, 64, [1024, 2048, 4096], [1, 2, 4]),  # the seed preset's layout, groups of 3, 3, 2 heads
     (1, 3072, 5, 64, [128, 256, 512], [1, 2, 4]),  # groups of 2, 2, 1; six top-level segments
@@ -302,17 +307,23 @@ CUDA_SPLIT_CASES = [  # head_split: each head group's rows 2^i apart, read in pl
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("case,head_split", [(c, False) for c in CUDA_CASES] + [(c, True) for c in CUDA_SPLIT_CASES],
+@pytest.mark.parametrize("case,head_split,upper",
+                         [(c, False, False) for c in CUDA_CASES] + [(c, False, True) for c in CUDA_UPPER_CASES]
+                         + [(c, True, False) for c in CUDA_SPLIT_CASES],
                          ids=[f"B{c[0]}-T{c[1]}-n{len(c[4])}" for c in CUDA_CASES]
+                         + [f"upper-B{c[0]}-T{c[1]}-n{len(c[4])}" for c in CUDA_UPPER_CASES]
                          + [f"split-B{c[0]}-T{c[1]}-n{len(c[4])}" for c in CUDA_SPLIT_CASES])
-def test_gpu_hopper_cuda_parity(case, head_split, causal, monkeypatch):
+def test_gpu_hopper_cuda_parity(case, head_split, upper, causal, monkeypatch):
     """With LONGCTX_HOPPER_CUDA on, on an sm_90 GPU, the union op's local passes are the CUDA
-    kernels (hopper_cuda.py, counted: the forward, then dQ making STATS and dK/dV) on q/k/v views
-    of one fused projection; the output and all three gradients keep the parity rule, with
-    head_split too (where the kernels also zero what each head's branch skips)."""
+    kernels (hopper_cuda.py, counted: the forward, then dQ making STATS and dK/dV), and with
+    segments of at least 128·2^(n−1) rows the upper passes too, on q/k/v views of one fused
+    projection; the output and all three gradients keep the parity rule, with head_split too
+    (where the kernels also zero what each head's branch skips)."""
     calls = hopper_cuda_on(monkeypatch)
     check_union_parity(case, head_split, causal, ImprovedDilatedAttention, torch.bfloat16)
-    assert calls == [("local_forward", len(case[4])), ("local_backward", len(case[4]))]
+    n = len(case[4])
+    want = [("local_forward", n), ("upper_forward", n), ("local_backward", n), ("upper_backward", n)]
+    assert calls == (want if upper else want[::2])
 
 
 @pytest.mark.parametrize("case,dtype", [(HOPPER_CASES[2], torch.bfloat16), (CUDA_CASES[1], torch.float16)],
@@ -326,17 +337,19 @@ def test_gpu_hopper_cuda_leaves_what_it_cannot_take(case, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_gpu_hopper_cuda_under_rotary(causal, monkeypatch):
+@pytest.mark.parametrize("ws,upper", [([256, 512, 1024], False), ([512, 1024, 2048], True)], ids=["L256", "L512-upper"])
+def test_gpu_hopper_cuda_under_rotary(ws, upper, causal, monkeypatch):
     """The LM block's path (attention/rotary.attend and attend_backward): rotated q and k in their
     own buffer, v a view of the fused projection (three row strides), the gradients views of one
     packed (B, T, 3, H, D) buffer, dQ and dK rotated back in the CUDA epilogue. Against the path
     off (the Triton forward and the Gluon backward, each checked against the reference above):
-    the output, the LSE and the packed gradient within bf16 rounding."""
+    the output, the LSE and the packed gradient within bf16 rounding; with 512-row segments the
+    upper passes in CUDA too, dQ and dK added and rotated back in their epilogues."""
     from longctx.attention import rotary
     from longctx.model import Rotary
 
     B, T, H, D = 2, 2048, 6, 64
-    config = ([256, 512, 1024], [1, 2, 4], False, causal, D ** -0.5)
+    config = (ws, [1, 2, 4], False, causal, D ** -0.5)
     g = torch.Generator(device="cuda").manual_seed(7)
     qkv, dout = (torch.randn(B, T, *s, D, device="cuda", dtype=torch.bfloat16, generator=g) for s in ((3, H), (H,)))
     cos, sin = (x.reshape(T, D // 2).contiguous() for x in Rotary(D).angles(T, 0, "cuda"))
@@ -348,7 +361,8 @@ def test_gpu_hopper_cuda_under_rotary(causal, monkeypatch):
     want = run()
     calls = hopper_cuda_on(monkeypatch)
     out, lse, dqkv = run()
-    assert calls == [("local_forward", 3), ("local_backward", 3)]
+    want = [("local_forward", 3), ("upper_forward", 3), ("local_backward", 3), ("upper_backward", 3)]
+    assert calls == (want if upper else want[::2])
     # two roundings to bf16 of float32 results that differ in their last bits: 2^-6 relative
     assert torch.allclose(out.float(), want[0].float(), rtol=1.6e-2, atol=2e-3)
     assert err(lse, want[1].double()) <= 1e-3
@@ -365,7 +379,9 @@ def hopper_cuda_on(monkeypatch) -> list:
         pytest.skip("no nvcc to build hopper_cuda.py's kernels")
     # where each takes the layout
     return sm90_kernels_on(monkeypatch, hopper_cuda, {"local_forward": lambda a: a[5].n,
-                                                      "local_backward": lambda a: a[8].n})
+                                                      "upper_forward": lambda a: a[5].n,
+                                                      "local_backward": lambda a: a[8].n,
+                                                      "upper_backward": lambda a: a[6].n})
 
 
 def check_union_parity(case, head_split, causal, op_cls, dtype):

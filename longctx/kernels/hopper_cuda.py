@@ -36,7 +36,8 @@ from .hopper import _flat, _hopper
 
 ENABLED = os.environ.get("LONGCTX_HOPPER_CUDA", "0") == "1"
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("ws_fwd.cu", "ws_bwd.cu")]
-HEADERS = [Path(__file__).parent / "csrc" / "ws_common.cuh"]
+HEADERS = [Path(__file__).parent / "csrc" / name
+           for name in ("ws_common.cuh", "ws_layout.cuh", "ws_fwd_tile.cuh", "ws_bwd_tile.cuh")]
 FLAGS = ["-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "--shared", "-Xcompiler", "-fPIC",
          "-Xptxas", "-v"]
 # A debugging build: a wait on an mbarrier that has not completed after ~2^24 tries prints the
@@ -91,7 +92,7 @@ def library() -> ctypes.CDLL:
     """The kernels' library with its two entry points' argument types."""
     lib = ctypes.CDLL(str(build()[0]))
     ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
-    lib.ws_fwd.restype = lib.ws_bwd.restype = i32
+    lib.ws_fwd.restype = lib.ws_bwd.restype = lib.ws_fwd_upper.restype = lib.ws_bwd_upper.restype = i32
     # q, k, v, their row strides, out, its row stride, lse, B, T, H, L, causal, scale, branches, split, mode,
     # ctas, stream
     lib.ws_fwd.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, i32, i32, i32, i32, i32, f32, i32, i32, i32,
@@ -100,6 +101,12 @@ def library() -> ctypes.CDLL:
     # two gradients, their row stride, B, T, H, L, causal, scale, branches, split, dq, overlap, ctas, stream
     lib.ws_bwd.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i32,
                            i32, i32, i32, i32, f32, i32, i32, i32, i32, i32, ptr]
+    # q, k, v, their row strides, out, its row stride, lse, B, T, H, L, causal, scale, branches, ctas, stream
+    lib.ws_fwd_upper.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, i32, i32, i32, i32, i32, f32, i32, i32, ptr]
+    # q, k, v, their row strides, dO, its row stride, STATS, RoPE's cos and sin, two gradients, their row
+    # stride, B, T, H, L, causal, scale, branches, dq, ctas, stream
+    lib.ws_bwd_upper.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i32, i32, i32,
+                                 i32, i32, f32, i32, i32, i32, ptr]
     return lib
 
 
@@ -123,6 +130,13 @@ def takes(lay) -> bool:
     """Whether the kernels compute the union layout `lay`: segments of whole 128-row items, and at
     most five branches' weight terms, or head_split over at most MAX_SPLIT branches."""
     return lay.L % ROWS == 0 and lay.n <= (MAX_SPLIT if lay.split else 5)
+
+
+def takes_upper(lay) -> bool:
+    """Whether the kernels compute the upper passes of `lay` too (ws_layout.cuh's upper items):
+    weight terms of 2 … 5 branches, no head_split, and class tiles of 128 rows 2^(n−1) positions
+    apart within a segment (L a multiple of 128·2^(n−1): the long preset's 2,048 for five)."""
+    return not lay.split and 2 <= lay.n <= 5 and lay.L % (ROWS << (lay.n - 1)) == 0
 
 
 def use_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay) -> bool:
@@ -188,6 +202,31 @@ def gradients(q, k, v, dout, stats, grads, W: int, scale: float, causal: bool, b
           int(overlap), ctas)
 
 
+def upper_attend(q, k, v, out, lse, W: int, scale: float, causal: bool, branches: int, ctas: int | None = None) -> None:
+    """The union forward's upper pass (levels ≥ 2 of `branches` branches, segments of W rows) on
+    attend's result: out and lse (as attend's) get the upper levels' keys of the class rows added."""
+    B, T, H, _ = q.shape
+    assert out.is_contiguous() and lse.is_contiguous() and readable(q, k, v), "rows the kernel reads and writes"
+    ctas = sm_count(q.device.index or 0) if ctas is None else ctas
+    _call(library().ws_fwd_upper, q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(1), k.stride(1), v.stride(1),
+          out.data_ptr(), out.stride(1), lse.data_ptr(), B, T, H, W, int(causal), scale, branches, ctas)
+
+
+def upper_gradients(q, k, v, dout, stats, grads, W: int, scale: float, causal: bool, branches: int, dq: bool,
+                    ctas: int | None = None, rope=None) -> None:
+    """The union backward's upper passes after gradients' local ones: dQ (dq) or dK and dV added
+    to those in grads, from the STATS the local dQ pass wrote; arguments as in gradients."""
+    B, T, H, _ = q.shape
+    assert stats.shape == (2, B * H, T) and stats.is_contiguous() and readable(q, k, v, dout, *grads)
+    assert all(g.stride() == grads[0].stride() for g in grads), "one set of gradient strides"
+    cos, sin = rope if rope is not None else (None, None)
+    ctas = sm_count(q.device.index or 0) if ctas is None else ctas
+    _call(library().ws_bwd_upper, q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(1), k.stride(1), v.stride(1),
+          dout.data_ptr(), dout.stride(1), stats.data_ptr(), None if cos is None else cos.data_ptr(),
+          None if sin is None else sin.data_ptr(), grads[0].data_ptr(), grads[-1].data_ptr(), grads[0].stride(1), B,
+          T, H, W, int(causal), scale, branches, int(dq), ctas)
+
+
 def _weights(lay) -> tuple[int, int]:
     """(branches, split) for the kernels: lay.n branches' weight terms, or head_split's lay.n branches."""
     return (1, lay.n) if lay.split else (lay.n, 0)
@@ -210,3 +249,16 @@ def local_backward(q, k, v, dout, out, lse, stats, grads, lay, is_causal: bool, 
     gradients(q, k, v, dout, stats, (dq,), lay.L, scale, is_causal, branches, True, out=out, lse=lse, rope=rope,
               split=split)
     gradients(q, k, v, dout, stats, (dk, dv), lay.L, scale, is_causal, branches, False, rope=rope, split=split)
+
+
+def upper_forward(q, k, v, out, lse, lay, is_causal: bool, scale: float) -> None:
+    """The union forward's upper pass (levels ≥ 2, where `takes_upper`) on the local pass's out and lse."""
+    upper_attend(q, k, v, out, lse, lay.L, scale, is_causal, lay.n)
+
+
+def upper_backward(q, k, v, dout, stats, grads, lay, is_causal: bool, scale: float, rope=None) -> None:
+    """The union backward's upper passes (where `takes_upper`) after local_backward: dQ, then dK/dV,
+    added to grads (dq, dk, dv); rope as in local_backward."""
+    dq, dk, dv = grads
+    upper_gradients(q, k, v, dout, stats, (dq,), lay.L, scale, is_causal, lay.n, True, rope=rope)
+    upper_gradients(q, k, v, dout, stats, (dk, dv), lay.L, scale, is_causal, lay.n, False, rope=rope)

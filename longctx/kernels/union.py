@@ -179,9 +179,12 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, is_c
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, T, H), dtype=torch.float32, device=q.device)
     passes = ("local", "upper")
-    if hopper_cuda.use_forward(q, k, v, lay):  # the local pass in CUDA (LONGCTX_HOPPER_CUDA=1), the upper one here
+    if hopper_cuda.use_forward(q, k, v, lay):  # the local pass in CUDA (LONGCTX_HOPPER_CUDA=1), and the upper one
         hopper_cuda.local_forward(q, k, v, out, lse, lay, is_causal, scale)
         passes = ("upper",)
+        if hopper_cuda.takes_upper(lay):
+            hopper_cuda.upper_forward(q, k, v, out, lse, lay, is_causal, scale)
+            passes = ()
     _launch("fwd", q, lay, (q, k, v, out, lse, *_strides(q, k, v), T, H, scale * LOG2E), is_causal, passes)
     return out, lse
 
@@ -206,6 +209,9 @@ def backward(dout, q, k, v, out, lse, lay: Layout, is_causal: bool, scale: float
     passes = ("upper",) if cuda or gluon else ("local", "upper")
     if cuda:
         hopper_cuda.local_backward(q, k, v, dout, out, lse, stats, grads, lay, is_causal, scale, rope)
+        if hopper_cuda.takes_upper(lay):
+            hopper_cuda.upper_backward(q, k, v, dout, stats, grads, lay, is_causal, scale, rope)
+            passes = ()
     if gluon:
         hopper.local_dq(q, k, v, dout, out, lse, stats, dq, lay, is_causal, scale, rope)
     _launch("dq", q, lay, (q, k, v, dout, out, lse, stats, dq, cos, sin, *strides, T, H, scale * LOG2E, scale),

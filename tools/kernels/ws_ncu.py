@@ -1,8 +1,10 @@
 """Probe for ncu: each CUDA local pass (longctx/kernels/hopper_cuda.py) and cuDNN's forward and
 backward launched twice on one problem, nothing else between them, so that a profiler filtered
-by kernel name sees the same work from each (the second launch of each is the one to read).
+by kernel name sees the same work from each (the second launch of each is the one to read); with
+several branches and segments of at least 128·2^(n−1) rows, the upper passes too, CUDA's and the
+Triton union kernels' (`_upper`).
 
-`ncu --kernel-name regex:'ws_|cudnn|flash' --section SpeedOfLight --section WarpStateStats
+`ncu --kernel-name regex:'ws_|cudnn|flash|_upper' --section SpeedOfLight --section WarpStateStats
  --section InstructionStats python tools/kernels/ws_ncu.py [--length 32768] [--segment 2048]
  [--branches 5] [--full]` (scripts/gpu_check.sh's `ncu` stage). The CUDA forward runs ping-pong
 on a persistent grid (the op's), the backward passes plain and with `overlap`. Each name is
@@ -15,7 +17,8 @@ import torch
 
 from gluon_bwd_probe import cudnn_backward
 from gluon_probe import segments_sdpa
-from longctx.kernels.hopper_cuda import attend, gradients
+from longctx.kernels import union
+from longctx.kernels.hopper_cuda import attend, gradients, takes_upper, upper_attend, upper_gradients
 
 
 def main(argv=None):
@@ -47,11 +50,38 @@ def main(argv=None):
         "cuda dkdv overlap": lambda: gradients(q, k, v, dout, stats, (dk, dv), W, scale, causal, n, False,
                                                overlap=True),
     }
+    lay = union.layout(T, H, 64, [W << i for i in range(n)], [1 << i for i in range(n)], False)
+    if n > 1 and lay is not None and takes_upper(lay):
+        launches.update(upper_launches(q, k, v, dout, out, lse, stats, (dq, dk, dv), lay, scale, causal))
     for name, fn in launches.items():
         print(f"== {name}: T={T} W={W} heads={H} branches={n} {'causal' if causal else 'full'}", flush=True)
         for _ in range(2):
             fn()
         torch.cuda.synchronize()
+
+
+def upper_launches(q, k, v, dout, out, lse, stats, grads, lay, scale, causal) -> dict:
+    """The upper passes (levels ≥ 2), CUDA's and the Triton union kernels', on the local passes'
+    results above (each launch adds to them again, which changes values, not work)."""
+    B, T, H, D = q.shape
+    dq, dk, dv = grads
+    s = scale * union.LOG2E
+    strides = [*union._strides(q, k, v, dout), *union._strides(dq)]
+    triton = {
+        "fwd": (q, k, v, out, lse, *union._strides(q, k, v), T, H, s),
+        "dq": (q, k, v, dout, out, lse, stats, dq, stats, stats, *strides, T, H, s, scale),
+        "dkdv": (q, k, v, dout, stats, dk, dv, stats, stats, *strides, T, H, s, scale),
+    }
+    consts = {"fwd": {}, "dq": {"ROPE": False}, "dkdv": {"ROPE": False}}
+    return {
+        "cuda upper forward": lambda: upper_attend(q, k, v, out, lse, lay.L, scale, causal, lay.n),
+        "triton upper forward": lambda: union._launch("fwd", q, lay, triton["fwd"], causal, ("upper",)),
+        "cuda upper dq": lambda: upper_gradients(q, k, v, dout, stats, (dq,), lay.L, scale, causal, lay.n, True),
+        "triton upper dq": lambda: union._launch("dq", q, lay, triton["dq"], causal, ("upper",), **consts["dq"]),
+        "cuda upper dkdv": lambda: upper_gradients(q, k, v, dout, stats, (dk, dv), lay.L, scale, causal, lay.n, False),
+        "triton upper dkdv": lambda: union._launch("dkdv", q, lay, triton["dkdv"], causal, ("upper",),
+                                                   **consts["dkdv"]),
+    }
 
 
 if __name__ == "__main__":

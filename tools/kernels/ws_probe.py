@@ -36,12 +36,11 @@ def sass_counts(lib: Path) -> dict:
     counts = {}
     for part in sass.split("Function : ")[1:]:
         header = part.split("\n", 1)[0]
-        # by the mangled template argument
-        if "ws_bwd" in header:  # by the template arguments <DQ, OVERLAP>
-            flags = header.split("ILb", 1)[1]
-            name = ("dkdv", "dq")[int(flags[0])] + (" overlap" if flags.split("Lb", 1)[1][0] == "1" else "")
-        else:
-            name = MODES[int(header.split("ILi", 1)[1][0])]
+        args = [int(a) for a in re.findall(r"L[bi](\d+)", header.split("kernelI", 1)[1].split("EEv", 1)[0])]
+        if "ws_bwd" in header:  # by the template arguments <DQ, OVERLAP, UPPER>
+            name = ("dkdv", "dq")[args[0]] + (" overlap" if args[1] else "") + (" upper" if args[2:3] == [1] else "")
+        else:  # <MODE, UPPER>
+            name = MODES[args[0]] + (" upper" if args[1:2] == [1] else "")
         lines = [line for line in part.splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line) and " NOP" not in line]
         count = lambda word: sum(word in line for line in lines)
         counts[name] = {"instructions": len(lines), "HGMMA": count("HGMMA"), "waits on wgmma": count("WARPGROUP.DEPBAR"),

@@ -1,7 +1,7 @@
 // Shared pieces of the CUDA Hopper kernels (ws_fwd.cu, ws_bwd.cu): mbarriers, TMA loads, wgmma
-// descriptors and calls for heads of 64 in bf16 under the 128-byte swizzle, the union kernels'
-// weight terms, a row's Δ in pieces, the host's tensor maps, and the work items' places (head_split
-// included). PTX ISA 8 (sm_90a): wgmma, cp.async.bulk.tensor, mbarrier, setmaxnreg.
+// descriptors and calls for heads of 64 in bf16 under the 128-byte swizzle, a row's Δ in pieces,
+// the host's tensor maps, and head_split's zeros; where the rows are and their weight terms are in
+// ws_layout.cuh. PTX ISA 8 (sm_90a): wgmma, cp.async.bulk.tensor, mbarrier, setmaxnreg.
 #pragma once
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -9,6 +9,8 @@
 
 #include <cstdint>
 #include <cstdio>
+
+#include "ws_layout.cuh"
 
 namespace ws {
 
@@ -157,29 +159,6 @@ __device__ __forceinline__ void pin(uint32_t (&r)[N]) {
 __device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
 __device__ __forceinline__ void named_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
 
-// λ of position x for head h: how many of the dilations 2 … 2^(branches−1) keep x, i.e. of
-// j = 1 … branches − 1 with the low j bits of x ^ h zero: its trailing zeros, capped. The union
-// kernels weight a local pair (x, s) by m = min(λ(x), λ(s)) + 1 (longctx/kernels/union.py).
-__device__ __forceinline__ int lam(int x, int h, int branches) {
-  return min(__clz(__brev(x ^ h)), branches - 1);
-}
-
-// log2 m for a pair's weight m = 1 … 5, correctly rounded, by selects rather than log2f's general
-// path: a persistent CTA computes its terms again for every item (its head changes).
-__device__ __forceinline__ float log2_weight(int m) {
-  return m == 1 ? 0.f : m == 2 ? 1.f : m == 3 ? 1.5849625007f : m == 4 ? 2.f : 2.3219280949f;
-}
-
-// A thread's eight weight terms log2 m for its accumulator rows `row` and row + 8 against the
-// columns 8j + 2·tq + e of a tile that starts at a multiple of 64, by [half][j mod 2][e]: a
-// column's λ depends only on its low branches − 1 (≤ 4) bits, which its place in the tile fixes.
-__device__ __forceinline__ void weight_terms(float (&bias)[8], int row, int tq, int h, int branches) {
-#pragma unroll
-  for (int i = 0; i < 8; ++i)
-    bias[i] = log2_weight(
-        min(lam(row + 8 * (i / 4), h, branches), lam(8 * ((i / 2) % 2) + 2 * tq + i % 2, h, branches)) + 1);
-}
-
 // The dot product of 16 bf16 of o and of g (32-byte aligned), in float32: a quarter of a row's
 // Δ = rowsum(dO∘O), the row's four threads each reading 16 columns.
 __device__ __forceinline__ float row_dot(const __nv_bfloat16* o, const __nv_bfloat16* g) {
@@ -247,13 +226,14 @@ constexpr int shared_bytes() {
 // (the wgmma descriptors) in uniform registers.
 __device__ __forceinline__ int warpgroup() { return __shfl_sync(0xffffffff, threadIdx.x / 128, 0); }
 
-// One (B, T, H, 64) tensor's maps, one a dilation r = 1, 2, 4, 8 (head_split's branches; 1 alone
-// without): map i reads the rows of dilation 2^i in place as a (B·T/r, (r − 1)·stride + H·64) view
-// whose rows are r positions apart, so that position r·y + o of head h is row y at column
-// o·stride + 64h (the branch's rows of one offset o, consecutive).
-constexpr int MAX_SPLIT = 4;
+// One (B, T, H, 64) tensor's maps, one a dilation r = 1, 2, 4, 8, 16: map i reads the rows of
+// dilation 2^i in place as a (B·T/r, (r − 1)·stride + H·64) view whose rows are r positions apart,
+// so that position r·y + o of head h is row y at column o·stride + 64h (the rows of one offset o,
+// consecutive). Head_split's branches use dilations up to 8 (1 alone without), the upper passes'
+// classes and levels up to 2^(n−1).
+constexpr int MAX_SPLIT = 4, MAX_MAPS = 5;
 struct Maps {
-  CUtensorMap m[MAX_SPLIT];
+  CUtensorMap m[MAX_MAPS];
 };
 
 inline int tensor_maps(Maps* maps, const void* base, long long positions, int H, long long row_stride, int box_rows,
@@ -278,50 +258,11 @@ inline bool problem_ok(int T, int H, int L, int rows, int branches, int split) {
          branches <= 5 && L % rows == 0 && T % (L << (dilations(split) - 1)) == 0;  // split bounded before the shift
 }
 
-// Where a work item's rows are. Positions of head h under head_split are r·y + o (r = 2^shift its
-// branch's dilation, o = h mod r); a segment is L consecutive y, a batch element T/r of them
-// (without head_split shift = o = 0 and y is the position).
-struct Head {
-  int h, b, shift, o;
-};
-
-// Head h's branch under head_split over `split` branches (0: none): the groups layout.head_groups
-// makes, contiguous and as even as possible, the earlier ones one larger.
-__host__ __device__ __forceinline__ int branch_of(int h, int H, int split) {
-  if (split == 0) return 0;
-  const int base = H / split, big = H % split * (base + 1);
-  return h < big ? h / (base + 1) : H % split + (h - big) / base;
-}
-
-// Items a rank (see work): Σ over heads of B·T / (L·r).
-inline int items_per_rank(int B, int T, int H, int L, int split) {
-  int n = 0;
-  for (int h = 0; h < H; ++h) n += B * ((T >> branch_of(h, H, split)) / L);
-  return n;
-}
-
-// Work item w's head, batch element, segment and rank (its tile's index counted from the item a
-// causal pass runs first), ordered rank first, then head and batch element, then segment; under
-// head_split a head has T / (L·r) segments, so `per_rank` (host-counted: Σ over heads of
-// B·T / (L·r), items_per_rank) items share a rank.
-__device__ __forceinline__ Head work(int w, int B, int T, int H, int L, int split, int per_rank, int& seg,
-                                     int& rank) {
-  rank = w / per_rank;
-  int rest = w % per_rank;
-  if (split == 0) {
-    const int nseg = T / L;
-    seg = rest % nseg;
-    return {rest / nseg % H, rest / nseg / H, 0, 0};
-  }
-  int h = 0, nseg = T / L;
-  for (;; ++h) {
-    nseg = (T >> branch_of(h, H, split)) / L;
-    if (rest < B * nseg) break;
-    rest -= B * nseg;
-  }
-  const int shift = branch_of(h, H, split);
-  seg = rest % nseg;
-  return {h, rest / nseg, shift, h & ((1 << shift) - 1)};
+// Whether the upper passes' entry points take it: 2 … MAX_MAPS branches, T of whole top segments,
+// and class tiles of `rows` rows 2^(n−1) apart within L (ws_layout.cuh's upper items).
+inline bool upper_ok(int T, int L, int rows, int branches) {
+  return branches >= 2 && branches <= MAX_MAPS && L % (rows << (branches - 1)) == 0 &&
+         T % (L << (branches - 1)) == 0;
 }
 
 // Zeros at the positions that head h skips next to its kept row y (r·y + o' for every o' ≠ o),
