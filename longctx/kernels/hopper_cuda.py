@@ -1,21 +1,24 @@
-"""The union kernels' local passes on Hopper GPUs (sm_90) in CUDA C++ (csrc/ws_fwd.cu, ws_bwd.cu),
-with FlashAttention-3's structure: a TMA producer warp giving its registers to two wgmma consumer
+"""The union kernels' passes on Hopper GPUs (sm_90) in CUDA C++ (csrc/ws_fwd.cu, ws_bwd.cu), with
+FlashAttention-3's structure: a TMA producer warp giving its registers to two wgmma consumer
 warpgroups, over a persistent grid. union.forward and union.backward run them in place of the
 Triton (forward) and Gluon (hopper.py, backward) local passes where `use_forward` and
-`use_backward` hold, RoPE's rotation of dQ and dK and head_split included; those stay the path
-everywhere else, and the upper passes run on their results in every case.
+`use_backward` hold, RoPE's rotation of dQ and dK and head_split included, and in place of the
+Triton upper passes too where the segments hold their 128-row class tiles (`takes_upper`: the
+long preset's); the Triton and Gluon passes stay the path everywhere else. Where the rows of
+each pass are, and their weights, is csrc/ws_layout.cuh, which tests/test_ws_layout.py checks on
+the CPU.
 
 Why CUDA: Triton 3.6 cannot give a producer warp's registers to the consumers (ptxas C7512), and
 the structure needs 240 registers a consumer thread. The kernels are compiled with the CUDA
 toolkit's nvcc on first use into LONGCTX_BUILD (default ~/.cache/longctx), one library per source
 text, and called through ctypes; without nvcc the Triton pass runs, with one warning.
 LONGCTX_CUDA_WATCHDOG=1 builds a debugging version whose mbarrier waits trap, naming the barrier,
-instead of hanging (scripts/gpu_check.sh's `ws` stage checks the kernels with it first).
+instead of hanging (scripts/gpu_check.sh's `ws` and `cuda` stages check the kernels with it first).
 
 Off unless LONGCTX_HOPPER_CUDA=1: the kernels are exact on an H100, but the version measured there
 ran below cuDNN's rate on the long preset's segments (259–267 against 364–415 TF/s) and was not
 timed against the Triton local pass; this one (half the instructions a key tile, a persistent
-grid, head_split) is not yet measured (docs/performance.md).
+grid, head_split, the upper passes) is not yet measured (docs/performance.md).
 """
 from __future__ import annotations
 

@@ -31,7 +31,8 @@ strided head group and branch (four at the seed's 8 heads); this is one launch p
 
 The kernels are in union_kernels.py, their tiles' geometry in union_tiles.py; on Hopper GPUs
 the backward's local passes run hopper.py's Gluon kernels instead (unless LONGCTX_HOPPER=0), and with
-LONGCTX_HOPPER_CUDA=1 the local passes of both directions run hopper_cuda.py's CUDA kernels. They run on
+LONGCTX_HOPPER_CUDA=1 the local passes of both directions run hopper_cuda.py's CUDA kernels, and the
+upper ones too where the segments hold 128-row class tiles (L a multiple of 128·2^(n−1)). They run on
 CUDA in fp16/bf16, and on CPU tensors through Triton's interpreter (tests only).
 attention/rotary.py runs them on the LM block's fused projection with RoPE inside (backward's
 `rope`).
