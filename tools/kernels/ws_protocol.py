@@ -10,8 +10,10 @@ together. ws_bwd.cu's protocol is the sequential mode's, with Q as its fixed pai
 K/V as its one ring.
 
 `python tools/kernels/ws_protocol.py` runs every mode, causal and not, over grids of 1, 2, 3 and
-7 CTAs (48 items), three interleavings each; `--break-q-parity` makes the Q release's parity wrong
-by one, which the model reports as a deadlock.
+7 CTAs (48 items), three interleavings each, and the upper pass's ping-pong over items of 0 to 4
+levels' key tiles (those with none skipped by every role, their Q buffer not counted);
+`--break-q-parity` makes the Q release's parity wrong by one, which the model reports as a
+deadlock.
 """
 import argparse
 import random
@@ -61,6 +63,12 @@ def items(B: int, T: int, H: int, L: int, causal: bool) -> list:
     return out
 
 
+def upper_items(count: int, per_level: int, rng: random.Random) -> list:
+    """Upper-pass items as the protocol sees them: (its index, 0, 0, 0, key tiles), the tiles of
+    0 to 4 live levels (a causal item may have none)."""
+    return [(w, 0, 0, 0, rng.randrange(5) * per_level) for w in range(count)]
+
+
 def cta(mine: list, mode: str, rng: random.Random, break_q_parity: bool) -> None:
     q_full, q_empty = [MBarrier(1) for _ in range(2)], [MBarrier(2) for _ in range(2)]
     k_full, k_empty = [MBarrier(1) for _ in range(STAGES)], [MBarrier(2) for _ in range(STAGES)]
@@ -81,7 +89,7 @@ def cta(mine: list, mode: str, rng: random.Random, break_q_parity: bool) -> None
 
     def producer():
         kv = 0
-        for it, x in enumerate(mine):
+        for it, x in enumerate(x for x in mine if x[4]):  # items without key tiles: skipped
             qb = it % 2
             if it >= 2:
                 yield from wait(q_empty[qb], (it // 2 - (0 if break_q_parity else 1)) & 1)
@@ -110,7 +118,7 @@ def cta(mine: list, mode: str, rng: random.Random, break_q_parity: bool) -> None
         if mode == "ping-pong" and c == 1:
             named[1].arrive()
         kv = 0
-        for it, x in enumerate(mine):
+        for it, x in enumerate(x for x in mine if x[4]):
             qb = it % 2
             yield from take("q", q, q_full, qb, (it // 2) & 1, x, c)
             if mode == "sequential":
@@ -172,6 +180,14 @@ def main(argv=None):
                 except (AssertionError, RuntimeError) as e:
                     sys.exit(f"{mode} {'causal' if causal else 'full'} grid {grid} CTA {b} seed {seed}: {e}")
         print(f"{mode}: ok", flush=True)
+    for grid, seed in ((g, s) for g in (1, 2, 3, 7) for s in range(3)):
+        work = upper_items(48, 2, random.Random(seed))
+        for b in range(grid):
+            try:
+                cta(work[b::grid], "ping-pong", random.Random(seed), args.break_q_parity)
+            except (AssertionError, RuntimeError) as e:
+                sys.exit(f"upper ping-pong grid {grid} CTA {b} seed {seed}: {e}")
+    print("upper ping-pong: ok", flush=True)
 
 
 if __name__ == "__main__":
