@@ -1,5 +1,6 @@
-"""The CUDA local passes' switch and gates (longctx/kernels/hopper_cuda.py) on the CPU; their parity
-with the reference is tests/test_gpu.py's test_gpu_hopper_cuda_parity."""
+"""The CUDA passes' switch, gates and place in the union op (longctx/kernels/hopper_cuda.py) on the
+CPU; their parity with the reference is tests/test_gpu.py's test_gpu_hopper_cuda_parity, where their
+rows are tests/test_ws_layout.py's."""
 import warnings
 
 import pytest
@@ -75,3 +76,54 @@ def test_cuda_kernels_take_whole_items_and_their_branch_limits(T, H, ws, rs, hea
     lay = union.layout(T, H, 64, ws, rs, head_split)
     assert lay is not None, "a layout the union kernels take"
     assert hopper_cuda.takes(lay) is taken
+
+
+def test_union_runs_the_cuda_passes_in_place_of_the_triton_ones(monkeypatch):
+    """Where the CUDA kernels take the upper passes too, union.forward and union.backward run
+    hopper_cuda's four passes (local, then upper, each direction) and no Triton pass of their own.
+    Each CUDA pass stood in for by the Triton pass it replaces (interpreted), the op's output, LSE
+    and gradients equal the plain op's: an upper pass run twice, skipped, or run before the local
+    pass that makes what it reads would change them."""
+    if not union.SUPPORTED:
+        pytest.skip("needs Triton >= 3.6 (installed by the test extra)")
+    B, T, H, D, causal, scale = 1, 512, 2, 64, True, 0.3
+    lay = union.layout(T, H, D, [256, 512], [1, 2], False)
+    assert hopper_cuda.takes(lay) and hopper_cuda.takes_upper(lay)
+    g = torch.Generator().manual_seed(3)
+    q, k, v, dout = (torch.randn(B, T, H, D, generator=g) for _ in range(4))
+
+    def run():
+        out, lse = union.forward(q, k, v, lay, causal, scale)
+        return out, lse, *union.backward(dout, q, k, v, out, lse, lay, causal, scale)
+
+    want = run()
+    calls = []
+
+    def forward(name, passes):  # the Triton forward pass that a CUDA one replaces, recorded
+        def stand_in(q, k, v, out, lse, *_):
+            calls.append(name)
+            args = (q, k, v, out, lse, *union._strides(q, k, v), T, H, scale * union.LOG2E)
+            union._launch("fwd", q, lay, args, causal, passes)
+        return stand_in
+
+    def backward(name, passes, dout, out, lse, stats, grads):  # the same for the backward's two
+        calls.append(name)
+        dq, dk, dv = grads
+        strides, s = [*union._strides(q, k, v, dout), *union._strides(dq)], scale * union.LOG2E
+        union._launch("dq", q, lay, (q, k, v, dout, out, lse, stats, dq, stats, stats, *strides, T, H, s, scale),
+                      causal, passes, ROPE=False)
+        union._launch("dkdv", q, lay, (q, k, v, dout, stats, dk, dv, stats, stats, *strides, T, H, s, scale),
+                      causal, passes, ROPE=False)
+
+    monkeypatch.setattr(hopper_cuda, "use_forward", lambda *a: True)
+    monkeypatch.setattr(hopper_cuda, "use_backward", lambda *a: True)
+    monkeypatch.setattr(hopper_cuda, "local_forward", forward("local_forward", ("local",)))
+    monkeypatch.setattr(hopper_cuda, "upper_forward", forward("upper_forward", ("upper",)))
+    monkeypatch.setattr(hopper_cuda, "local_backward", lambda q, k, v, dout, out, lse, stats, grads, *_:
+                        backward("local_backward", ("local",), dout, out, lse, stats, grads))
+    monkeypatch.setattr(hopper_cuda, "upper_backward", lambda q, k, v, dout, stats, grads, *_:  # (reads no O, LSE)
+                        backward("upper_backward", ("upper",), dout, dout, stats, stats, grads))
+    got = run()
+    assert calls == ["local_forward", "upper_forward", "local_backward", "upper_backward"]
+    for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], got, want):
+        assert torch.equal(a, b), name
