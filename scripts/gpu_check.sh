@@ -11,8 +11,8 @@
 # (tools/kernels/ws_probe.py, ws_bwd_probe.py: the CUDA producer/consumer forward and backward
 # passes against cuDNN and Gluon), cuda (the CUDA passes in the op, LONGCTX_HOPPER_CUDA=1, local and,
 # where the segments allow, upper: their GPU tests, then the long preset's op and the seed preset's
-# with head_split, each with them off and on), cudaops (the long preset's op at 64K kernel by kernel,
-# torch.profiler, off and on), cudalm (the LM at 32K with them off and on), ncu (those passes,
+# with head_split, each with them off and on), cudaops (the long preset's op at 64K and the seed's at
+# 32K kernel by kernel, torch.profiler, off and on), cudalm (the LM at 32K with them off and on), ncu (those passes,
 # cuDNN's and the Triton upper passes under Nsight Compute: tools/kernels/ws_ncu.py).
 # Results go to $OUT (the device tool's folder) or ./gpu_out. Wheels in .whl/ (jsonargparse and
 # what it needs, for train.py) are installed first where the image lacks them.
@@ -117,11 +117,14 @@ for s in ${*:-tests bench train}; do
           > "$OUT/seed-cuda$c.log" 2>&1
         grep -E "^\|" "$OUT/seed-cuda$c.log" | grep -E "sdpa|improved"
       done ;;
-    cudaops)  # where the op's time goes, kernel by kernel, with the CUDA passes off and on
+    cudaops)  # where the op's time goes, kernel by kernel, with the CUDA passes off and on: the long preset at 64K,
+      # the seed preset with head_split at 32K
       for c in 0 1; do
-        echo "LONGCTX_HOPPER_CUDA=$c:"
-        LONGCTX_HOPPER_CUDA=$c timeout ${WS_TIMEOUT:-240} python3 tools/kernels/profile_op.py ${OPS_LENGTH:-65536} 0 long \
-          2>&1 | grep -v -i warn | tee "$OUT/cudaops$c.txt" | tail -25
+        for args in "${OPS_LENGTH:-65536} 0 long" "32768 1 seed"; do
+          echo "LONGCTX_HOPPER_CUDA=$c, profile_op.py $args:"
+          LONGCTX_HOPPER_CUDA=$c timeout ${WS_TIMEOUT:-240} python3 tools/kernels/profile_op.py $args 2>&1 \
+            | grep -v -i warn | tee -a "$OUT/cudaops$c.txt" | tail -19
+        done
       done ;;
     cudalm)  # the LM at 32K with the CUDA local passes off and on (a call of its own: ~4 minutes)
       for c in 0 1; do
