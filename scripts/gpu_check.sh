@@ -8,8 +8,8 @@
 # union (the union kernels' parity and tile sweep: tools/kernels/union_probe.py), hopper (the
 # Gluon backward passes, sm_90's default, against the Triton ones, LONGCTX_HOPPER=0: the op to 1M
 # and the LM at 32K; the tests stage runs the GPU suite with them on, ~10 minutes on an H100), ws
-# (tools/kernels/ws_probe.py, ws_bwd_probe.py: the CUDA producer/consumer forward and backward
-# passes against cuDNN and Gluon), cuda (the CUDA passes in the op, LONGCTX_HOPPER_CUDA=1, local and,
+# (tools/kernels/ws_probe.py, ws_bwd_probe.py, ws_upper_probe.py: the CUDA producer/consumer forward
+# and backward passes against cuDNN and Gluon, the upper ones against the Triton upper passes), cuda (the CUDA passes in the op, LONGCTX_HOPPER_CUDA=1, local and,
 # where the segments allow, upper: their GPU tests, then the long preset's op and the seed preset's
 # with head_split, each with them off and on), cudaops (the long preset's op at 64K and the seed's at
 # 32K kernel by kernel, torch.profiler, off and on), cudalm (the LM at 32K with them off and on), ncu (those passes,
@@ -89,10 +89,10 @@ for s in ${*:-tests bench train}; do
       # each run time-limited: a wrong barrier parity hangs a kernel rather than failing it. First the checks
       # alone in the watchdog build (LONGCTX_CUDA_WATCHDOG=1: a wait that never completes names its barrier
       # and fails the launch); the timings only if they pass.
-      fail=0
-      for probe in ws_probe ws_bwd_probe; do
+      fail=0 upper=1
+      for probe in ws_probe ws_bwd_probe ws_upper_probe; do
         LONGCTX_CUDA_WATCHDOG=1 timeout ${WS_CHECK_TIMEOUT:-120} python3 tools/kernels/$probe.py --check-only \
-          > "$OUT/$probe-check.txt" 2>&1 || fail=1
+          > "$OUT/$probe-check.txt" 2>&1 || { [ $probe = ws_upper_probe ] && upper=0 || fail=1; }
         grep -v -i warn "$OUT/$probe-check.txt"
       done
       if [ $fail = 1 ]; then echo "the checks failed or hung: not timed"; continue; fi
@@ -100,7 +100,10 @@ for s in ${*:-tests bench train}; do
         timeout ${WS_TIMEOUT:-240} python3 tools/kernels/ws_probe.py $args 2>&1 | grep -v -i warn | tee -a "$OUT/ws_probe.txt"
       done
       timeout ${WS_TIMEOUT:-240} python3 tools/kernels/ws_bwd_probe.py --branches 5 2>&1 | grep -v -i warn \
-        | tee -a "$OUT/ws_probe.txt" ;;
+        | tee -a "$OUT/ws_probe.txt"
+      if [ $upper = 1 ]; then  # the upper passes' own check failing leaves the local passes' timings above
+        timeout ${WS_TIMEOUT:-240} python3 tools/kernels/ws_upper_probe.py 2>&1 | grep -v -i warn | tee -a "$OUT/ws_probe.txt"
+      else echo "the upper passes' checks failed or hung: not timed"; fi ;;
     cuda)  # the union op's passes in CUDA (longctx/kernels/hopper_cuda.py) against the Triton and Gluon ones; the
       # tests in the watchdog build (a barrier that never completes fails its test instead of hanging the call)
       LONGCTX_CUDA_WATCHDOG=1 timeout ${CUDA_TEST_TIMEOUT:-300} python3 -m pytest -q -x -rf tests/test_gpu.py -k hopper_cuda \
