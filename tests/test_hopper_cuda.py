@@ -1,6 +1,9 @@
 """The CUDA passes' switch, gates and place in the union op (longctx/kernels/hopper_cuda.py) on the
 CPU; their parity with the reference is tests/test_gpu.py's test_gpu_hopper_cuda_parity, where their
 rows are tests/test_ws_layout.py's."""
+import ctypes
+import re
+import types
 import warnings
 
 import pytest
@@ -127,3 +130,70 @@ def test_union_runs_the_cuda_passes_in_place_of_the_triton_ones(monkeypatch):
     assert calls == ["local_forward", "upper_forward", "local_backward", "upper_backward"]
     for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], got, want):
         assert torch.equal(a, b), name
+
+
+def c_prototypes() -> dict:
+    """The C entry points of hopper_cuda.SOURCES: name -> [(C type, parameter name)], in order."""
+    found = {}
+    for path in hopper_cuda.SOURCES:
+        for name, params in re.findall(r'extern "C" int (\w+)\(([^)]*)\)', path.read_text()):
+            found[name] = [re.fullmatch(r"(.*?)\s*(\w+)", " ".join(p.split())).groups() for p in params.split(",")]
+    return found
+
+
+def test_declared_argument_types_are_the_c_prototypes():
+    """hopper_cuda.SIGNATURES, which ctypes converts every call's arguments by, against the
+    prototypes in the .cu sources: the same entry points, the same count, and each argument's type
+    (a pointer, long long, int or float), so that no argument is shifted into its neighbour's place."""
+    def ctype(c: str):
+        return (ctypes.c_void_p if "*" in c else ctypes.c_longlong if c == "long long" else ctypes.c_float
+                if c == "float" else ctypes.c_int if c == "int" else c)
+    prototypes = c_prototypes()
+    assert set(prototypes) == set(hopper_cuda.SIGNATURES) == {"ws_fwd", "ws_bwd", "ws_fwd_upper", "ws_bwd_upper"}
+    for name, params in prototypes.items():
+        assert [ctype(c) for c, _ in params] == hopper_cuda.SIGNATURES[name], name
+
+
+def test_each_call_passes_every_argument_in_its_place(monkeypatch):
+    """attend, gradients, upper_attend and upper_gradients against the prototypes' parameter
+    names: each value where its name is (the C side recorded, not run), with tensors of distinct
+    row strides and sizes that differ from each other, so that two swapped arguments show."""
+    calls = []
+    monkeypatch.setattr(hopper_cuda, "library", lambda: types.SimpleNamespace(
+        **{name: types.SimpleNamespace(__name__=name) for name in hopper_cuda.SIGNATURES}))
+    monkeypatch.setattr(hopper_cuda, "_call", lambda fn, *args: calls.append((fn.__name__, args)))
+    B, T, H, W, scale = 3, 1024, 6, 256, 0.3
+    bf16 = dict(dtype=torch.bfloat16)
+    q = torch.zeros(B, T, 3, H, 64, **bf16)[:, :, 0]  # rows 3·H·64 apart, as the fused projection's
+    k = torch.zeros(B, T, 2, H, 64, **bf16)[:, :, 1]
+    v = torch.zeros(B, T, 4, H, 64, **bf16)[:, :, 2]
+    dout, out = (torch.zeros(B, T, H, 64, **bf16) for _ in range(2))
+    grads = tuple(torch.zeros(B, T, 5, H, 64, **bf16)[:, :, i] for i in range(3))  # a packed gradient's slots
+    lse, stats = torch.zeros(B, T, H), torch.zeros(2, B * H, T)
+    cos, sin = torch.zeros(T, 32), torch.zeros(T, 32)
+    ptr = lambda x: x.data_ptr()
+    rows = dict(q=ptr(q), k=ptr(k), v=ptr(v), q_row=q.stride(1), k_row=k.stride(1), v_row=v.stride(1), B=B, T=T,
+                H=H, L=W, scale=pytest.approx(scale))
+    bwd = dict(rows, dout=ptr(dout), do_row=dout.stride(1), stats=ptr(stats), grad_row=grads[0].stride(1))
+    hopper_cuda.attend(q, k, v, out, lse, W, scale, True, 5, "ping-pong", ctas=7, split=4)
+    want = [dict(rows, out=ptr(out), out_row=out.stride(1), lse=ptr(lse), causal=1, branches=5, split=4, mode=2,
+                 ctas=7)]
+    hopper_cuda.gradients(q, k, v, dout, stats, grads[:1], W, scale, True, 5, True, ctas=7, out=out, lse=lse,
+                          rope=(cos, sin), overlap=False, split=4)
+    want.append(dict(bwd, out=ptr(out), out_row=out.stride(1), lse=ptr(lse), rope_cos=ptr(cos), rope_sin=ptr(sin),
+                     grad0=ptr(grads[0]), grad1=ptr(grads[0]), causal=1, branches=5, split=4, dq=1, overlap=0,
+                     ctas=7))
+    hopper_cuda.gradients(q, k, v, dout, stats, grads[1:], W, scale, False, 2, False, ctas=9, overlap=True)
+    want.append(dict(bwd, out=None, out_row=0, lse=None, rope_cos=None, rope_sin=None, grad0=ptr(grads[1]),
+                     grad1=ptr(grads[2]), causal=0, branches=2, split=0, dq=0, overlap=1, ctas=9))
+    hopper_cuda.upper_attend(q, k, v, out, lse, W, scale, True, 5, ctas=7)
+    want.append(dict(rows, out=ptr(out), out_row=out.stride(1), lse=ptr(lse), causal=1, branches=5, ctas=7))
+    hopper_cuda.upper_gradients(q, k, v, dout, stats, grads[1:], W, scale, False, 4, False, ctas=9, rope=(cos, sin))
+    want.append(dict(bwd, rope_cos=ptr(cos), rope_sin=ptr(sin), grad0=ptr(grads[1]), grad1=ptr(grads[2]), causal=0,
+                     branches=4, dq=0, ctas=9))
+    prototypes = c_prototypes()
+    assert [name for name, _ in calls] == ["ws_fwd", "ws_bwd", "ws_bwd", "ws_fwd_upper", "ws_bwd_upper"]
+    for (name, args), expected in zip(calls, want):
+        params = [p for _, p in prototypes[name]]
+        assert params[-1] == "stream" and len(args) == len(params) - 1, name  # _call appends the stream
+        assert dict(zip(params, args)) == expected, name

@@ -90,26 +90,34 @@ def build() -> tuple[Path, str]:
     return lib, done.stderr
 
 
-@functools.lru_cache(maxsize=None)
-def library() -> ctypes.CDLL:
-    """The kernels' library with its two entry points' argument types."""
-    lib = ctypes.CDLL(str(build()[0]))
-    ptr, i64, i32, f32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
-    lib.ws_fwd.restype = lib.ws_bwd.restype = lib.ws_fwd_upper.restype = lib.ws_bwd_upper.restype = i32
+_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_float
+# The entry points' argument types, in the order of their C prototypes (the .cu files' extern "C"
+# functions, which tests/test_hopper_cuda.py reads to check these against them); each returns int.
+SIGNATURES = {
     # q, k, v, their row strides, out, its row stride, lse, B, T, H, L, causal, scale, branches, split, mode,
     # ctas, stream
-    lib.ws_fwd.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, i32, i32, i32, i32, i32, f32, i32, i32, i32,
-                           i32, ptr]
+    "ws_fwd": [_P, _P, _P, _I64, _I64, _I64, _P, _I64, _P, _I32, _I32, _I32, _I32, _I32, _F32, _I32, _I32, _I32, _I32,
+               _P],
     # q, k, v, their row strides, dO, its row stride, STATS, out, its row stride, lse, RoPE's cos and sin,
     # two gradients, their row stride, B, T, H, L, causal, scale, branches, split, dq, overlap, ctas, stream
-    lib.ws_bwd.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i32,
-                           i32, i32, i32, i32, f32, i32, i32, i32, i32, i32, ptr]
+    "ws_bwd": [_P, _P, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _I64, _P, _P, _P, _P, _P, _I64, _I32, _I32, _I32, _I32,
+               _I32, _F32, _I32, _I32, _I32, _I32, _I32, _P],
     # q, k, v, their row strides, out, its row stride, lse, B, T, H, L, causal, scale, branches, ctas, stream
-    lib.ws_fwd_upper.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, i32, i32, i32, i32, i32, f32, i32, i32, ptr]
+    "ws_fwd_upper": [_P, _P, _P, _I64, _I64, _I64, _P, _I64, _P, _I32, _I32, _I32, _I32, _I32, _F32, _I32, _I32, _P],
     # q, k, v, their row strides, dO, its row stride, STATS, RoPE's cos and sin, two gradients, their row
     # stride, B, T, H, L, causal, scale, branches, dq, ctas, stream
-    lib.ws_bwd_upper.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i32, i32, i32,
-                                 i32, i32, f32, i32, i32, i32, ptr]
+    "ws_bwd_upper": [_P, _P, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _P, _P, _I64, _I32, _I32, _I32, _I32, _I32,
+                     _F32, _I32, _I32, _I32, _P],
+}
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> ctypes.CDLL:
+    """The kernels' library with its entry points' argument types (SIGNATURES)."""
+    lib = ctypes.CDLL(str(build()[0]))
+    for name, types in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = _I32, types
     return lib
 
 
