@@ -29,6 +29,14 @@ def test_watchdog_build_is_its_own_library(reload_with_env):
     assert watched.target() != plain_lib and watched.target().parent == plain_lib.parent
 
 
+def test_the_library_is_named_by_every_source_and_header():
+    """target() digests SOURCES and HEADERS: every .cu and .cuh file the build compiles or includes,
+    so that an edited header can never load a library built before the edit."""
+    folder = hopper_cuda.SOURCES[0].parent
+    assert set(hopper_cuda.SOURCES) == set(folder.glob("*.cu"))
+    assert set(hopper_cuda.HEADERS) == set(folder.glob("*.cuh"))
+
+
 def test_without_nvcc_the_other_passes_run_after_one_warning(monkeypatch):
     """No CUDA compiler: build says so, and available() warns once and answers False (cached),
     so the union op keeps its Triton and Gluon local passes instead of failing."""
