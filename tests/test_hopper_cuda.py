@@ -113,18 +113,13 @@ def test_union_runs_the_cuda_passes_in_place_of_the_triton_ones(monkeypatch):
     def forward(name, passes):  # the Triton forward pass that a CUDA one replaces, recorded
         def stand_in(q, k, v, out, lse, *_):
             calls.append(name)
-            args = (q, k, v, out, lse, *union._strides(q, k, v), T, H, scale * union.LOG2E)
-            union._launch("fwd", q, lay, args, causal, passes)
+            union.triton_forward(q, k, v, out, lse, lay, causal, scale, passes)
         return stand_in
 
     def backward(name, passes, dout, out, lse, stats, grads):  # the same for the backward's two
         calls.append(name)
-        dq, dk, dv = grads
-        strides, s = [*union._strides(q, k, v, dout), *union._strides(dq)], scale * union.LOG2E
-        union._launch("dq", q, lay, (q, k, v, dout, out, lse, stats, dq, stats, stats, *strides, T, H, s, scale),
-                      causal, passes, ROPE=False)
-        union._launch("dkdv", q, lay, (q, k, v, dout, stats, dk, dv, stats, stats, *strides, T, H, s, scale),
-                      causal, passes, ROPE=False)
+        for direction in ("dq", "dkdv"):
+            union.triton_backward(direction, dout, q, k, v, out, lse, stats, grads, lay, causal, scale, passes)
 
     monkeypatch.setattr(hopper_cuda, "use_forward", lambda *a: True)
     monkeypatch.setattr(hopper_cuda, "use_backward", lambda *a: True)

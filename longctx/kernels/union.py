@@ -174,6 +174,25 @@ def _launch(name: str, x: torch.Tensor, lay: Layout, args, causal: bool, passes=
         upper[(B * H, T // 2 // rows)](*args, **opts)
 
 
+def triton_forward(q, k, v, out, lse, lay: Layout, is_causal: bool, scale: float, passes=("local", "upper")) -> None:
+    """The Triton forward's `passes` of q/k/v into out and lse (forward's, which probes may run apart)."""
+    T, H = q.shape[1:3]
+    _launch("fwd", q, lay, (q, k, v, out, lse, *_strides(q, k, v), T, H, scale * LOG2E), is_causal, passes)
+
+
+def triton_backward(name: str, dout, q, k, v, out, lse, stats, grads, lay: Layout, is_causal: bool, scale: float,
+                    passes=("local", "upper"), rope=None) -> None:
+    """The Triton backward's `passes` of direction `name` ("dq" or "dkdv") into grads (dq, dk, dv),
+    as backward runs them (probes may run them apart): dq's local pass writes STATS (2, B·H, T)
+    from out and lse, and every other pass reads it; rope as in backward."""
+    T, H = q.shape[1:3]
+    dq, dk, dv = grads
+    cos, sin = rope if rope is not None else (stats, stats)  # read only when ROPE
+    rows = (q, k, v, dout, out, lse, stats, dq) if name == "dq" else (q, k, v, dout, stats, dk, dv)
+    _launch(name, q, lay, (*rows, cos, sin, *_strides(q, k, v, dout), *_strides(dq), T, H, scale * LOG2E, scale),
+            is_causal, passes, ROPE=rope is not None)
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, is_causal: bool, scale: float):
     """(out (B, T, H, D) in q's dtype, LSE (B, T, H) float32) of q/k/v (B, T, H, D) on `lay`."""
     B, T, H, D = q.shape
@@ -186,7 +205,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: Layout, is_c
         if hopper_cuda.takes_upper(lay):
             hopper_cuda.upper_forward(q, k, v, out, lse, lay, is_causal, scale)
             passes = ()
-    _launch("fwd", q, lay, (q, k, v, out, lse, *_strides(q, k, v), T, H, scale * LOG2E), is_causal, passes)
+    triton_forward(q, k, v, out, lse, lay, is_causal, scale, passes)
     return out, lse
 
 
@@ -202,9 +221,6 @@ def backward(dout, q, k, v, out, lse, lay: Layout, is_causal: bool, scale: float
     dq, dk, dv = grads
     assert dq.stride() == dk.stride() == dv.stride() and dq.shape == q.shape, "one set of gradient strides"
     stats = torch.empty((2, B * H, T), dtype=torch.float32, device=q.device)  # log2 LSE and Δ, by the dQ pass
-    cos, sin = rope if rope is not None else (stats, stats)  # read only when ROPE
-    strides = [*_strides(q, k, v, dout), *_strides(dq)]
-    consts = dict(ROPE=rope is not None)
     cuda = hopper_cuda.use_backward(q, k, v, dout, grads, lay)  # LONGCTX_HOPPER_CUDA=1
     gluon = not cuda and hopper.use(q, k, v, dout, lay)  # the local passes on Hopper, the upper ones here
     passes = ("upper",) if cuda or gluon else ("local", "upper")
@@ -215,10 +231,8 @@ def backward(dout, q, k, v, out, lse, lay: Layout, is_causal: bool, scale: float
             passes = ()
     if gluon:
         hopper.local_dq(q, k, v, dout, out, lse, stats, dq, lay, is_causal, scale, rope)
-    _launch("dq", q, lay, (q, k, v, dout, out, lse, stats, dq, cos, sin, *strides, T, H, scale * LOG2E, scale),
-            is_causal, passes, **consts)
+    triton_backward("dq", dout, q, k, v, out, lse, stats, grads, lay, is_causal, scale, passes, rope)
     if gluon:
         hopper.local_dkdv(q, k, v, dout, stats, dk, dv, lay, is_causal, scale, rope)
-    _launch("dkdv", q, lay, (q, k, v, dout, stats, dk, dv, cos, sin, *strides, T, H, scale * LOG2E, scale),
-            is_causal, passes, **consts)
+    triton_backward("dkdv", dout, q, k, v, out, lse, stats, grads, lay, is_causal, scale, passes, rope)
     return dq, dk, dv

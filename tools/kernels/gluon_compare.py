@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gluon_bwd_probe import backward
-from gluon_probe import LOG2E, forward, pairs, timed
+from gluon_probe import forward, pairs, timed
 
 
 def long_layout(x, branches: int = 5):
@@ -41,8 +41,7 @@ def union_local(q, k, v, scale: float, branches: int = 5):
     lay = long_layout(q, branches)
     out = torch.empty_like(q)
     lse = torch.empty((B, T, H), dtype=torch.float32, device=q.device)
-    union._launch("fwd", q, lay, (q, k, v, out, lse, *union._strides(q, k, v), T, H, scale * LOG2E), True,
-                  passes=("local",))
+    union.triton_forward(q, k, v, out, lse, lay, True, scale, passes=("local",))
     return out, lse
 
 
@@ -91,13 +90,8 @@ def union_local_backward(q, k, v, do, out, lse, scale: float, which=("dq", "dkdv
     lay = long_layout(q)
     dq, dk, dv = (torch.empty_like(q) for _ in range(3))
     stats = torch.empty((2, B * H, T), dtype=torch.float32, device=q.device)
-    strides = [*union._strides(q, k, v, do), *union._strides(dq)]
-    if "dq" in which:
-        union._launch("dq", q, lay, (q, k, v, do, out, lse, stats, dq, stats, stats, *strides, T, H, scale * LOG2E,
-                                     scale), True, passes=("local",), ROPE=False)
-    if "dkdv" in which:
-        union._launch("dkdv", q, lay, (q, k, v, do, stats, dk, dv, stats, stats, *strides, T, H, scale * LOG2E,
-                                       scale), True, passes=("local",), ROPE=False)
+    for name in which:
+        union.triton_backward(name, do, q, k, v, out, lse, stats, (dq, dk, dv), lay, True, scale, passes=("local",))
     return dq, dk, dv, stats
 
 

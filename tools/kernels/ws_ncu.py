@@ -63,24 +63,16 @@ def main(argv=None):
 def upper_launches(q, k, v, dout, out, lse, stats, grads, lay, scale, causal) -> dict:
     """The upper passes (levels ≥ 2), CUDA's and the Triton union kernels', on the local passes'
     results above (each launch adds to them again, which changes values, not work)."""
-    B, T, H, D = q.shape
     dq, dk, dv = grads
-    s = scale * union.LOG2E
-    strides = [*union._strides(q, k, v, dout), *union._strides(dq)]
-    triton = {
-        "fwd": (q, k, v, out, lse, *union._strides(q, k, v), T, H, s),
-        "dq": (q, k, v, dout, out, lse, stats, dq, stats, stats, *strides, T, H, s, scale),
-        "dkdv": (q, k, v, dout, stats, dk, dv, stats, stats, *strides, T, H, s, scale),
-    }
-    consts = {"fwd": {}, "dq": {"ROPE": False}, "dkdv": {"ROPE": False}}
+    triton = lambda name: union.triton_backward(name, dout, q, k, v, out, lse, stats, grads, lay, causal, scale,
+                                                ("upper",))
     return {
         "cuda upper forward": lambda: upper_attend(q, k, v, out, lse, lay.L, scale, causal, lay.n),
-        "triton upper forward": lambda: union._launch("fwd", q, lay, triton["fwd"], causal, ("upper",)),
+        "triton upper forward": lambda: union.triton_forward(q, k, v, out, lse, lay, causal, scale, ("upper",)),
         "cuda upper dq": lambda: upper_gradients(q, k, v, dout, stats, (dq,), lay.L, scale, causal, lay.n, True),
-        "triton upper dq": lambda: union._launch("dq", q, lay, triton["dq"], causal, ("upper",), **consts["dq"]),
+        "triton upper dq": lambda: triton("dq"),
         "cuda upper dkdv": lambda: upper_gradients(q, k, v, dout, stats, (dk, dv), lay.L, scale, causal, lay.n, False),
-        "triton upper dkdv": lambda: union._launch("dkdv", q, lay, triton["dkdv"], causal, ("upper",),
-                                                   **consts["dkdv"]),
+        "triton upper dkdv": lambda: triton("dkdv"),
     }
 
 

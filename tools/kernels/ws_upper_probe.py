@@ -46,31 +46,21 @@ class Problem:
         qkv = torch.randn(1, T, 3, H, 64, device="cuda", dtype=torch.bfloat16, generator=g)
         self.q, self.k, self.v = qkv.unbind(2)
         self.dout = torch.randn(1, T, H, 64, device="cuda", dtype=torch.bfloat16, generator=g)
-        self.T, self.H, self.causal, self.scale = T, H, causal, scale
+        self.causal, self.scale = causal, scale
         self.out = torch.empty_like(self.dout)
         self.lse = torch.empty(1, T, H, device="cuda")
         self.stats = torch.empty(2, H, T, device="cuda")
         self.grads = tuple(torch.empty_like(self.dout) for _ in range(3))
-        union._launch("fwd", self.q, self.lay, self.forward_args(self.out, self.lse), causal, ("local",))
+        self.triton_forward(self.out, self.lse, ("local",))
         self.triton_backward(self.grads, ("local",))
 
-    def forward_args(self, out, lse):
-        return (self.q, self.k, self.v, out, lse, *union._strides(self.q, self.k, self.v), self.T, self.H,
-                self.scale * union.LOG2E)
-
-    def triton_forward(self, out, lse):
-        union._launch("fwd", self.q, self.lay, self.forward_args(out, lse), self.causal, ("upper",))
+    def triton_forward(self, out, lse, passes=("upper",)):
+        union.triton_forward(self.q, self.k, self.v, out, lse, self.lay, self.causal, self.scale, passes)
 
     def triton_backward(self, grads, passes=("upper",), which=("dq", "dkdv")):
-        q, k, v, dout, stats = self.q, self.k, self.v, self.dout, self.stats
-        dq, dk, dv = grads
-        strides, s = [*union._strides(q, k, v, dout), *union._strides(dq)], self.scale * union.LOG2E
-        if "dq" in which:
-            union._launch("dq", q, self.lay, (q, k, v, dout, self.out, self.lse, stats, dq, stats, stats, *strides,
-                                              self.T, self.H, s, self.scale), self.causal, passes, ROPE=False)
-        if "dkdv" in which:
-            union._launch("dkdv", q, self.lay, (q, k, v, dout, stats, dk, dv, stats, stats, *strides, self.T,
-                                                self.H, s, self.scale), self.causal, passes, ROPE=False)
+        for name in which:
+            union.triton_backward(name, self.dout, self.q, self.k, self.v, self.out, self.lse, self.stats, grads,
+                                  self.lay, self.causal, self.scale, passes)
 
     def cuda_forward(self, out, lse):
         upper_attend(self.q, self.k, self.v, out, lse, self.lay.L, self.scale, self.causal, self.lay.n)
