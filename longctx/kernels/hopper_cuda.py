@@ -173,6 +173,26 @@ def _call(fn, *args) -> None:
                            "-2: a tensor map refused, -3: shapes)")
 
 
+def _grid(q: torch.Tensor, ctas: int | None) -> int:
+    """The persistent grid's size: ctas, or None for one CTA an SM of q's GPU."""
+    return sm_count(q.device.index or 0) if ctas is None else ctas
+
+
+def _ptr(x: torch.Tensor | None):
+    return None if x is None else x.data_ptr()
+
+
+def _check_forward(q, k, v, out, lse) -> None:
+    assert out.is_contiguous() and lse.is_contiguous() and readable(q, k, v), "rows the kernel reads and writes"
+
+
+def _check_backward(q, k, v, dout, stats, grads, rope) -> None:
+    B, T, H, _ = q.shape
+    assert stats.shape == (2, B * H, T) and stats.is_contiguous() and readable(q, k, v, dout, *grads)
+    assert all(g.stride() == grads[0].stride() for g in grads), "one set of gradient strides"
+    assert rope is None or all(x.shape == (T, 32) and x.dtype == torch.float32 and x.is_contiguous() for x in rope)
+
+
 def attend(q, k, v, out, lse, W: int, scale: float, causal: bool, branches: int, mode: str = "ping-pong",
            ctas: int | None = None, split: int = 0) -> None:
     """out (B, T, H, 64) bf16 and lse (B, T, H) float32 (natural log), both contiguous, of
@@ -182,11 +202,10 @@ def attend(q, k, v, out, lse, W: int, scale: float, causal: bool, branches: int,
     2^i apart (its branch i's), and the positions it skips get output 0 and LSE −∞. ctas: the
     persistent grid's size (None: one CTA an SM; 0: one CTA an item); mode: one of MODES."""
     B, T, H, _ = q.shape
-    assert out.is_contiguous() and lse.is_contiguous() and readable(q, k, v), "rows the kernel reads and writes"
-    ctas = sm_count(q.device.index or 0) if ctas is None else ctas
+    _check_forward(q, k, v, out, lse)
     _call(library().ws_fwd, q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(1), k.stride(1), v.stride(1),
           out.data_ptr(), out.stride(1), lse.data_ptr(), B, T, H, W, int(causal), scale, branches, split,
-          MODES.index(mode), ctas)
+          MODES.index(mode), _grid(q, ctas))
 
 
 def gradients(q, k, v, dout, stats, grads, W: int, scale: float, causal: bool, branches: int, dq: bool,
@@ -199,28 +218,22 @@ def gradients(q, k, v, dout, stats, grads, W: int, scale: float, causal: bool, b
     dQ and dK come out rotated back. overlap: the next tile's scores and probabilities under this
     tile's gradient matmuls. ctas and split as in attend (the skipped positions' gradients 0)."""
     B, T, H, _ = q.shape
-    assert stats.shape == (2, B * H, T) and stats.is_contiguous() and readable(q, k, v, dout, *grads)
-    assert all(g.stride() == grads[0].stride() for g in grads), "one set of gradient strides"
+    _check_backward(q, k, v, dout, stats, grads, rope)
     assert out is None or (dq and out.is_contiguous() and lse.is_contiguous()), "the forward's out and lse, for dQ"
     cos, sin = rope if rope is not None else (None, None)
-    assert rope is None or all(x.shape == (T, 32) and x.dtype == torch.float32 and x.is_contiguous() for x in rope)
-    ctas = sm_count(q.device.index or 0) if ctas is None else ctas
     _call(library().ws_bwd, q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(1), k.stride(1), v.stride(1),
-          dout.data_ptr(), dout.stride(1), stats.data_ptr(), None if out is None else out.data_ptr(),
-          0 if out is None else out.stride(1), None if lse is None else lse.data_ptr(),
-          None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(), grads[0].data_ptr(),
-          grads[-1].data_ptr(), grads[0].stride(1), B, T, H, W, int(causal), scale, branches, split, int(dq),
-          int(overlap), ctas)
+          dout.data_ptr(), dout.stride(1), stats.data_ptr(), _ptr(out), 0 if out is None else out.stride(1),
+          _ptr(lse), _ptr(cos), _ptr(sin), grads[0].data_ptr(), grads[-1].data_ptr(), grads[0].stride(1), B, T, H, W,
+          int(causal), scale, branches, split, int(dq), int(overlap), _grid(q, ctas))
 
 
 def upper_attend(q, k, v, out, lse, W: int, scale: float, causal: bool, branches: int, ctas: int | None = None) -> None:
     """The union forward's upper pass (levels ≥ 2 of `branches` branches, segments of W rows) on
     attend's result: out and lse (as attend's) get the upper levels' keys of the class rows added."""
     B, T, H, _ = q.shape
-    assert out.is_contiguous() and lse.is_contiguous() and readable(q, k, v), "rows the kernel reads and writes"
-    ctas = sm_count(q.device.index or 0) if ctas is None else ctas
+    _check_forward(q, k, v, out, lse)
     _call(library().ws_fwd_upper, q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(1), k.stride(1), v.stride(1),
-          out.data_ptr(), out.stride(1), lse.data_ptr(), B, T, H, W, int(causal), scale, branches, ctas)
+          out.data_ptr(), out.stride(1), lse.data_ptr(), B, T, H, W, int(causal), scale, branches, _grid(q, ctas))
 
 
 def upper_gradients(q, k, v, dout, stats, grads, W: int, scale: float, causal: bool, branches: int, dq: bool,
@@ -228,14 +241,11 @@ def upper_gradients(q, k, v, dout, stats, grads, W: int, scale: float, causal: b
     """The union backward's upper passes after gradients' local ones: dQ (dq) or dK and dV added
     to those in grads, from the STATS the local dQ pass wrote; arguments as in gradients."""
     B, T, H, _ = q.shape
-    assert stats.shape == (2, B * H, T) and stats.is_contiguous() and readable(q, k, v, dout, *grads)
-    assert all(g.stride() == grads[0].stride() for g in grads), "one set of gradient strides"
+    _check_backward(q, k, v, dout, stats, grads, rope)
     cos, sin = rope if rope is not None else (None, None)
-    ctas = sm_count(q.device.index or 0) if ctas is None else ctas
     _call(library().ws_bwd_upper, q.data_ptr(), k.data_ptr(), v.data_ptr(), q.stride(1), k.stride(1), v.stride(1),
-          dout.data_ptr(), dout.stride(1), stats.data_ptr(), None if cos is None else cos.data_ptr(),
-          None if sin is None else sin.data_ptr(), grads[0].data_ptr(), grads[-1].data_ptr(), grads[0].stride(1), B,
-          T, H, W, int(causal), scale, branches, int(dq), ctas)
+          dout.data_ptr(), dout.stride(1), stats.data_ptr(), _ptr(cos), _ptr(sin), grads[0].data_ptr(),
+          grads[-1].data_ptr(), grads[0].stride(1), B, T, H, W, int(causal), scale, branches, int(dq), _grid(q, ctas))
 
 
 def _weights(lay) -> tuple[int, int]:
