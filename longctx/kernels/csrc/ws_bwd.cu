@@ -53,7 +53,8 @@ __device__ __forceinline__ int partners(const Work& x, int a, int L, int causal,
 // A CTA takes the items blockIdx.x, + gridDim.x, ...: one each, or persistent, the fixed tiles
 // double-buffered and the streamed ring running on across items. UPPER: the upper passes' items,
 // level by level (a causal one may have none: skipped by every role), their gradients added to
-// the local passes' (without OVERLAP).
+// the local passes' (without OVERLAP). n_items: the launch's count of items (ws_layout.cuh's
+// upper_items, or per_rank · L / BF).
 template <bool DQ, bool OVERLAP, bool UPPER = false>
 __global__ void __launch_bounds__(384, 1)
     ws_bwd_kernel(const __grid_constant__ Maps fixed0_maps, const __grid_constant__ Maps fixed1_maps,
@@ -62,10 +63,10 @@ __global__ void __launch_bounds__(384, 1)
                   const __nv_bfloat16* __restrict__ dout, long long do_row, const float* __restrict__ lse,
                   const float* __restrict__ rope_cos, const float* __restrict__ rope_sin,
                   __nv_bfloat16* __restrict__ grad0, __nv_bfloat16* __restrict__ grad1, long long grad_row, int B,
-                  int T, int H, int L, float scale, int causal, int branches, int split, int per_rank) {
+                  int T, int H, int L, float scale, int causal, int branches, int split, int per_rank,
+                  int n_items) {
   extern __shared__ uint8_t raw[];
   Shared& sh = aligned_shared<Shared>(raw);
-  const int n_items = UPPER ? upper_items(B, T, H, branches, BF) : per_rank * (L / BF);
   const int wg = warpgroup();
 
   if (threadIdx.x == 0) {
@@ -284,7 +285,7 @@ int launch(bool upper, const void* q, const void* k, const void* v, long long q_
       maps[0], maps[1], maps[2], maps[3], make_int4(int(rows[0]), int(rows[1]), int(rows[2]), int(rows[3])), stats,
       static_cast<const __nv_bfloat16*>(out), out_row, static_cast<const __nv_bfloat16*>(dout), do_row, lse,
       rope_cos, rope_sin, static_cast<__nv_bfloat16*>(grad0), static_cast<__nv_bfloat16*>(grad1), grad_row, B, T, H,
-      L, scale, causal, branches, split, per_rank);
+      L, scale, causal, branches, split, per_rank, items);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -60,16 +60,17 @@ __device__ __forceinline__ void next_level(Rows& r, int& a, const Work& x, int L
 // A CTA takes the items blockIdx.x, + gridDim.x, ...: one each when the grid has one CTA an
 // item, or persistent (a grid of one CTA an SM), with Q double-buffered and the K/V ring running
 // on across items so that the producer loads the next item's tiles under this one's last.
-// UPPER: the upper pass's items (a causal one may have no keys: skipped by every role).
+// UPPER: the upper pass's items (a causal one may have no keys: skipped by every role). n_items: the
+// launch's count of items (ws_layout.cuh's upper_items, or per_rank · L / BM).
 template <int MODE, bool UPPER>
 __global__ void __launch_bounds__(384, 1)
     ws_fwd_kernel(const __grid_constant__ Maps q_maps, const __grid_constant__ Maps k_maps,
                   const __grid_constant__ Maps v_maps, int q_row, int k_row, int v_row,
                   __nv_bfloat16* __restrict__ out, long long out_row, float* __restrict__ lse, int B, int T, int H,
-                  int L, float scale_log2, int causal, int branches, int split, int per_rank) {
+                  int L, float scale_log2, int causal, int branches, int split, int per_rank,
+                  int n_items) {
   extern __shared__ uint8_t raw[];
   Shared& sh = aligned_shared<Shared>(raw);
-  const int n_items = UPPER ? upper_items(B, T, H, branches, BM) : per_rank * (L / BM);
   const int wg = warpgroup();
 
   if (threadIdx.x == 0) {
@@ -248,7 +249,7 @@ int launch(int mode, bool upper, const Maps (&maps)[3], long long q_row, long lo
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   kernel<<<ctas > 0 && ctas < items ? ctas : items, 384, bytes, static_cast<cudaStream_t>(stream)>>>(
       maps[0], maps[1], maps[2], int(q_row), int(k_row), int(v_row), static_cast<__nv_bfloat16*>(out), out_row,
-      lse, B, T, H, L, scale * 1.4426950408889634f, causal, branches, split, per_rank);
+      lse, B, T, H, L, scale * 1.4426950408889634f, causal, branches, split, per_rank, items);
   return static_cast<int>(cudaGetLastError());
 }
 
